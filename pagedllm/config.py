@@ -1,0 +1,89 @@
+"""Engine configuration: what a user may set, checked once at the edge.
+
+Everything that sizes the engine (KV pool, batch budgets, context length)
+lives here as plain dataclasses so that the scheduler, the KV cache manager
+and the model runner are all configured from one validated place.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+GiB = 1 << 30
+
+DEFAULT_KV_CACHE_MEMORY = 2 * GiB
+
+_MEMORY_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": GiB, "t": 1 << 40}
+
+
+def parse_memory(value: int | float | str | None, *, name: str = "kv_cache_memory") -> int:
+    """Bytes from an int (bytes), a float (GiB) or a string such as "4GiB" / "512MB".
+
+    A float means GiB because a float number of bytes is never what anyone means,
+    while "kv_cache_memory=1.5" reads naturally as 1.5 GiB.
+    """
+    if value is None:
+        return DEFAULT_KV_CACHE_MEMORY
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be bytes (int), GiB (float) or a string like '4GiB', got {value!r}")
+    if isinstance(value, int):
+        nbytes = value
+    elif isinstance(value, float):
+        nbytes = int(value * GiB)
+    elif isinstance(value, str):
+        m = _MEMORY_RE.match(value)
+        if not m:
+            raise ValueError(f"{name} must look like '4GiB', '512MiB' or a number of bytes, got {value!r}")
+        number, unit = m.group(1), (m.group(2) or "").lower()
+        nbytes = int(float(number) * _UNITS[unit[:1] if unit != "b" else "b"])
+    else:
+        raise ValueError(f"{name} must be bytes (int), GiB (float) or a string like '4GiB', got {value!r}")
+    if nbytes <= 0:
+        raise ValueError(f"{name} must be > 0 bytes, got {value!r}")
+    return nbytes
+
+
+@dataclass
+class EngineConfig:
+    """All engine options, with vLLM's names where vLLM has them."""
+
+    model: str | None = None  # None: the embedded default model (SmolLM2-135M-Instruct)
+    revision: str | None = None
+    tokenizer: str | None = None  # defaults to the model's own tokenizer
+    load_format: str = "auto"  # "auto" (real weights) or "dummy" (random weights)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    max_model_len: int | None = None  # default: the model's context length
+    block_size: int = 16
+    kv_cache_memory: int | float | str | None = None  # bytes, GiB (float) or "4GiB"
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory; for tests and experiments
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    seed: int = 0
+    trust_remote_code: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"):
+            raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        _check_int("block_size", self.block_size, 1, 1024)
+        _check_int("max_num_seqs", self.max_num_seqs, 1, 1 << 20)
+        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1, 1 << 24)
+        if self.max_model_len is not None:
+            _check_int("max_model_len", self.max_model_len, 2, 1 << 24)
+        if self.num_kv_blocks is not None:
+            _check_int("num_kv_blocks", self.num_kv_blocks, 1, 1 << 30)
+        self.kv_cache_bytes = parse_memory(self.kv_cache_memory)
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")

@@ -1,0 +1,79 @@
+"""A request's state as the scheduler and the engine see it.
+
+The scheduler only counts tokens: `num_computed_tokens` is how many of
+`all_token_ids` have their keys and values in the KV cache. Prefill, chunked
+prefill, decode and recompute after preemption are all "compute the tokens
+from num_computed_tokens up to num_tokens".
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or the model's context
+    ABORT = "abort"
+    ERROR = "error"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sampling_params: Any  # SamplingParams; kept untyped so engine/ stays free of worker imports
+    eos_token_ids: tuple[int, ...] = ()
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    output_token_ids: list[int] = field(default_factory=list)
+    logprobs: list | None = None  # one dict per generated token when asked for
+    cumulative_logprob: float = 0.0
+    num_computed_tokens: int = 0
+    num_preemptions: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    error: str | None = None
+    detokenizer: Any = None
+    first_token_time: float | None = None
+
+    def __post_init__(self) -> None:
+        # One list that grows by appends, so the scheduler and the runner can
+        # slice new tokens without concatenating prompt and output every step.
+        self.all_token_ids: list[int] = list(self.prompt_token_ids)
+        if self.sampling_params is not None and self.sampling_params.logprobs is not None:
+            self.logprobs = []
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)

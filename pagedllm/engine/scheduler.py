@@ -1,0 +1,146 @@
+"""Continuous batching: who runs this step and how many tokens each computes.
+
+The scheduler counts tokens only. A request computes the tokens from
+`num_computed_tokens` to `num_tokens` (its whole prompt, a chunk of it, one
+decode token, or everything again after a preemption), limited by the step's
+token budget. Running requests are served first, in admission order; then
+waiting ones in arrival order. When the pool runs out of blocks, the most
+recently admitted running request is preempted: its blocks are freed and it
+goes back to the front of the queue, to be recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pagedllm.engine.kv_cache import KVCacheManager
+from pagedllm.engine.request import FinishReason, Request, RequestStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step, as the model runner needs it."""
+
+    request: Request
+    start_pos: int  # = num_computed_tokens before this step
+    num_new_tokens: int
+    block_table: list[int]  # the live table; the runner reads it before anything changes it
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.all_token_ids[self.start_pos : self.start_pos + self.num_new_tokens]
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the known tokens, so its last logits pick the next one."""
+        return self.start_pos + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+    num_batched_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # --- queue ----------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish_request(self, request: Request, reason: FinishReason) -> None:
+        """Take the request out of whichever queue holds it and free its blocks at once."""
+        if request.status is RequestStatus.FINISHED:
+            return
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            try:
+                self.waiting.remove(request)
+            except ValueError:
+                pass
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        self.kv_cache.free(request.request_id)
+
+    # --- one step -------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        kv = self.kv_cache
+
+        # Running requests first, oldest admission first.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            assert n > 0, f"running request {req.request_id} has nothing to compute"
+            while not kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n, kv.get_block_table(req.request_id)))
+                budget -= n
+                i += 1
+                continue
+            break  # req itself was preempted: nothing after it is left to run
+
+        # Then waiting requests, in arrival order, while seats, tokens and
+        # blocks last. Not after a preemption: blocks are short this step.
+        if not out.preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                req = self.waiting[0]
+                n = min(req.num_tokens - req.num_computed_tokens, budget)
+                if not kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
+                    break  # first come, first served: no overtaking when blocks are short
+                self.waiting.popleft()
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+                out.scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n, kv.get_block_table(req.request_id)))
+                budget -= n
+
+        out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self.kv_cache.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """The step ran: its tokens are now in the KV cache."""
+        for s in out.scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens

@@ -1,0 +1,86 @@
+"""Paged attention in plain torch: the reference every other backend is tested against.
+
+New keys and values are written into the pool at `slot_mapping`; then each
+query token attends to positions 0..pos of its own sequence, read back through
+the block table. Decodes are batched into one SDPA call over keys gathered
+block by block; each prefill chunk is one SDPA call with a causal mask that is
+offset by the tokens already in the cache (chunked prefill, recompute).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pagedllm.model.attention.metadata import AttentionMetadata
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store new keys/values ([T, kv_heads, head_dim]) into the pool at their slots."""
+    num_kv_heads, head_dim = k.shape[-2:]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Keys or values of sequences as contiguous [B, num_tokens, kv_heads, head_dim], via their block tables."""
+    block_size = cache.shape[1]
+    nblocks = -(-num_tokens // block_size)
+    blocks = cache[block_tables[:, :nblocks]]  # [B, nblocks, block_size, kvh, d]
+    b = blocks.shape[0]
+    return blocks.view(b, nblocks * block_size, *cache.shape[2:])[:, :num_tokens]
+
+
+class TorchPagedAttention:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.gqa = num_heads != num_kv_heads
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, num_heads * head_dim]
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = self._decode(q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], max(meta.seq_lens_cpu[:nd]))
+        qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+        for i in range(nd, meta.num_seqs):
+            start, end = qsl[i], qsl[i + 1]
+            out[start:end] = self._prefill(q[start:end], k[start:end], v[start:end], kv_cache, meta.block_tables[i], lens[i])
+        return out.view(q.shape[0], -1)
+
+    def _decode(self, q, kv_cache, block_tables, seq_lens, max_len):
+        keys = gather_kv(kv_cache[0], block_tables, max_len).transpose(1, 2)  # [D, kvh, L, d]
+        values = gather_kv(kv_cache[1], block_tables, max_len).transpose(1, 2)
+        mask = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]  # [D, L]
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=self.scale, enable_gqa=self.gqa
+        )  # [D, h, 1, d]
+        return o.squeeze(2)
+
+    def _prefill(self, q, k_new, v_new, kv_cache, block_table, seq_len):
+        n = q.shape[0]
+        qh = q.transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
+        if seq_len == n:
+            # Nothing earlier in the cache: attend to the new keys directly.
+            kh, vh = k_new.transpose(0, 1).unsqueeze(0), v_new.transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=self.gqa)
+        else:
+            kh = gather_kv(kv_cache[0], block_table[None], seq_len).transpose(1, 2)
+            vh = gather_kv(kv_cache[1], block_table[None], seq_len).transpose(1, 2)
+            # Query i sits at position seq_len - n + i and sees keys 0..that position.
+            qpos = torch.arange(seq_len - n, seq_len, device=q.device)
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= qpos[:, None]
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale, enable_gqa=self.gqa)
+        return o.squeeze(0).transpose(0, 1)

@@ -1,0 +1,178 @@
+"""How to pick each next token, and when to stop.
+
+Names, defaults and ranges follow vLLM's `SamplingParams`, so clients written
+for vLLM or the OpenAI API can pass their settings through unchanged. All
+checks happen here, at the edge: the sampler and the engine trust what they get.
+This module is plain Python so `engine/` can use it without importing torch.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+# Below this temperature sampling is treated as greedy (as vLLM): dividing the
+# logits by a tiny number would only overflow to the same argmax.
+_GREEDY_EPS = 1e-5
+# Most top logprobs a request may ask for per token (OpenAI's limit too); the
+# cap keeps the per-step top-k and Python conversion cheap.
+MAX_LOGPROBS = 20
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty",
+                 "frequency_penalty", "repetition_penalty")
+
+
+class SamplingType(enum.Enum):
+    GREEDY = "greedy"
+    RANDOM = "random"
+    RANDOM_SEED = "random_seed"
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._normalise()
+        self._check_ranges()
+        # Floats from here on (after the checks, so errors quote the value given).
+        for name in _FLOAT_FIELDS:
+            setattr(self, name, float(getattr(self, name)))
+
+    # -- validation -------------------------------------------------------
+
+    def _check_types(self) -> None:
+        for name in ("n", "top_k", "min_tokens"):
+            setattr(self, name, _require_int(name, getattr(self, name)))
+        for name in ("max_tokens", "seed", "logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, _require_int(name, value, or_none=True))
+        for name in _FLOAT_FIELDS:
+            _require_number(name, getattr(self, name))
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
+
+    def _normalise(self) -> None:
+        # One spelling per meaning, so later code has a single case to handle.
+        if self.top_k == -1:
+            self.top_k = 0
+
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif isinstance(self.stop, (list, tuple)):
+            self.stop = list(self.stop)
+        else:
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop must contain only non-empty strings, got {s!r}")
+
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif isinstance(self.stop_token_ids, (list, tuple)):
+            self.stop_token_ids = list(self.stop_token_ids)
+        else:
+            raise ValueError(
+                f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+        for t in self.stop_token_ids:
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
+                raise ValueError(f"stop_token_ids must contain only ints >= 0, got {t!r}")
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+
+    def _check_ranges(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.n > 1:
+            raise ValueError(f"n > 1 is not supported yet, got n={self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be -1 (disabled) or >= 0, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be <= max_tokens={self.max_tokens}, got {self.min_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2 <= value <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(
+                f"logprobs must be in [0, {MAX_LOGPROBS}] (at most {MAX_LOGPROBS} top "
+                f"logprobs per token), got {self.logprobs}")
+
+    # -- derived ------------------------------------------------------------
+
+    @property
+    def sampling_type(self) -> SamplingType:
+        if self.temperature < _GREEDY_EPS:
+            return SamplingType.GREEDY
+        if self.seed is not None:
+            return SamplingType.RANDOM_SEED
+        return SamplingType.RANDOM
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.sampling_type is SamplingType.GREEDY
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+    @property
+    def stop_str_hold_back(self) -> int:
+        """Characters a stream must hold back: a stop string that is cut (not
+        included in the output) may begin this far before the end of the text."""
+        if not self.stop or self.include_stop_str_in_output:
+            return 0
+        return max(len(s) for s in self.stop) - 1
+
+
+def _require_int(name: str, value: Any, or_none: bool = False) -> int:
+    # bool is an int subclass; True as a token count is almost surely a bug.
+    # numpy integers are accepted and turned into plain ints.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        kind = "an int or None" if or_none else "an int"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return int(value)
+
+
+def _require_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")

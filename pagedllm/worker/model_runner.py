@@ -1,0 +1,187 @@
+"""SchedulerOutput -> flat tensors -> model -> sampler.
+
+The runner owns everything with a tensor in it: the model, the KV pool (one
+tensor per layer, allocated once), and per-request sampling generators.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm.model.attention.metadata import AttentionMetadata
+from pagedllm.model.models.llama import LlamaForCausalLM
+from pagedllm.worker.sampler import Sampler, SamplingRow, TokenLogprobs
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU has bf16 matrix instructions (avx512_bf16 or AMX), which make bf16 matmuls ~4x faster than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split()
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled tensor; on the CPU from anonymous mmap, which the kernel zero-fills page by page on first touch.
+
+    Zeroing a multi-GiB KV pool with memset would add seconds to every start;
+    mmap'd pages cost nothing until a block is first written. The pool must
+    read as zeros (not garbage) because padded slots are multiplied by zero
+    attention weights, and 0 * NaN would still be NaN.
+    """
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    buf = mmap.mmap(-1, max(nbytes, 1))
+    return torch.frombuffer(buf, dtype=dtype, count=torch.Size(shape).numel()).view(shape)
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprobs: TokenLogprobs | None
+
+
+class ModelRunner:
+    def __init__(self, hf_config, weights, *, device: torch.device, dtype: torch.dtype, block_size: int, seed: int = 0) -> None:
+        """`weights` is an iterable of (HF name, tensor), or None for random (dummy) weights."""
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        t0 = time.perf_counter()
+        with torch.device("meta"):
+            model = LlamaForCausalLM(hf_config)
+        model = model.to(dtype=dtype).to_empty(device=device)
+        if weights is None:
+            model.init_dummy_weights(seed)
+        else:
+            model.load_weights(weights)
+        model.rotary.build(device, dtype)
+        self.model = model.eval()
+        logger.info("model built in %.2fs (%s, %s)", time.perf_counter() - t0, dtype, device)
+        cfg = hf_config
+        self.num_layers = cfg.num_hidden_layers
+        self.num_kv_heads = model.num_kv_heads
+        self.head_dim = model.head_dim
+        self.sampler = Sampler()
+        self.kv_caches: list[torch.Tensor] = []
+        self._generators: dict[str, torch.Generator] = {}
+
+    # --- KV pool ----------------------------------------------------------
+    def bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        self.kv_caches = [_zeros(shape, self.dtype, self.device) for _ in range(self.num_layers)]
+
+    # --- one step ---------------------------------------------------------
+    def release(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def _generator(self, request_id: str, seed: int) -> torch.Generator:
+        gen = self._generators.get(request_id)
+        if gen is None:
+            gen = self._generators[request_id] = torch.Generator(device=self.device).manual_seed(seed)
+        return gen
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list) -> list[tuple[object, SampledToken]]:
+        """Run one step over ScheduledRequests; return (scheduled request, sampled token) for those that sample."""
+        sampled, logits = self.compute_logits(scheduled)
+        if not sampled:
+            return []
+        rows = []
+        for s in sampled:
+            req = s.request
+            params = req.sampling_params
+            gen = self._generator(req.request_id, params.seed) if params.seed is not None else None
+            rows.append(SamplingRow(params, req.prompt_token_ids, req.output_token_ids, gen, req.eos_token_ids))
+        out = self.sampler(logits, rows)
+        return [(s, SampledToken(tok, lp)) for s, tok, lp in zip(sampled, out.token_ids, out.logprobs)]
+
+    @torch.inference_mode()
+    def compute_logits(self, scheduled: list) -> tuple[list, torch.Tensor | None]:
+        """Run the model; return the requests that sample this step and their next-token logits [S, vocab] in float32."""
+        input_ids, positions, meta, logits_idx, sampled = self._prepare(scheduled)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if not sampled:
+            return [], None
+        return sampled, self.model.compute_logits(hidden[logits_idx])
+
+    def _prepare(self, scheduled: list):
+        """Flat tensors for one step: input_ids, positions, AttentionMetadata, and which rows to sample."""
+        # Single-token queries first: the attention backend batches them as one decode.
+        batch = [s for s in scheduled if s.num_new_tokens == 1] + [s for s in scheduled if s.num_new_tokens != 1]
+        num_decodes = sum(1 for s in batch if s.num_new_tokens == 1)
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        logits_idx: list[int] = []
+        sampled = []
+        for s in batch:
+            start, n, table = s.start_pos, s.num_new_tokens, s.block_table
+            input_ids.extend(s.token_ids)
+            positions.extend(range(start, start + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(start + n)
+            tables.append(table)
+            if s.samples:
+                logits_idx.append(qsl[-1] - 1)
+                sampled.append(s)
+        max_blocks = max(len(t) for t in tables)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32, device=dev),
+            num_decodes=num_decodes,
+            query_start_loc_cpu=qsl,
+            seq_lens_cpu=seq_lens,
+            max_seq_len=max(seq_lens),
+            max_query_len=max(s.num_new_tokens for s in batch),
+        )
+        input_ids_t = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        positions_t = torch.tensor(positions, dtype=torch.int64, device=dev)
+        return input_ids_t, positions_t, meta, torch.tensor(logits_idx, dtype=torch.int64, device=dev), sampled
