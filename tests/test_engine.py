@@ -1,0 +1,155 @@
+"""The engine end to end on a tiny random-weight model: batching, preemption, aborts, invariants, errors."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pagedllm import LLM, LLMEngine, SamplingParams
+from pagedllm.config import EngineConfig
+
+
+def random_prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(3, 49000) for _ in range(rng.randint(lo, hi))]} for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_model_dir):
+    return LLM(tiny_model_dir, dtype="float32", num_kv_blocks=512, block_size=16, max_num_batched_tokens=256)
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def test_batched_outputs_equal_one_at_a_time(tiny_llm):
+    prompts = random_prompts(6, 3, 120, seed=1)
+    batched = tiny_llm.generate(prompts, greedy(12), use_tqdm=False)
+    for p, out in zip(prompts, batched):
+        alone = tiny_llm.generate(p, greedy(12), use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == alone.outputs[0].token_ids
+        assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 12
+    assert tiny_llm.stats().num_free_blocks == tiny_llm.stats().num_blocks
+
+
+def test_tiny_pool_preempts_and_gives_the_same_outputs(tiny_model_dir, tiny_llm):
+    prompts = random_prompts(10, 20, 60, seed=2)
+    reference = tiny_llm.generate(prompts, greedy(40), use_tqdm=False)
+    # 14 blocks of 8 tokens = 112 slots for ten requests of up to 100 tokens each.
+    small = LLM(tiny_model_dir, dtype="float32", num_kv_blocks=14, block_size=8, max_model_len=112)
+    outs = small.generate(prompts, greedy(40), use_tqdm=False)
+    st = small.stats()
+    assert st.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in reference]
+    assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outs)
+    assert st.num_free_blocks == st.num_blocks and st.num_running == st.num_waiting == 0
+
+
+def test_invariants_hold_after_every_step_of_a_randomized_run(tiny_model_dir):
+    engine = LLMEngine(EngineConfig(tiny_model_dir, dtype="float32", num_kv_blocks=40, block_size=4, max_model_len=160,
+                                    max_num_batched_tokens=64, max_num_seqs=6))
+    rng = random.Random(5)
+    prompts = random_prompts(30, 1, 90, seed=3)
+    finished: dict[str, str] = {}
+    ids = []
+    steps = 0
+    while prompts or engine.has_unfinished_requests():
+        for _ in range(rng.randint(0, 2)):
+            if prompts:
+                params = SamplingParams(temperature=rng.choice([0.0, 0.8]), max_tokens=rng.randint(1, 30), seed=rng.randint(0, 9))
+                ids.append(engine.add_request(None, prompts.pop(), params))
+        if rng.random() < 0.05 and engine.requests:
+            engine.abort_request(rng.choice(list(engine.requests)))
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].finish_reason
+        engine.kv_cache.check_invariants()
+        steps += 1
+        assert steps < 3000
+    assert sorted(finished) == sorted(ids)
+    assert set(finished.values()) <= {"length", "stop", "abort"}
+    st = engine.stats()
+    assert st.num_free_blocks == st.num_blocks
+    assert st.num_preemptions > 0
+
+
+def test_stats_report_blocks_requests_and_utilization(tiny_model_dir):
+    engine = LLMEngine(EngineConfig(tiny_model_dir, dtype="float32", num_kv_blocks=64, block_size=16))
+    for p in random_prompts(3, 20, 20, seed=4):
+        engine.add_request(None, p, greedy(5))
+    st = engine.stats()
+    assert (st.num_waiting, st.num_running, st.num_used_blocks) == (3, 0, 0)
+    engine.step()  # all three 20-token prompts: 2 blocks each, 60 of 96 slots... plus the sampled token's slot later
+    st = engine.stats()
+    assert (st.num_running, st.num_used_blocks, st.num_free_blocks, st.num_blocks) == (3, 6, 58, 64)
+    assert st.kv_utilization == pytest.approx(60 / 96)
+
+
+def test_abort_frees_blocks_at_once_and_reports_abort(tiny_model_dir):
+    engine = LLMEngine(EngineConfig(tiny_model_dir, dtype="float32", num_kv_blocks=64))
+    rid = engine.add_request("keep", random_prompts(1, 40, 40)[0], greedy(50))
+    engine.step()
+    assert engine.stats().num_used_blocks > 0
+    engine.abort_request(rid)
+    assert engine.stats().num_used_blocks == 0 and not engine.has_unfinished_requests()
+    outs = engine.step()
+    assert [(o.request_id, o.finished, o.outputs[0].finish_reason) for o in outs] == [("keep", True, "abort")]
+
+
+def test_stop_token_ids_min_tokens_and_max_model_len(tiny_llm, tiny_model_dir):
+    prompt = random_prompts(1, 10, 10, seed=6)[0]
+    free_run = tiny_llm.generate(prompt, greedy(20), use_tqdm=False)[0].outputs[0].token_ids
+    stop_tok = free_run[5]
+    first = free_run.index(stop_tok)
+    out = tiny_llm.generate(prompt, greedy(20, stop_token_ids=[stop_tok]), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_tok and out.token_ids == free_run[: first + 1]
+    out = tiny_llm.generate(prompt, greedy(20, stop_token_ids=[stop_tok], min_tokens=first + 2), use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) > first + 1
+    short = LLM(tiny_model_dir, dtype="float32", num_kv_blocks=64, max_model_len=16)
+    out = short.generate(prompt, greedy(100), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 16 - 10
+
+
+def test_logprobs_are_returned_per_token(tiny_llm):
+    out = tiny_llm.generate(random_prompts(1, 8, 8)[0], greedy(4, logprobs=3), use_tqdm=False)[0].outputs[0]
+    assert len(out.logprobs) == 4
+    for tok, entry in zip(out.token_ids, out.logprobs):
+        assert tok in entry and entry[tok].rank == 1  # greedy picks the top token
+        assert len(entry) == 3 and all(lp.logprob <= 0 for lp in entry.values())
+        assert all(isinstance(lp.decoded_token, str) for lp in entry.values())
+    assert out.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(out.token_ids, out.logprobs)))
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny_llm):
+    prompts = random_prompts(4, 5, 30, seed=8)
+    params = SamplingParams(temperature=1.0, seed=1234, max_tokens=10, ignore_eos=True)
+    alone = tiny_llm.generate(prompts[0], params, use_tqdm=False)[0].outputs[0].token_ids
+    batched = tiny_llm.generate(prompts, [params] + [SamplingParams(temperature=1.0, max_tokens=10)] * 3, use_tqdm=False)
+    assert batched[0].outputs[0].token_ids == alone
+
+
+def test_bad_inputs_give_clear_errors(tiny_llm, tiny_model_dir):
+    with pytest.raises(ValueError, match="max_model_len"):
+        tiny_llm.generate({"prompt_token_ids": [5] * 600}, use_tqdm=False)
+    with pytest.raises(ValueError, match="empty"):
+        tiny_llm.generate({"prompt_token_ids": []}, use_tqdm=False)
+    with pytest.raises(ValueError, match="out of range"):
+        tiny_llm.generate({"prompt_token_ids": [1, 10**9]}, use_tqdm=False)
+    with pytest.raises(ValueError, match="temperature"):
+        tiny_llm.generate("hi", SamplingParams(temperature=-1))
+    with pytest.raises(ValueError, match="one per prompt"):
+        tiny_llm.generate(["a", "b"], [SamplingParams()] * 3)
+    with pytest.raises(ValueError, match="unknown engine option"):
+        LLM(tiny_model_dir, not_an_option=1)
+    with pytest.raises(ValueError, match="fewer than max_model_len"):
+        LLM(tiny_model_dir, num_kv_blocks=2, block_size=16)
+    # Nothing was left behind by the failed calls.
+    assert not tiny_llm.engine.has_unfinished_requests()
+
+
+def test_unknown_model_path_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="does not exist|not found|no such"):
+        LLM(str(tmp_path / "no-such-model"))
