@@ -48,7 +48,7 @@ def main() -> None:
     llm = LLM(args.model, dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
               max_num_seqs=args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
     load_s = time.perf_counter() - t0
-    vocab = llm.engine.hf_config.vocab_size
+    vocab = llm.engine.model_config.vocab_size
     prompts, out_lens = make_workload(args.num_requests, args.input_len, args.output_len, vocab, args.seed)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in out_lens]
     # Warm-up: a few steps so that one-time kernel set-up is not timed.

@@ -6,6 +6,7 @@ and the HTTP server build exactly the same prompt for the same messages.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING
 
@@ -21,17 +22,38 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     path: a model directory, a hub repo id, or a .gguf file (converted once,
     like the model itself).
     """
-    from transformers import AutoTokenizer
-
     local = os.path.expanduser(path)
     if local.endswith(".gguf") and os.path.isfile(local):
         from pagedllm.model.gguf_convert import ensure_converted
 
         local = ensure_converted(local)
     try:
+        if _names_generic_fast_tokenizer(local):
+            # AutoTokenizer would import transformers' model-config machinery
+            # (over a second at every start) only to learn the class named here.
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(local)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code, use_fast=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"could not load a tokenizer from {path!r}: {e}") from e
+
+
+_GENERIC_FAST_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")  # one class under two names (4.x, 5.x)
+
+
+def _names_generic_fast_tokenizer(directory: str) -> bool:
+    """True for a local directory whose tokenizer is the generic fast one over tokenizer.json."""
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    if not (os.path.isfile(config_path) and os.path.isfile(os.path.join(directory, "tokenizer.json"))):
+        return False
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            return json.load(f).get("tokenizer_class") in _GENERIC_FAST_TOKENIZERS
+    except (OSError, ValueError):
+        return False
 
 
 def apply_chat_template(

@@ -8,6 +8,7 @@ supported architecture, exactly and quickly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from pagedllm.model import gguf_convert, loader
+from pagedllm.model.arch_config import ArchConfig
 from pagedllm.model.loader import ModelNotFoundError, iter_weights, resolve_model
 from pagedllm.tokenizer import apply_chat_template, load_tokenizer
 
@@ -45,8 +47,8 @@ def default_source():
 
 @needs_default
 def test_default_model_config(default_source):
-    cfg = default_source.hf_config
-    assert isinstance(cfg, transformers.LlamaConfig)
+    cfg = default_source.config
+    assert cfg.model_type == "llama"
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers) == (9, 3, 30)
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size) == (576, 1536, 49152)
     assert cfg.head_dim == 64 and cfg.max_position_embeddings == 8192
@@ -63,7 +65,7 @@ def test_default_weights_match_transformers_gguf_reader(default_source):
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     with torch.device("meta"):
-        meta_model = transformers.LlamaForCausalLM(default_source.hf_config)
+        meta_model = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(default_source.path))
     ref = load_gguf_checkpoint(loader.default_model_gguf_path(), return_tensors=True, model_to_load=meta_model)["tensors"]
     ours = dict(iter_weights(default_source))
     assert set(ours) == set(ref)
@@ -205,7 +207,8 @@ def test_tiny_hf_directory(tmp_path):
 
     source = resolve_model(str(tmp_path))
     assert source.path == str(tmp_path)
-    assert isinstance(source.hf_config, transformers.LlamaConfig) and source.hf_config.hidden_size == 64
+    assert source.config.model_type == "llama" and source.config.hidden_size == 64
+    assert ArchConfig.from_hf(transformers.AutoConfig.from_pretrained(source.path)) == source.config
     assert source.eos_token_ids == [2, 7]
     expected = model.state_dict()
     got = dict(iter_weights(source))
@@ -361,11 +364,15 @@ def test_tiny_gguf_converts_exactly(tmp_path, cache_dir, arch, rope):
 
     source = resolve_model(str(path))
     assert source.path.startswith(str(cache_dir))
-    assert type(source.hf_config) is type(model.config)
-    assert source.hf_config.tie_word_embeddings == model.config.tie_word_embeddings
+    ours, theirs = dataclasses.asdict(source.config), dataclasses.asdict(ArchConfig.from_hf(model.config))
+    # GGUF keeps eps as float32 and names its own eos ids; every other number the model is built from is exact.
+    assert ours.pop("rms_norm_eps") == pytest.approx(theirs.pop("rms_norm_eps"), rel=1e-6)
+    ours.pop("eos_token_id"), theirs.pop("eos_token_id")
+    assert ours == theirs
+    assert type(transformers.AutoConfig.from_pretrained(source.path)) is type(model.config)
     assert source.eos_token_ids == [1, 3]  # eos plus the end-of-turn token
     if rope:
-        assert {k: source.hf_config.rope_parameters[k] for k in rope} == pytest.approx(rope)
+        assert {k: source.config.rope_parameters[k] for k in rope} == pytest.approx(rope)
 
     expected = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
     got = dict(iter_weights(source))

@@ -36,7 +36,7 @@ class LLMEngine:
         self.config = config
         source = resolve_model(config.model, config.revision)
         self.model_path = source.path
-        self.hf_config = cfg = source.hf_config
+        self.model_config = cfg = source.config
         self.tokenizer = load_tokenizer(config.tokenizer or source.path, trust_remote_code=config.trust_remote_code)
         self.eos_token_ids = tuple(source.eos_token_ids)
 
@@ -91,7 +91,7 @@ class LLMEngine:
             text, token_ids = prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
         else:
             raise ValueError('a prompt must be a string, {"prompt": str} or {"prompt_token_ids": [int, ...]}, got ' + repr(prompt)[:80])
-        vocab = self.hf_config.vocab_size
+        vocab = self.model_config.vocab_size
         if not isinstance(token_ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
             raise ValueError("prompt_token_ids must be a list of integers")
         if not token_ids:
@@ -228,9 +228,9 @@ class LLMEngine:
 
 
 def _model_context_len(cfg) -> int:
-    n = getattr(cfg, "max_position_embeddings", None) or 2048
-    window = getattr(cfg, "sliding_window", None)
-    if cfg.model_type == "mistral" and window:
+    n = cfg.max_position_embeddings
+    window = cfg.sliding_window
+    if window:
         # Sliding-window attention is not implemented: past the window our
         # outputs would differ from the model's, so the context stops there.
         n = min(n, window)

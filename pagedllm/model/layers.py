@@ -31,18 +31,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def rope_parameters(hf_config) -> dict:
-    """Rope theta and scaling from a transformers config, old (rope_theta/rope_scaling) or new (rope_parameters) style."""
-    params = dict(getattr(hf_config, "rope_parameters", None) or {})
-    scaling = getattr(hf_config, "rope_scaling", None) or {}
-    for key, value in scaling.items():
-        params.setdefault(key, value)
-    if "rope_theta" not in params:
-        params["rope_theta"] = getattr(hf_config, "rope_theta", None) or 10000.0
-    params.setdefault("rope_type", params.get("type", "default"))
-    return params
-
-
 def rope_inv_freq(head_dim: int, params: dict) -> torch.Tensor:
     base = float(params["rope_theta"])
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))

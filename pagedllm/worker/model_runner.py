@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedllm.model.arch_config import ArchConfig
 from pagedllm.model.attention.metadata import AttentionMetadata
 from pagedllm.model.models.llama import LlamaForCausalLM
 from pagedllm.worker.sampler import Sampler, SamplingRow, TokenLogprobs
@@ -77,14 +78,15 @@ class SampledToken:
 
 
 class ModelRunner:
-    def __init__(self, hf_config, weights, *, device: torch.device, dtype: torch.dtype, block_size: int, seed: int = 0) -> None:
-        """`weights` is an iterable of (HF name, tensor), or None for random (dummy) weights."""
+    def __init__(self, config, weights, *, device: torch.device, dtype: torch.dtype, block_size: int, seed: int = 0) -> None:
+        """config: an ArchConfig (or a transformers config); weights: (HF name, tensor) pairs, or None for random (dummy) weights."""
+        cfg = ArchConfig.of(config)
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
         t0 = time.perf_counter()
         with torch.device("meta"):
-            model = LlamaForCausalLM(hf_config)
+            model = LlamaForCausalLM(cfg)
         model = model.to(dtype=dtype).to_empty(device=device)
         if weights is None:
             model.init_dummy_weights(seed)
@@ -93,7 +95,6 @@ class ModelRunner:
         model.rotary.build(device, dtype)
         self.model = model.eval()
         logger.info("model built in %.2fs (%s, %s)", time.perf_counter() - t0, dtype, device)
-        cfg = hf_config
         self.num_layers = cfg.num_hidden_layers
         self.num_kv_heads = model.num_kv_heads
         self.head_dim = model.head_dim

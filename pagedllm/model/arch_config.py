@@ -1,0 +1,114 @@
+"""The numbers a Llama-family decoder is built from, read straight from config.json.
+
+transformers 5 imports a large part of itself (torch.distributed among it) the
+first time a model's config class is used, which alone took ~2 s of a ~4 s
+start. The model needs fifteen numbers, so they are read here, with the
+defaults transformers uses for each model type when config.json leaves one out.
+A transformers config object converts too (`from_hf`), which is how tests
+build the same model on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+# Per type, what transformers' config classes default to when config.json is silent.
+_DEFAULTS = {
+    "llama": dict(max_position_embeddings=2048, rms_norm_eps=1e-6, sliding_window=None),
+    "mistral": dict(max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, sliding_window=4096),
+    "qwen2": dict(max_position_embeddings=32768, rms_norm_eps=1e-6, sliding_window=None),
+    "qwen3": dict(max_position_embeddings=32768, rms_norm_eps=1e-6, sliding_window=None),
+}
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_parameters: dict = field(hash=False)  # rope_theta, rope_type and the scaling's own keys
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before rope
+    sliding_window: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ArchConfig":
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        missing = [k for k in _REQUIRED if d.get(k) is None]
+        if missing:
+            raise ValueError(f"config.json of this {model_type} model lacks {', '.join(missing)}")
+        defaults = _DEFAULTS[model_type]
+        heads = d["num_attention_heads"]
+        attention_bias = bool(d.get("attention_bias") or False)
+        window = d.get("sliding_window", defaults["sliding_window"])
+        if model_type == "qwen2" and not d.get("use_sliding_window", False):
+            window = None
+        return cls(
+            model_type=model_type,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=d.get("rms_norm_eps") or defaults["rms_norm_eps"],
+            max_position_embeddings=d.get("max_position_embeddings") or defaults["max_position_embeddings"],
+            rope_parameters=_rope_parameters(d),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases and never an o_proj bias; the others follow attention_bias.
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type != "qwen2" and attention_bias,
+            mlp_bias=bool(d.get("mlp_bias") or False),
+            qk_norm=model_type == "qwen3",
+            sliding_window=window,
+            eos_token_id=d.get("eos_token_id"),
+        )
+
+    @classmethod
+    def from_json(cls, path: str) -> "ArchConfig":
+        """From a model directory or its config.json."""
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "ArchConfig":
+        """From a transformers config object (tests build models on both sides from one)."""
+        d = hf_config.to_dict()
+        d.setdefault("tie_word_embeddings", getattr(hf_config, "tie_word_embeddings", False))
+        return cls.from_dict(d)
+
+    @classmethod
+    def of(cls, config) -> "ArchConfig":
+        return config if isinstance(config, ArchConfig) else cls.from_hf(config)
+
+
+def _rope_parameters(d: dict) -> dict:
+    """Rope theta and scaling, from transformers 5's rope_parameters or the older rope_theta/rope_scaling."""
+    params = dict(d.get("rope_parameters") or {})
+    for key, value in (d.get("rope_scaling") or {}).items():
+        params.setdefault(key, value)
+    if "rope_theta" not in params:
+        params["rope_theta"] = d.get("rope_theta") or 10000.0
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
