@@ -153,3 +153,24 @@ def test_unknown_model_path_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="does not exist|not found|no such"):
         LLM(str(tmp_path / "no-such-model"))
+
+
+def test_stop_string_cuts_text_and_running_text_is_never_retracted(tiny_model_dir):
+    engine = LLMEngine(EngineConfig(tiny_model_dir, dtype="float32", num_kv_blocks=64))
+    prompt = random_prompts(1, 12, 12, seed=9)[0]
+
+    def run(params):
+        engine.add_request("r", prompt, params)
+        texts = []
+        while engine.has_unfinished_requests():
+            texts += [o.outputs[0] for o in engine.step()]
+        return texts
+
+    free = run(greedy(30))[-1].text
+    stop = free[len(free) // 2 : len(free) // 2 + 4]
+    first = free.index(stop)
+    outs = run(greedy(30, stop=[stop]))
+    final = outs[-1]
+    assert final.finish_reason == "stop" and final.stop_reason == stop and final.text == free[:first]
+    for o in outs[:-1]:
+        assert final.text.startswith(o.text)  # a streaming client never sees text that is later cut

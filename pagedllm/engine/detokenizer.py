@@ -14,7 +14,6 @@ Plain Python on purpose: engine/ does not import torch.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Sequence
 
 from pagedllm.sampling_params import SamplingParams
@@ -57,6 +56,14 @@ class IncrementalDetokenizer:
         return self._text
 
     @property
+    def stream_text(self) -> str:
+        """Text that may be shown now: all of it once finished; before that, less the
+        last len(longest stop) - 1 chars, where a stop string could still start and be cut."""
+        if self.finished or not self._hold_back:
+            return self._text
+        return self._text[: max(0, len(self._text) - self._hold_back)]
+
+    @property
     def finished(self) -> bool:
         return self.stop_str is not None or self._flushed
 
@@ -86,13 +93,11 @@ class IncrementalDetokenizer:
         there and be cut; pass finished=True on the last call to get the rest."""
         if finished:
             self.finish()
-        end = len(self._text)
-        if not self.finished:
-            end -= self._hold_back
-        if end <= self._emitted:
+        visible = self.stream_text
+        if len(visible) <= self._emitted:
             return ""
-        out = self._text[self._emitted:end]
-        self._emitted = end
+        out = visible[self._emitted:]
+        self._emitted = len(visible)
         return out
 
     def finish(self) -> None:
@@ -140,17 +145,14 @@ class IncrementalDetokenizer:
             self.stop_str = stop
 
 
-_token_cache: "weakref.WeakKeyDictionary[Any, dict[int, str]]" = weakref.WeakKeyDictionary()
-
-
-def decode_token(tokenizer: Any, token_id: int) -> str:
+def decode_token(tokenizer: Any, token_id: int, cache: dict[int, str] | None = None) -> str:
     """One token's own text, special tokens included, for logprob entries.
-    Cached per tokenizer: logprobs ask for up to 21 tokens per row per step."""
-    try:
-        cache = _token_cache.setdefault(tokenizer, {})
-    except TypeError:  # tokenizer cannot be weakly referenced
-        cache = {}
-    text = cache.get(token_id)
+
+    Pass a cache owned by the caller (the engine keeps one per tokenizer):
+    logprobs ask for up to 21 tokens per row per step, mostly the same ones."""
+    text = cache.get(token_id) if cache is not None else None
     if text is None:
-        text = cache[token_id] = tokenizer.decode([token_id], skip_special_tokens=False)
+        text = tokenizer.decode([token_id], skip_special_tokens=False)
+        if cache is not None:
+            cache[token_id] = text
     return text

@@ -62,6 +62,7 @@ class LLMEngine:
         self.scheduler = Scheduler(sched_cfg, self.kv_cache)
 
         self.requests: dict[str, Request] = {}
+        self._token_text: dict[int, str] = {}  # decode_token's cache, for logprob entries
         self._pending: list[RequestOutput] = []  # outputs of requests aborted between steps
         self._ids = itertools.count()
         self.num_steps = 0
@@ -183,10 +184,10 @@ class LLMEngine:
             self._finish(req, reason)
 
     def _record_logprobs(self, req: Request, lp) -> None:
-        entry = {lp.token_id: Logprob(lp.logprob, lp.rank, decode_token(self.tokenizer, lp.token_id))}
+        entry = {lp.token_id: Logprob(lp.logprob, lp.rank, decode_token(self.tokenizer, lp.token_id, self._token_text))}
         for rank, (tid, value) in enumerate(zip(lp.top_ids, lp.top_logprobs), start=1):
             if tid not in entry:
-                entry[tid] = Logprob(value, rank, decode_token(self.tokenizer, tid))
+                entry[tid] = Logprob(value, rank, decode_token(self.tokenizer, tid, self._token_text))
         req.logprobs.append(entry)
         req.cumulative_logprob += lp.logprob
 
@@ -200,7 +201,8 @@ class LLMEngine:
         reason = req.finish_reason.value if req.finish_reason is not None else None
         completion = CompletionOutput(
             index=0,
-            text=req.detokenizer.text,
+            # Stream-safe: never text that a stop string may still cut.
+            text=req.detokenizer.stream_text,
             token_ids=list(req.output_token_ids),
             cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
             logprobs=list(req.logprobs) if req.logprobs is not None else None,
