@@ -61,6 +61,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides kv_cache_memory; for tests and experiments
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
     seed: int = 0
     trust_remote_code: bool = False
     extra: dict = field(default_factory=dict)

@@ -106,8 +106,8 @@ class SamplingParams:
     def _check_ranges(self) -> None:
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
-        if self.n > 1:
-            raise ValueError(f"n > 1 is not supported yet, got n={self.n}")
+        if self.n > 256:
+            raise ValueError(f"n must be <= 256 (completions per prompt), got {self.n}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

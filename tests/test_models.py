@@ -60,7 +60,7 @@ def paged_logits(runner: ModelRunner, prompts: list[list[int]], block_size: int)
     for r, p in zip(reqs, prompts):
         r.all_token_ids = list(p)  # teacher forcing: every token of the prompt is known
     # A throwaway request takes some blocks first, so that block tables are not the identity.
-    kv.allocate_slots("pad", 3 * block_size)
+    kv.allocate_slots("pad", 0, 3 * block_size)
     plan = []
     for p in prompts:
         first = max(1, len(p) // 3)
@@ -74,7 +74,7 @@ def paged_logits(runner: ModelRunner, prompts: list[list[int]], block_size: int)
         for i, (r, pl) in enumerate(zip(reqs, plan)):
             if step < len(pl):
                 n = pl[step]
-                assert kv.allocate_slots(r.request_id, r.num_computed_tokens + n)
+                assert kv.allocate_slots(r.request_id, r.num_computed_tokens, n)
                 scheduled.append(ScheduledRequest(r, r.num_computed_tokens, n, kv.get_block_table(r.request_id)))
         # Force every chunk to produce logits by reading all rows: compute per-token logits via a full hidden pass.
         input_ids, positions, meta, _, _ = runner._prepare(scheduled)

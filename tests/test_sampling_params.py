@@ -39,7 +39,7 @@ def test_good_edge_values_pass(kwargs):
 BAD = [
     # (parameter, value, extra kwargs, text the message must contain)
     ("n", 0, {}, ">= 1"),
-    ("n", 2, {}, "not supported yet"),
+    ("n", 257, {}, "<= 256"),
     ("n", 1.5, {}, "int"),
     ("temperature", -1, {}, "temperature must be >= 0, got -1"),
     ("temperature", "hot", {}, "number"),

@@ -17,6 +17,7 @@ class Params:
     """The few SamplingParams fields the scheduler-side code reads."""
 
     logprobs = None
+    seed = None
 
 
 def make_request(rid: str, prompt_len: int, max_tokens: int) -> Request:
@@ -41,10 +42,10 @@ def test_block_pool_reuses_oldest_freed_block_first():
 
 def test_allocate_slots_is_all_or_nothing():
     kv = KVCacheManager(num_blocks=4, block_size=4)
-    assert kv.allocate_slots("a", 9)  # 3 blocks
-    assert not kv.allocate_slots("b", 8)  # needs 2, only 1 free
+    assert kv.allocate_slots("a", 0, 9)  # 3 blocks
+    assert not kv.allocate_slots("b", 0, 8)  # needs 2, only 1 free
     assert kv.get_block_table("b") == [] and kv.num_free_blocks == 1
-    assert kv.allocate_slots("a", 12)  # still 3 blocks: nothing new
+    assert kv.allocate_slots("a", 9, 3)  # still 3 blocks: nothing new
     assert kv.num_free_blocks == 1
     kv.check_invariants()
     kv.free("a")
@@ -55,8 +56,8 @@ def test_allocate_slots_is_all_or_nothing():
 
 def test_kv_utilization_counts_token_slots_in_allocated_blocks():
     kv = KVCacheManager(num_blocks=10, block_size=4)
-    kv.allocate_slots("a", 5)  # 2 blocks, 5 of 8 slots
-    kv.allocate_slots("b", 4)  # 1 block, full
+    kv.allocate_slots("a", 0, 5)  # 2 blocks, 5 of 8 slots
+    kv.allocate_slots("b", 0, 4)  # 1 block, full
     st = kv.stats()
     assert (st.num_used_blocks, st.num_free_blocks, st.num_tokens) == (3, 7, 9)
     assert st.kv_utilization == pytest.approx(9 / 12)

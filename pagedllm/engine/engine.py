@@ -57,7 +57,7 @@ class LLMEngine:
                 f"fewer than max_model_len={self.max_model_len}: raise kv_cache_memory or lower max_model_len"
             )
         self.runner.allocate_kv_cache(num_blocks)
-        self.kv_cache = KVCacheManager(num_blocks, config.block_size)
+        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self.scheduler = Scheduler(sched_cfg, self.kv_cache)
 
@@ -107,8 +107,20 @@ class LLMEngine:
             )
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
-        req = Request(request_id, text, list(token_ids), params, eos_token_ids=self.eos_token_ids)
-        req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params)
+        req = self._sequence(request_id, text, list(token_ids), params, index=0, seed=params.seed)
+        if params.n > 1:
+            # The request computes the prompt; its n children carry the completions.
+            req.children = [
+                self._sequence(f"{request_id}#{i}", text, req.prompt_token_ids, params, index=i,
+                               seed=None if params.seed is None else params.seed + i, parent=req)
+                for i in range(params.n)
+            ]
+        return req
+
+    def _sequence(self, request_id, text, token_ids, params, *, index, seed, parent=None) -> Request:
+        req = Request(request_id, text, token_ids, params, eos_token_ids=self.eos_token_ids,
+                      parent=parent, index=index, seed=seed)
+        req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params)
         return req
 
     def add_request(self, request_id: str | None, prompt: str | dict, params: SamplingParams | None = None) -> str:
@@ -125,9 +137,10 @@ class LLMEngine:
     def abort_request(self, request_id: str | list[str]) -> None:
         """End requests now and free their blocks; unknown or finished ids are ignored."""
         for rid in [request_id] if isinstance(request_id, str) else request_id:
-            req = self.requests.get(rid)
+            req = self.requests.pop(rid, None)
             if req is not None:
-                self._finish(req, FinishReason.ABORT)
+                for seq in [req, *req.children]:
+                    self._finish(seq, FinishReason.ABORT)
                 self._pending.append(self._output(req))
 
     def has_unfinished_requests(self) -> bool:
@@ -141,27 +154,47 @@ class LLMEngine:
             return outputs
         self.num_steps += 1
         try:
-            results = self.runner.execute(out.scheduled)
+            results = self.runner.execute(out.scheduled, out.block_copies)
         except Exception as exc:  # the step failed: end its requests with the reason, keep serving
             logger.exception("step failed; ending its %d requests with an error", len(out.scheduled))
+            failed: dict[str, Request] = {}
             for s in out.scheduled:
-                s.request.error = f"{type(exc).__name__}: {exc}"
-                self._finish(s.request, FinishReason.ERROR)
-                outputs.append(self._output(s.request))
+                top = s.request.parent or s.request
+                top.error = f"{type(exc).__name__}: {exc}"
+                for seq in [top, *top.children]:
+                    self._finish(seq, FinishReason.ERROR)
+                failed[top.request_id] = top
+            for top in failed.values():
+                self.requests.pop(top.request_id, None)
+                outputs.append(self._output(top))
             return outputs
         self.scheduler.update_after_step(out)
-        for s, sampled in results:
-            req = s.request
-            self._append_token(req, sampled)
-            outputs.append(self._output(req))
+        touched: dict[str, Request] = {}
+        for seq, sampled in results:
+            top = seq.parent or seq
+            if seq.parent is not None and not top.is_finished:
+                self._fork(top)
+            self._append_token(seq, sampled)
+            touched[top.request_id] = top
+        for top in touched.values():
+            output = self._output(top)
+            if output.finished:
+                self.requests.pop(top.request_id, None)
+            outputs.append(output)
         return outputs
+
+    def _fork(self, top: Request) -> None:
+        """The prompt is computed: its n sequences take over its blocks and it leaves the batch."""
+        self.scheduler.add_forked(top, top.children)
+        self.scheduler.finish_request(top, FinishReason.STOP)
+        self.runner.release(top.request_id)
 
     def _append_token(self, req: Request, sampled) -> None:
         token = sampled.token_id
         params = req.sampling_params
-        now = time.monotonic()
-        if req.first_token_time is None:
-            req.first_token_time = now
+        top = req.parent or req
+        if top.first_token_time is None:
+            top.first_token_time = time.monotonic()
         req.append_output_token(token)
         self.generation_tokens_total += 1
         if sampled.logprobs is not None:
@@ -192,25 +225,37 @@ class LLMEngine:
         req.cumulative_logprob += lp.logprob
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
+        """End one sequence: its blocks go back to the pool at once."""
+        if req.is_finished:
+            return
         req.detokenizer.finish()  # flush a character cut off by the last token
         self.scheduler.finish_request(req, reason)
         self.runner.release(req.request_id)
-        self.requests.pop(req.request_id, None)
 
-    def _output(self, req: Request) -> RequestOutput:
-        reason = req.finish_reason.value if req.finish_reason is not None else None
-        completion = CompletionOutput(
-            index=0,
+    def _output(self, top: Request) -> RequestOutput:
+        seqs = top.sequences
+        metrics = {
+            "arrival_time": top.arrival_time,
+            "first_token_time": top.first_token_time,
+            "num_preemptions": sum(s.num_preemptions for s in {top, *seqs}),
+            "num_cached_tokens": top.num_cached_tokens,
+        }
+        finished = all(s.is_finished for s in seqs)
+        return RequestOutput(top.request_id, top.prompt, top.prompt_token_ids, [self._completion(s) for s in seqs],
+                             finished, top.error, metrics)
+
+    @staticmethod
+    def _completion(req: Request) -> CompletionOutput:
+        return CompletionOutput(
+            index=req.index,
             # Stream-safe: never text that a stop string may still cut.
             text=req.detokenizer.stream_text,
             token_ids=list(req.output_token_ids),
             cumulative_logprob=req.cumulative_logprob if req.logprobs is not None else None,
             logprobs=list(req.logprobs) if req.logprobs is not None else None,
-            finish_reason=reason,
+            finish_reason=req.finish_reason.value if req.finish_reason is not None else None,
             stop_reason=req.stop_reason,
         )
-        metrics = {"arrival_time": req.arrival_time, "first_token_time": req.first_token_time, "num_preemptions": req.num_preemptions}
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion], req.is_finished, req.error, metrics)
 
     # --- stats ------------------------------------------------------------
     def stats(self) -> EngineStats:
@@ -223,6 +268,9 @@ class LLMEngine:
             num_waiting=len(self.scheduler.waiting),
             num_preemptions=self.scheduler.num_preemptions,
             kv_utilization=kv.kv_utilization,
+            num_cached_blocks=kv.num_cached_blocks,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             num_steps=self.num_steps,

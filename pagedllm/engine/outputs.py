@@ -46,6 +46,9 @@ class EngineStats:
     num_waiting: int
     num_preemptions: int
     kv_utilization: float  # token slots holding tokens / token slots in allocated blocks
+    num_cached_blocks: int = 0  # blocks a prefix lookup can find, in use or free
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found there and not computed again
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     num_steps: int = 0

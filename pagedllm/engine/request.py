@@ -43,6 +43,7 @@ class Request:
     logprobs: list | None = None  # one dict per generated token when asked for
     cumulative_logprob: float = 0.0
     num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
@@ -50,13 +51,26 @@ class Request:
     error: str | None = None
     detokenizer: Any = None
     first_token_time: float | None = None
+    # Parallel sampling (n > 1): the request computes the prompt once, then
+    # forks into `children`, one sequence per completion, sharing its blocks.
+    parent: "Request | None" = None
+    children: list["Request"] = field(default_factory=list)
+    index: int = 0  # which completion of its parent this sequence is
+    seed: int | None = None  # this sequence's sampling seed (the parent's seed + index)
 
     def __post_init__(self) -> None:
         # One list that grows by appends, so the scheduler and the runner can
         # slice new tokens without concatenating prompt and output every step.
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
+        if self.seed is None and self.parent is None and self.sampling_params is not None:
+            self.seed = self.sampling_params.seed
         if self.sampling_params is not None and self.sampling_params.logprobs is not None:
             self.logprobs = []
+
+    @property
+    def sequences(self) -> list["Request"]:
+        """The sequences that carry this request's completions: its children once it has any, else itself."""
+        return self.children or [self]
 
     @property
     def num_prompt_tokens(self) -> int:

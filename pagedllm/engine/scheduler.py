@@ -52,6 +52,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst), done before the step
     num_batched_tokens: int = 0
 
     @property
@@ -102,7 +103,7 @@ class Scheduler:
             req = self.running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             assert n > 0, f"running request {req.request_id} has nothing to compute"
-            while not kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
+            while not kv.allocate_slots(req.request_id, req.num_computed_tokens, n):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim.request_id)
@@ -120,9 +121,15 @@ class Scheduler:
         if not out.preempted:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
-                n = min(req.num_tokens - req.num_computed_tokens, budget)
-                if not kv.allocate_slots(req.request_id, req.num_computed_tokens + n):
+                # A new (or preempted) request starts from its longest cached prefix.
+                hit = kv.find_cached_prefix(req.all_token_ids)
+                num_hit = len(hit) * kv.block_size
+                n = min(req.num_tokens - num_hit, budget)
+                if not kv.allocate_slots(req.request_id, num_hit, n, hit):
                     break  # first come, first served: no overtaking when blocks are short
+                kv.record_lookup(req.num_tokens, num_hit)
+                req.num_computed_tokens = num_hit
+                req.num_cached_tokens = max(req.num_cached_tokens, num_hit)
                 self.waiting.popleft()
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
@@ -130,6 +137,7 @@ class Scheduler:
                 budget -= n
 
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        out.block_copies = kv.take_copies()
         return out
 
     def _preempt(self, req: Request) -> None:
@@ -141,6 +149,17 @@ class Scheduler:
         self.num_preemptions += 1
 
     def update_after_step(self, out: SchedulerOutput) -> None:
-        """The step ran: its tokens are now in the KV cache."""
+        """The step ran: its tokens are now in the KV cache, and its full blocks can be shared."""
         for s in out.scheduled:
-            s.request.num_computed_tokens += s.num_new_tokens
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            self.kv_cache.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
+
+    def add_forked(self, parent: Request, children: list[Request]) -> None:
+        """Children that share the parent's computed blocks join the running batch where the parent was."""
+        idx = self.running.index(parent)
+        for child in children:
+            self.kv_cache.fork(parent.request_id, child.request_id)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.status = RequestStatus.RUNNING
+        self.running[idx + 1 : idx + 1] = children

@@ -122,19 +122,34 @@ class ModelRunner:
         return gen
 
     @torch.inference_mode()
-    def execute(self, scheduled: list) -> list[tuple[object, SampledToken]]:
-        """Run one step over ScheduledRequests; return (scheduled request, sampled token) for those that sample."""
+    def execute(self, scheduled: list, block_copies: list[tuple[int, int]] = ()) -> list[tuple[object, SampledToken]]:
+        """Run one step; return (request, sampled token) for every sequence that samples.
+
+        A request whose prompt forks into several sequences (n > 1) lists them
+        in `children`: each draws its own token from the prompt's last logits.
+        """
+        if block_copies:
+            self.copy_blocks(block_copies)
         sampled, logits = self.compute_logits(scheduled)
         if not sampled:
             return []
-        rows = []
-        for s in sampled:
-            req = s.request
-            params = req.sampling_params
-            gen = self._generator(req.request_id, params.seed) if params.seed is not None else None
-            rows.append(SamplingRow(params, req.prompt_token_ids, req.output_token_ids, gen, req.eos_token_ids))
-        out = self.sampler(logits, rows)
-        return [(s, SampledToken(tok, lp)) for s, tok, lp in zip(sampled, out.token_ids, out.logprobs)]
+        targets = [t for s in sampled for t in (s.request.children or [s.request])]
+        if len(targets) != len(sampled):
+            rows = [i for i, s in enumerate(sampled) for _ in (s.request.children or [s.request])]
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        out = self.sampler(logits, [self._sampling_row(t) for t in targets])
+        return [(t, SampledToken(tok, lp)) for t, tok, lp in zip(targets, out.token_ids, out.logprobs)]
+
+    def _sampling_row(self, req) -> SamplingRow:
+        gen = self._generator(req.request_id, req.seed) if req.seed is not None else None
+        return SamplingRow(req.sampling_params, req.prompt_token_ids, req.output_token_ids, gen, req.eos_token_ids)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: whole blocks from src to dst, in every layer, before anything writes to them."""
+        src = torch.tensor([p[0] for p in pairs], device=self.device)
+        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        for cache in self.kv_caches:
+            cache[:, dst] = cache[:, src]
 
     @torch.inference_mode()
     def compute_logits(self, scheduled: list) -> tuple[list, torch.Tensor | None]:
