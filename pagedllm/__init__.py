@@ -2,7 +2,7 @@
 
 from pagedllm.sampling_params import SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "EngineConfig"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "EngineConfig", "BeamSearchParams"]
 __version__ = "0.1.0"
 
 
@@ -17,6 +17,10 @@ def __getattr__(name):
         from pagedllm.engine.engine import LLMEngine
 
         return LLMEngine
+    if name == "BeamSearchParams":
+        from pagedllm.engine.beam_search import BeamSearchParams
+
+        return BeamSearchParams
     if name == "EngineConfig":
         from pagedllm.config import EngineConfig
 

@@ -257,6 +257,17 @@ class LLMEngine:
             stop_reason=req.stop_reason,
         )
 
+    # --- beam search ------------------------------------------------------
+    def beam_search(self, prompts: list, params) -> list:
+        """Beam search over shared blocks (see engine/beam_search.py); runs on an idle engine."""
+        from pagedllm.engine.beam_search import BeamSearchRunner
+
+        requests = [self.make_request(p, SamplingParams(max_tokens=params.max_tokens)) for p in prompts]
+        return BeamSearchRunner(self).run(requests, params)
+
+    def reset_peak_stats(self) -> None:
+        self.kv_cache.reset_peak()
+
     # --- stats ------------------------------------------------------------
     def stats(self) -> EngineStats:
         kv = self.kv_cache.stats()
@@ -269,6 +280,7 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             kv_utilization=kv.kv_utilization,
             num_cached_blocks=kv.num_cached_blocks,
+            peak_used_blocks=kv.peak_used_blocks,
             prefix_cache_queries=kv.prefix_cache_queries,
             prefix_cache_hits=kv.prefix_cache_hits,
             prompt_tokens_total=self.prompt_tokens_total,

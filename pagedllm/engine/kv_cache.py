@@ -34,6 +34,7 @@ class KVCacheStats:
     num_tokens: int  # token slots that hold (or are being filled with) a token, counted once per block
     kv_utilization: float  # num_tokens / token slots in allocated blocks
     num_cached_blocks: int  # blocks findable by prefix lookup, used or free
+    peak_used_blocks: int  # most blocks in use at once since start or the last reset
     prefix_cache_queries: int  # prompt tokens looked up
     prefix_cache_hits: int  # of those, tokens found in the cache
 
@@ -115,6 +116,7 @@ class KVCacheManager:
         self._copies: list[tuple[int, int]] = []  # copy-on-write (src, dst) pairs not yet handed to the runner
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+        self.peak_used_blocks = 0  # since start or the last reset_peak()
 
     @property
     def num_blocks(self) -> int:
@@ -203,7 +205,14 @@ class KVCacheManager:
         if num_new_blocks:
             table.extend(self.pool.allocate(num_new_blocks))
         self._num_tokens[request_id] = max(num_computed_tokens + num_new_tokens, self._num_tokens.get(request_id, 0))
+        self._note_peak()
         return True
+
+    def _note_peak(self) -> None:
+        self.peak_used_blocks = max(self.peak_used_blocks, self.num_blocks - self.pool.num_free_blocks)
+
+    def reset_peak(self) -> None:
+        self.peak_used_blocks = self.num_blocks - self.pool.num_free_blocks
 
     def _shared_block_to_write(self, table: list[int], num_computed: int, num_new: int) -> int | None:
         """Index of a partly filled block that this write would change while others share it."""
@@ -229,6 +238,7 @@ class KVCacheManager:
         self.block_tables[child_id] = table
         self._num_tokens[child_id] = self._num_tokens.get(parent_id, 0)
         self._num_cached[child_id] = self._num_cached.get(parent_id, 0)
+        self._note_peak()
 
     def free(self, request_id: str) -> None:
         """Give back every block of the request; a no-op for unknown ids."""
@@ -261,6 +271,7 @@ class KVCacheManager:
             num_tokens=tokens,
             kv_utilization=tokens / slots if slots else 0.0,
             num_cached_blocks=len(self.pool.cached),
+            peak_used_blocks=self.peak_used_blocks,
             prefix_cache_queries=self.prefix_cache_queries,
             prefix_cache_hits=self.prefix_cache_hits,
         )

@@ -47,6 +47,7 @@ class EngineStats:
     num_preemptions: int
     kv_utilization: float  # token slots holding tokens / token slots in allocated blocks
     num_cached_blocks: int = 0  # blocks a prefix lookup can find, in use or free
+    peak_used_blocks: int = 0  # most blocks in use at once since start or reset_peak_stats()
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found there and not computed again
     prompt_tokens_total: int = 0

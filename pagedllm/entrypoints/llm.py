@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from pagedllm.config import EngineConfig
+from pagedllm.engine.beam_search import BeamSearchOutput, BeamSearchParams
 from pagedllm.engine.engine import LLMEngine
 from pagedllm.engine.outputs import EngineStats, RequestOutput
 from pagedllm.sampling_params import SamplingParams
@@ -46,6 +47,14 @@ class LLM:
         # Check every prompt before adding any, so a bad one leaves nothing half-submitted.
         requests = [self.engine.make_request(p, sp) for p, sp in zip(prompts, params)]
         return self._run(requests, use_tqdm)
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """The beam_width best sequences for each prompt, best first (see engine/beam_search.py)."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        return self.engine.beam_search(list(prompts), params)
 
     def chat(
         self,
