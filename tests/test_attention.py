@@ -112,3 +112,63 @@ def test_decode_batch_of_many_uneven_sequences():
     run.step({i: n - 1 for i, n in enumerate(lengths) if n > 1})
     run.step({i: 1 for i in range(len(lengths))})
     run.check()
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_decode_over_a_shared_prefix_equals_plain_attention(block_size, dtype, atol):
+    """Sequences that share their leading blocks (forks, prefix hits) read them once: cascade attention."""
+    from pagedllm.model.attention.metadata import common_prefix_blocks
+
+    h, kvh, d = 9, 3, 64
+    g = torch.Generator().manual_seed(block_size)
+    prefix_len = 5 * block_size if block_size > 1 else 37
+    suffix_lens = [1, 9, 30, 4, 17]  # each sequence's own tokens after the prefix, the newest last
+    n_prefix_blocks = prefix_len // block_size
+    total_blocks = n_prefix_blocks + sum(-(-s // block_size) for s in suffix_lens) + 2
+    cache = torch.zeros(2, total_blocks, block_size, kvh, d, dtype=dtype)
+    prefix_k, prefix_v = torch.randn(prefix_len, kvh, d, generator=g), torch.randn(prefix_len, kvh, d, generator=g)
+    cache[0, :n_prefix_blocks] = prefix_k.view(n_prefix_blocks, block_size, kvh, d).to(dtype)
+    cache[1, :n_prefix_blocks] = prefix_v.view(n_prefix_blocks, block_size, kvh, d).to(dtype)
+    nxt = n_prefix_blocks + 2  # leave two blocks unused: tables point anywhere
+    tables, refs = [], []
+    for s in suffix_lens:
+        own = list(range(nxt, nxt + -(-s // block_size)))
+        nxt += len(own)
+        k, v = torch.randn(s, kvh, d, generator=g), torch.randn(s, kvh, d, generator=g)
+        for p in range(s):
+            cache[0, own[p // block_size], p % block_size] = k[p].to(dtype)
+            cache[1, own[p // block_size], p % block_size] = v[p].to(dtype)
+        tables.append(list(range(n_prefix_blocks)) + own)
+        refs.append((torch.cat([prefix_k, k]), torch.cat([prefix_v, v])))
+    lens = [prefix_len + s for s in suffix_lens]
+    common = common_prefix_blocks(tables, lens, block_size)
+    assert common == n_prefix_blocks
+    q = torch.randn(len(lens), h, d, generator=g)
+    width = max(len(t) for t in tables)
+    meta = AttentionMetadata(
+        slot_mapping=torch.empty(0, dtype=torch.int64), query_start_loc=torch.arange(len(lens) + 1, dtype=torch.int32),
+        seq_lens=torch.tensor(lens, dtype=torch.int32),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+        num_decodes=len(lens), query_start_loc_cpu=list(range(len(lens) + 1)), seq_lens_cpu=lens,
+        max_seq_len=max(lens), max_query_len=1, num_common_prefix_blocks=common,
+    )
+    attn = TorchPagedAttention(h, kvh, d, d**-0.5)
+    out = attn.forward(q.to(dtype), torch.empty(0, kvh, d, dtype=dtype), torch.empty(0, kvh, d, dtype=dtype), cache, meta)
+    out = out.view(len(lens), h, d).float()
+    for i, (k, v) in enumerate(refs):
+        kk, vv = k.to(dtype).float(), v.to(dtype).float()
+        ref = F.scaled_dot_product_attention(
+            q[i].to(dtype).float()[:, None], kk.repeat_interleave(h // kvh, 1).transpose(0, 1),
+            vv.repeat_interleave(h // kvh, 1).transpose(0, 1),
+        )[:, 0]
+        torch.testing.assert_close(out[i], ref, atol=atol, rtol=1e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+def test_common_prefix_blocks_stops_where_tables_differ_and_before_the_last_token():
+    from pagedllm.model.attention.metadata import common_prefix_blocks
+
+    assert common_prefix_blocks([[1, 2, 3, 4], [1, 2, 9, 4]], [64, 64], 16) == 2
+    assert common_prefix_blocks([[1, 2], [1, 2]], [32, 40], 16) == 1  # block 2 holds the first one's last token
+    assert common_prefix_blocks([[1, 2, 3]], [48], 16) == 0  # one sequence: nothing to share
+    assert common_prefix_blocks([[5, 2], [1, 2]], [32, 32], 16) == 0

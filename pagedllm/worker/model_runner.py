@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.model.arch_config import ArchConfig
-from pagedllm.model.attention.metadata import AttentionMetadata
+from pagedllm.model.attention.metadata import AttentionMetadata, common_prefix_blocks
 from pagedllm.model.models.llama import LlamaForCausalLM
 from pagedllm.worker.sampler import Sampler, SamplingRow, TokenLogprobs
 
@@ -197,6 +197,7 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
             max_seq_len=max(seq_lens),
             max_query_len=max(s.num_new_tokens for s in batch),
+            num_common_prefix_blocks=common_prefix_blocks(tables[:num_decodes], seq_lens[:num_decodes], bs),
         )
         input_ids_t = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         positions_t = torch.tensor(positions, dtype=torch.int64, device=dev)

@@ -24,7 +24,29 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     max_seq_len: int
     max_query_len: int
+    # Leading blocks that every decode sequence shares (same block ids): their
+    # keys and values are read once for all of them (cascade attention).
+    num_common_prefix_blocks: int = 0
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_cpu)
+
+
+def common_prefix_blocks(tables: list[list[int]], seq_lens: list[int], block_size: int) -> int:
+    """How many leading blocks all the tables share, short of every sequence's last token.
+
+    Strictly before the last token, so that each sequence keeps a suffix of its
+    own (where its newest key was just written).
+    """
+    if len(tables) < 2:
+        return 0
+    limit = (min(seq_lens) - 1) // block_size
+    first = tables[0]
+    common = limit
+    for table in tables[1:]:
+        if table[:common] != first[:common]:
+            common = next(i for i in range(common) if table[i] != first[i])
+            if common == 0:
+                return 0
+    return common

@@ -31,6 +31,20 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int) 
     return blocks.view(b, nblocks * block_size, *cache.shape[2:])[:, :num_tokens]
 
 
+def _partial_softmax_attention(q, k_t, v, scale, mask):
+    """Attention over one part of the keys: (row max, row sum, unnormalised output), all in float32.
+
+    q [..., n, d], k_t [..., d, L], v [..., L, d]; mask broadcasts to [..., n, L]
+    (True = attend). Two parts merge exactly through their maxima and sums.
+    """
+    s = torch.matmul(q, k_t).float() * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    p = torch.exp(s - m)
+    return m, p.sum(dim=-1, keepdim=True), torch.matmul(p.to(v.dtype), v).float()
+
+
 class TorchPagedAttention:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         if num_heads % num_kv_heads:
@@ -53,7 +67,11 @@ class TorchPagedAttention:
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
-            out[:nd] = self._decode(q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], max(meta.seq_lens_cpu[:nd]))
+            tables, lens, max_len = meta.block_tables[:nd], meta.seq_lens[:nd], max(meta.seq_lens_cpu[:nd])
+            if meta.num_common_prefix_blocks:
+                out[:nd] = self._cascade_decode(q[:nd], kv_cache, tables, lens, max_len, meta.num_common_prefix_blocks)
+            else:
+                out[:nd] = self._decode(q[:nd], kv_cache, tables, lens, max_len)
         qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
         for i in range(nd, meta.num_seqs):
             start, end = qsl[i], qsl[i + 1]
@@ -71,6 +89,37 @@ class TorchPagedAttention:
         grouped = q.view(d, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
         o = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask[:, None, None, :], scale=self.scale)
         return o.reshape(d, self.num_heads, self.head_dim)
+
+    def _cascade_decode(self, q, kv_cache, block_tables, seq_lens, max_len, num_common):
+        """Decode over a prefix that every sequence shares, plus each one's own suffix.
+
+        The shared prefix is gathered once and met by all queries in one
+        matmul, instead of being copied out of the pool once per sequence;
+        the two partial softmaxes are then merged exactly through their
+        maxima and sums (the log-sum-exp merge of cascade attention).
+        """
+        d_seqs, kvh, g, hd = q.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        block_size = kv_cache.shape[2]
+        prefix_len = num_common * block_size
+        shared = block_tables[0, :num_common]
+        kp = kv_cache[0][shared].view(prefix_len, kvh, hd).permute(1, 2, 0)  # [kvh, d, Lp]
+        vp = kv_cache[1][shared].view(prefix_len, kvh, hd).transpose(0, 1)  # [kvh, Lp, d]
+        qh = q.view(d_seqs, kvh, g, hd).transpose(0, 1).reshape(kvh, d_seqs * g, hd)
+        m_p, l_p, o_p = _partial_softmax_attention(qh, kp, vp, self.scale, None)
+        # Back to [D, kvh, g, *] to meet the suffix part.
+        m_p, l_p, o_p = (t.view(kvh, d_seqs, g, -1).transpose(0, 1) for t in (m_p, l_p, o_p))
+
+        suffix_len = max_len - prefix_len
+        tail = block_tables[:, num_common:]
+        ks = gather_kv(kv_cache[0], tail, suffix_len).permute(0, 2, 3, 1)  # [D, kvh, d, Ls]
+        vs = gather_kv(kv_cache[1], tail, suffix_len).transpose(1, 2)  # [D, kvh, Ls, d]
+        mask = torch.arange(suffix_len, device=q.device)[None, :] < (seq_lens[:, None] - prefix_len)
+        m_s, l_s, o_s = _partial_softmax_attention(q.view(d_seqs, kvh, g, hd), ks, vs, self.scale, mask[:, None, None, :])
+
+        m = torch.maximum(m_p, m_s)
+        a, b = torch.exp(m_p - m), torch.exp(m_s - m)
+        o = (o_p * a + o_s * b) / (l_p * a + l_s * b)
+        return o.to(q.dtype).reshape(d_seqs, self.num_heads, hd)
 
     def _prefill(self, q, k_new, v_new, kv_cache, block_table, seq_len):
         n = q.shape[0]
