@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 serve: install
-	$(VENV)/bin/pagedllm generate --max-tokens 64 "Write a haiku about paged memory."
+	$(VENV)/bin/pagedllm serve --host 127.0.0.1 --port 8000
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -1,9 +1,11 @@
-"""`pagedllm generate`: the command line, with engine flags named as vLLM names them."""
+"""`pagedllm serve | generate`: the command line, with engine flags named as vLLM names them."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import sys
 import time
 
@@ -21,6 +23,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", default=None, help="KV pool size: bytes, or e.g. 2GiB (default 2GiB)")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="share the KV blocks of common prompt prefixes between requests (default: on)")
     g.add_argument("--seed", type=int, default=0)
 
 
@@ -32,7 +36,7 @@ def engine_options(args: argparse.Namespace) -> dict:
         model=args.model, tokenizer=args.tokenizer, revision=args.revision, load_format=args.load_format,
         dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, block_size=args.block_size,
         kv_cache_memory=kv, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        seed=args.seed,
+        seed=args.seed, enable_prefix_caching=args.enable_prefix_caching,
     )
 
 
@@ -57,10 +61,75 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load the engine, then serve; the port opens only once the model is ready to answer."""
+    import uvicorn
+
+    from pagedllm.engine.engine import LLMEngine
+    from pagedllm.entrypoints.server.app import build_app
+
+    if args.model_tag is not None and args.model is not None and args.model_tag != args.model:
+        raise ValueError(f"the model is named twice, as {args.model_tag!r} and --model {args.model!r}: give one")
+    args.model = args.model_tag or args.model
+    # Bound now (listening only once the model is loaded): a taken port fails in a second, not after the load.
+    sock = _bind(args.host, args.port)
+    t0 = time.perf_counter()
+    engine = LLMEngine.from_options(**engine_options(args))
+    names = args.served_model_name or [args.model or _default_model_name()]
+    app = build_app(engine, names, api_key=args.api_key, log_interval=args.log_interval)
+    logging.getLogger("pagedllm.serve").info(
+        "serving %s as %s on http://%s:%d (engine loaded in %.1fs)%s",
+        engine.model_path, ", ".join(names), args.host, args.port, time.perf_counter() - t0,
+        "; API key required" if args.api_key else "",
+    )
+    # log_config=None: keep our logging set-up instead of uvicorn's.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=args.access_log,
+                            timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
+        pass
+    return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise ValueError(f"cannot serve on {host}:{port}: {exc.strerror or exc}; is another server there? pick another --port") from None
+    return sock
+
+
+def _default_model_name() -> str:
+    """The embedded model's name, from its file name (SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct)."""
+    from pagedllm.model.loader import default_model_gguf_path
+
+    return os.path.basename(default_model_gguf_path()).split(".")[0]
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="same as --model")
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=os.environ.get("PAGEDLLM_API_KEY"),
+                   help="require 'Authorization: Bearer <key>' (default: $PAGEDLLM_API_KEY; none: no key needed)")
+    g.add_argument("--served-model-name", nargs="+", default=None,
+                   help="names clients use for the model (default: --model, or the embedded model's name)")
+    g.add_argument("--log-interval", type=float, default=5.0, help="seconds between throughput lines while busy")
+    g.add_argument("--access-log", action="store_true", help="also log every HTTP request (uvicorn's access log)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pagedllm", description="Serve large language models with PagedAttention.")
     parser.add_argument("--log-level", default="info")
     sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API")
+    add_serve_args(serve)
+    add_engine_args(serve)
     gen = sub.add_parser("generate", help="generate completions for prompts given on the command line")
     add_engine_args(gen)
     gen.add_argument("prompts", nargs="+")
@@ -72,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return {"generate": cmd_generate}[args.command](args)
+        return {"generate": cmd_generate, "serve": cmd_serve}[args.command](args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

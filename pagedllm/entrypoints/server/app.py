@@ -1,0 +1,131 @@
+"""The FastAPI app: OpenAI's routes over one engine, plus health, tokenizer and metrics routes.
+
+build_app wraps a loaded LLMEngine; the app starts the engine thread when it
+starts and stops it when it stops, so one LLMEngine can serve several apps in
+turn (as the tests do). With an API key, every route but /health and /metrics
+needs `Authorization: Bearer <key>`: probes and scrapers stay simple, and
+neither reveals text.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from pagedllm.engine.async_engine import AsyncLLMEngine
+from pagedllm.entrypoints.server.errors import APIError, bad_request, install_error_handlers
+from pagedllm.entrypoints.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from pagedllm.entrypoints.server.serving_chat import create_chat_completion
+from pagedllm.entrypoints.server.serving_completions import create_completion
+from pagedllm.entrypoints.server.state import ServerState
+from pagedllm.entrypoints.server.streaming import ClientDisconnected
+from pagedllm.metrics import CONTENT_TYPE, ServerMetrics
+from pagedllm.tokenizer import apply_chat_template
+
+logger = logging.getLogger(__name__)
+
+
+def build_app(engine, served_model_names: list[str] | None = None, api_key: str | None = None, log_interval: float = 5.0) -> FastAPI:
+    """An app serving `engine` (a loaded LLMEngine) under `served_model_names` (default: its path)."""
+    names = list(served_model_names or [engine.model_path])
+    metrics = ServerMetrics(names[0])
+    state = ServerState(AsyncLLMEngine(engine, observer=metrics, log_interval=log_interval), names, metrics, api_key or None)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.engine.start()
+        try:
+            yield
+        finally:
+            state.engine.shutdown()
+
+    app = FastAPI(title="pagedllm", lifespan=lifespan)
+    app.state.server = state
+    install_error_handlers(app)
+
+    def require_key(request: Request) -> None:
+        if state.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+            why = "no API key was given" if not given else "the API key is wrong"
+            raise APIError(401, f"{why}: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+    def require_engine() -> None:
+        if not state.engine.is_running:
+            raise APIError(503, state.engine.unavailable_reason(), code="engine_unavailable")
+
+    open_routes = APIRouter()
+    guarded = APIRouter(dependencies=[Depends(require_key), Depends(require_engine)])
+
+    @open_routes.get("/health")
+    async def health():
+        require_engine()
+        return JSONResponse({"status": "ok"})
+
+    @open_routes.get("/metrics")
+    async def metrics_route():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @guarded.get("/v1/models")
+    async def models():
+        cards = [ModelCard(id=n, root=engine.model_path, max_model_len=state.max_model_len) for n in names]
+        return ModelList(data=cards)
+
+    @guarded.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request):
+        return await _disconnect_safe(create_completion(state, body, raw))
+
+    @guarded.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw: Request):
+        return await _disconnect_safe(create_chat_completion(state, body, raw))
+
+    @guarded.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        state.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise bad_request("give exactly one of prompt or messages", "prompt")
+        if body.prompt is not None:
+            tokens = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+        else:
+            try:
+                tokens = apply_chat_template(state.tokenizer, body.messages, add_generation_prompt=body.add_generation_prompt is not False)
+            except ValueError as exc:
+                raise bad_request(str(exc), "messages") from None
+        tokens = [int(t) for t in tokens]
+        return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=state.max_model_len)
+
+    @guarded.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        state.check_model(body.model)
+        vocab = engine.model_config.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"token id {bad[0]} is out of range: token ids must be in [0, {vocab})", "tokens")
+        return DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens))
+
+    app.include_router(open_routes)
+    app.include_router(guarded)
+    return app
+
+
+async def _disconnect_safe(work) -> Response:
+    try:
+        return await work
+    except ClientDisconnected:
+        # Nobody is there to read an answer; 499 (nginx's "client closed request") shows in logs.
+        return Response(status_code=499)

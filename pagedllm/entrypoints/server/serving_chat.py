@@ -1,0 +1,169 @@
+"""POST /v1/chat/completions: messages through the model's chat template, streamed or whole.
+
+The prompt is built by pagedllm.tokenizer.apply_chat_template, the same
+function the offline LLM.chat uses, so the server and the offline API see
+identical token ids for identical messages.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from pagedllm.engine.outputs import CompletionOutput, RequestOutput
+from pagedllm.entrypoints.server import sampling
+from pagedllm.entrypoints.server.errors import APIError, bad_request
+from pagedllm.entrypoints.server.logprobs import chat_logprobs
+from pagedllm.entrypoints.server.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessage,
+    DeltaMessage,
+    UsageInfo,
+)
+from pagedllm.entrypoints.server.state import ServerState, new_id
+from pagedllm.entrypoints.server.streaming import DONE, EventStreamResponse, Progress, merge, sse, unless_disconnected
+from pagedllm.sampling_params import MAX_LOGPROBS
+from pagedllm.tokenizer import apply_chat_template
+
+
+@dataclass
+class _Prepared:
+    response_id: str
+    model: str
+    request: object  # the engine Request
+    top_logprobs: int | None  # None: no logprobs asked
+
+
+async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, raw: Request) -> Response:
+    prep = _prepare(state, body)
+    if body.stream:
+        return EventStreamResponse(_stream(state, body, prep))
+    final = await unless_disconnected(raw, _collect(state, prep))
+    return Response(_response(body, prep, final).model_dump_json(), media_type="application/json")
+
+
+def _prepare(state: ServerState, body: ChatCompletionRequest) -> _Prepared:
+    model = state.check_model(body.model)
+    sampling.reject_unsupported(body)
+    if body.tools:
+        raise bad_request("tools (function calling) are not supported by this server", "tools", "unsupported_parameter")
+    if body.response_format is not None and body.response_format.get("type", "text") != "text":
+        raise bad_request("only response_format {'type': 'text'} is supported by this server", "response_format", "unsupported_parameter")
+    top = _top_logprobs(body)
+    try:
+        ids = apply_chat_template(
+            state.tokenizer, body.messages, add_generation_prompt=body.add_generation_prompt is not False
+        )
+    except ValueError as exc:
+        raise bad_request(str(exc), "messages") from None
+    if body.max_completion_tokens is not None:
+        requested, param = body.max_completion_tokens, "max_completion_tokens"
+    else:
+        requested, param = body.max_tokens, "max_tokens"
+    max_tokens = sampling.resolve_max_tokens(requested, param, len(ids), state.max_model_len, None, "messages")
+    renames = {"max_tokens": param, "logprobs": "top_logprobs"}
+    params = sampling.sampling_params(body, max_tokens, top, renames)
+    response_id = new_id("chatcmpl")
+    request = sampling.make_request(state, {"prompt_token_ids": ids}, params, response_id, "messages")
+    return _Prepared(response_id, model, request, top)
+
+
+def _top_logprobs(body: ChatCompletionRequest) -> int | None:
+    """Chat asks with logprobs: bool plus top_logprobs: 0..20; the engine takes one number."""
+    if body.top_logprobs is not None:
+        if not body.logprobs:
+            raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+        if not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+            raise bad_request(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {body.top_logprobs}", "top_logprobs")
+    if not body.logprobs:
+        return None
+    return body.top_logprobs or 0
+
+
+async def _collect(state: ServerState, prep: _Prepared) -> RequestOutput:
+    final = None
+    async for _, out in merge([state.engine.generate(prep.request)]):
+        final = out
+    if final is not None and final.error:
+        raise APIError(500, f"generation failed: {final.error}", code="internal_error")
+    return final
+
+
+def _response(body: ChatCompletionRequest, prep: _Prepared, final: RequestOutput) -> ChatCompletionResponse:
+    choices = [
+        ChatChoice(
+            index=comp.index, message=ChatMessage(content=comp.text), logprobs=_logprobs(body, prep, comp, 0),
+            finish_reason=comp.finish_reason, stop_reason=comp.stop_reason,
+        )
+        for comp in final.outputs
+    ]
+    return ChatCompletionResponse(id=prep.response_id, model=prep.model, choices=choices, usage=_usage(final))
+
+
+async def _stream(state: ServerState, body: ChatCompletionRequest, prep: _Prepared):
+    created = int(time.time())
+
+    def chunk(choices, usage=None) -> str:
+        return sse(ChatCompletionChunk(id=prep.response_id, created=created, model=prep.model, choices=choices, usage=usage))
+
+    # The role comes first, before any token, as in OpenAI's streams.
+    n = prep.request.sampling_params.n
+    yield chunk([ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content="")) for j in range(n)])
+    sent: dict[int, Progress] = {}  # by completion index
+    final, failed = None, False
+    try:
+        async with aclosing(merge([state.engine.generate(prep.request)])) as outputs:
+            async for _, out in outputs:
+                final = out
+                if out.error:
+                    failed = True
+                    yield sse(APIError(500, f"generation failed: {out.error}", code="internal_error").body())
+                    break
+                for comp in out.outputs:
+                    choice = _delta(body, prep, comp, sent)
+                    if choice is not None:
+                        yield chunk([choice])
+    except Exception as exc:  # the engine died mid-stream: say so in the stream
+        failed = True
+        yield sse(APIError(503, str(exc), code="engine_unavailable").body())
+    if not failed and final is not None and body.stream_options is not None and body.stream_options.include_usage:
+        yield chunk([], _usage(final))
+    yield DONE
+
+
+def _delta(body: ChatCompletionRequest, prep: _Prepared, comp: CompletionOutput, sent: dict) -> ChatChunkChoice | None:
+    """What completion comp adds since the last chunk; None if nothing to send."""
+    p: Progress = sent.setdefault(comp.index, Progress())
+    if p.done:
+        return None
+    text = comp.text[p.chars:]
+    start = p.tokens
+    if not text and not (prep.top_logprobs is not None and len(comp.token_ids) > start) and comp.finish_reason is None:
+        return None
+    p.chars, p.tokens, p.done = len(comp.text), len(comp.token_ids), comp.finish_reason is not None
+    return ChatChunkChoice(
+        index=comp.index, delta=DeltaMessage(content=text or None), logprobs=_logprobs(body, prep, comp, start),
+        finish_reason=comp.finish_reason, stop_reason=comp.stop_reason,
+    )
+
+
+def _logprobs(body: ChatCompletionRequest, prep: _Prepared, comp: CompletionOutput, start: int) -> ChatLogprobs | None:
+    if prep.top_logprobs is None or comp.logprobs is None:
+        return None
+    content = chat_logprobs(comp.token_ids[start:], comp.logprobs[start:], prep.top_logprobs, bool(body.return_tokens_as_token_ids))
+    return ChatLogprobs(content=content)
+
+
+def _usage(final: RequestOutput) -> UsageInfo:
+    prompt = len(final.prompt_token_ids)
+    completion = sum(len(c.token_ids) for c in final.outputs)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)

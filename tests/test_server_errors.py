@@ -1,0 +1,145 @@
+"""Bad input, table-driven: each case gets its status and OpenAI's error shape with a message
+that names the problem, and the server goes on answering."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from pagedllm import LLMEngine
+from pagedllm.config import EngineConfig
+from pagedllm.entrypoints.server.app import build_app
+from pagedllm.entrypoints.server.background import BackgroundServer
+
+KEY = "sekrit"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MSG = [{"role": "user", "content": "Hi"}]
+LONG = list(range(100, 700))  # 600 token ids, over the tiny model's 512
+
+C, CHAT = "/v1/completions", "/v1/chat/completions"
+
+# (name, method, path, json body or raw bytes, headers, status, words the message must contain, param)
+CASES = [
+    ("malformed JSON", "POST", C, b'{"prompt": "x",', AUTH, 400, "not valid JSON", None),
+    ("body not an object", "POST", C, [1, 2], AUTH, 400, "JSON object", None),
+    ("prompt missing", "POST", C, {"max_tokens": 3}, AUTH, 400, "prompt is required", "prompt"),
+    ("empty prompt", "POST", C, {"prompt": ""}, AUTH, 400, "prompt is empty", "prompt"),
+    ("empty prompt list", "POST", C, {"prompt": []}, AUTH, 400, "empty list", "prompt"),
+    ("mixed prompt list", "POST", C, {"prompt": [1, "a"]}, AUTH, 400, "prompt must be a string", "prompt"),
+    ("token id out of range", "POST", C, {"prompt": [5, 10**9]}, AUTH, 400, "out of range", "prompt"),
+    ("prompt longer than context", "POST", C, {"prompt": LONG}, AUTH, 400, "max_model_len", "prompt"),
+    ("max_tokens cannot fit", "POST", C, {"prompt": "Hi", "max_tokens": 600}, AUTH, 400, "max_tokens=600 cannot fit", "max_tokens"),
+    ("max_tokens zero", "POST", C, {"prompt": "Hi", "max_tokens": 0}, AUTH, 400, "max_tokens must be >= 1", "max_tokens"),
+    ("max_tokens a string", "POST", C, {"prompt": "Hi", "max_tokens": "ten"}, AUTH, 400, "max_tokens: Input should be a valid integer", "max_tokens"),
+    ("temperature a string", "POST", C, {"prompt": "Hi", "temperature": "hot"}, AUTH, 400, "temperature: Input should be a valid number", "temperature"),
+    ("temperature negative", "POST", C, {"prompt": "Hi", "temperature": -1}, AUTH, 400, "temperature must be >= 0", "temperature"),
+    ("top_p zero", "POST", C, {"prompt": "Hi", "top_p": 0}, AUTH, 400, "top_p must be in (0, 1]", "top_p"),
+    ("top_k negative", "POST", C, {"prompt": "Hi", "top_k": -5}, AUTH, 400, "top_k", "top_k"),
+    ("presence_penalty too big", "POST", C, {"prompt": "Hi", "presence_penalty": 3}, AUTH, 400, "presence_penalty must be in [-2, 2]", "presence_penalty"),
+    ("repetition_penalty zero", "POST", C, {"prompt": "Hi", "repetition_penalty": 0}, AUTH, 400, "repetition_penalty must be > 0", "repetition_penalty"),
+    ("n zero", "POST", C, {"prompt": "Hi", "n": 0}, AUTH, 400, "n must be >= 1", "n"),
+    ("logprobs too many", "POST", C, {"prompt": "Hi", "logprobs": 50}, AUTH, 400, "logprobs must be in [0, 20]", "logprobs"),
+    ("stop an int", "POST", C, {"prompt": "Hi", "stop": 5}, AUTH, 400, "stop: Input should be a valid string or a valid list", "stop"),
+    ("stop empty string", "POST", C, {"prompt": "Hi", "stop": [""]}, AUTH, 400, "stop must contain only non-empty strings", "stop"),
+    ("stream not a bool", "POST", C, {"prompt": "Hi", "stream": "yes"}, AUTH, 400, "stream: Input should be a valid boolean", "stream"),
+    ("echo with logprobs", "POST", C, {"prompt": "Hi", "echo": True, "logprobs": 1}, AUTH, 400, "echo with logprobs", "echo"),
+    ("stream_options without stream", "POST", C, {"prompt": "Hi", "stream_options": {"include_usage": True}}, AUTH, 400,
+     "stream_options is only allowed when stream is true", "stream_options"),
+    ("logit_bias", "POST", C, {"prompt": "Hi", "logit_bias": {"5": 1.0}}, AUTH, 400, "logit_bias is not supported", "logit_bias"),
+    ("suffix", "POST", C, {"prompt": "Hi", "suffix": "end"}, AUTH, 400, "suffix is not supported", "suffix"),
+    ("unknown model", "POST", C, {"prompt": "Hi", "model": "gpt-9"}, AUTH, 404, "'gpt-9' does not exist", "model"),
+    ("no API key", "POST", C, {"prompt": "Hi"}, {}, 401, "no API key", None),
+    ("wrong API key", "GET", "/v1/models", None, {"Authorization": "Bearer nope"}, 401, "API key is wrong", None),
+    ("messages missing", "POST", CHAT, {"max_tokens": 2}, AUTH, 400, "messages is required", "messages"),
+    ("empty messages", "POST", CHAT, {"messages": []}, AUTH, 400, "messages must be a non-empty list", "messages"),
+    ("message without role", "POST", CHAT, {"messages": [{"content": "Hi"}]}, AUTH, 400, "'role' and a 'content'", "messages"),
+    ("messages a string", "POST", CHAT, {"messages": "Hi"}, AUTH, 400, "messages: Input should be a valid list", "messages"),
+    ("chat unknown model", "POST", CHAT, {"messages": MSG, "model": "x"}, AUTH, 404, "does not exist", "model"),
+    ("chat max_completion_tokens cannot fit", "POST", CHAT, {"messages": MSG, "max_completion_tokens": 9999}, AUTH, 400,
+     "max_completion_tokens=9999 cannot fit", "max_completion_tokens"),
+    ("chat prompt longer than context", "POST", CHAT, {"messages": [{"role": "user", "content": "word " * 600}]}, AUTH, 400,
+     "max_model_len", "messages"),
+    ("top_logprobs without logprobs", "POST", CHAT, {"messages": MSG, "top_logprobs": 2}, AUTH, 400, "needs logprobs", "top_logprobs"),
+    ("top_logprobs too many", "POST", CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 30}, AUTH, 400,
+     "top_logprobs must be in [0, 20]", "top_logprobs"),
+    ("tools", "POST", CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, AUTH, 400, "tools", "tools"),
+    ("detokenize out of range", "POST", "/detokenize", {"tokens": [-1]}, AUTH, 400, "out of range", "tokens"),
+    ("tokenize neither prompt nor messages", "POST", "/tokenize", {}, AUTH, 400, "exactly one of prompt or messages", "prompt"),
+    ("unknown route", "GET", "/v2/nothing", None, AUTH, 404, "no route GET /v2/nothing", None),
+    ("wrong method", "GET", C, None, AUTH, 405, "does not take GET", None),
+]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    engine = LLMEngine(EngineConfig(tiny_model_dir, dtype="float32", num_kv_blocks=64, block_size=16))
+    with BackgroundServer(build_app(engine, ["tiny"], api_key=KEY)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+@pytest.mark.parametrize("name,method,path,body,headers,status,words,param", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_its_status_and_a_message_that_names_the_problem(http, name, method, path, body, headers, status, words, param):
+    if isinstance(body, bytes):
+        r = http.request(method, path, content=body, headers={**headers, "Content-Type": "application/json"})
+    else:
+        r = http.request(method, path, json=body, headers=headers)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert words in error["message"], error["message"]
+    assert error["param"] == param
+    assert isinstance(error["type"], str) and error["type"]
+
+
+def test_the_server_still_answers_after_bad_input(http, server):
+    r = http.post("/v1/completions", json={"prompt": "Still there?", "max_tokens": 3, "ignore_eos": True}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    r = http.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 2, "stream": True}, headers=AUTH)
+    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+    assert http.get("/health").status_code == 200  # health stays open without a key
+    st = server.app.state.server.engine.stats()
+    assert st.num_free_blocks == st.num_blocks  # no rejected request left anything behind
+
+
+def test_a_failing_step_fails_only_its_request(http, server, monkeypatch):
+    runner = server.app.state.server.engine.engine.runner
+    real, fail = runner.execute, []
+
+    def flaky(*args, **kwargs):
+        if fail:
+            fail.pop()
+            raise RuntimeError("simulated kernel failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "execute", flaky)
+    body = {"prompt": "Hi", "max_tokens": 3, "ignore_eos": True}
+    fail.append(1)
+    r = http.post("/v1/completions", json=body, headers=AUTH)
+    assert r.status_code == 500 and "simulated kernel failure" in r.json()["error"]["message"]
+    fail.append(1)
+    r = http.post("/v1/completions", json={**body, "stream": True}, headers=AUTH)
+    events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+    assert '"error"' in events[-2] and "simulated kernel failure" in events[-2] and events[-1] == "data: [DONE]"
+    r = http.post("/v1/completions", json=body, headers=AUTH)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_crashed_engine_answers_503_and_health_says_so(tiny_model_dir, monkeypatch):
+    engine = LLMEngine(EngineConfig(tiny_model_dir, dtype="float32", num_kv_blocks=32, block_size=16))
+
+    def broken():
+        raise AssertionError("a bookkeeping bug")
+
+    monkeypatch.setattr(engine, "step", broken)
+    with BackgroundServer(build_app(engine, ["tiny"])) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+        r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 503 and "a bookkeeping bug" in r.json()["error"]["message"]
+        r = http.get("/health")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+        assert http.post("/v1/completions", json={"prompt": "Hi"}).status_code == 503
