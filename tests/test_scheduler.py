@@ -20,8 +20,8 @@ class Params:
     seed = None
 
 
-def make_request(rid: str, prompt_len: int, max_tokens: int) -> Request:
-    req = Request(rid, None, list(range(prompt_len)), Params())
+def make_request(rid: str, prompt_len: int, max_tokens: int, first_token: int = 0) -> Request:
+    req = Request(rid, None, list(range(first_token, first_token + prompt_len)), Params())
     req.max_tokens = max_tokens
     return req
 
@@ -121,7 +121,7 @@ def test_tight_pool_preempts_and_still_finishes_everything(seed):
 def test_preempted_request_goes_back_to_the_front_and_recomputes():
     kv = KVCacheManager(num_blocks=4, block_size=2)
     sched = Scheduler(SchedulerConfig(8, 100, 8), kv)
-    a, b = make_request("a", 4, 10), make_request("b", 4, 10)
+    a, b = make_request("a", 4, 10), make_request("b", 4, 10, first_token=100)  # nothing shared
     sched.add_request(a)
     sched.add_request(b)
     out = sched.schedule()
@@ -163,3 +163,19 @@ def test_seat_budget_limits_running_requests():
         sched.add_request(make_request(f"r{i}", 4, 5))
     out = sched.schedule()
     assert len(out.scheduled) == 2 and len(sched.waiting) == 3
+
+
+def test_same_prefix_computed_twice_in_one_step_ends_up_in_one_set_of_blocks():
+    """Two requests admitted together both compute a prefix; afterwards they share one copy."""
+    kv = KVCacheManager(num_blocks=16, block_size=4)
+    sched = Scheduler(SchedulerConfig(8, 100, 64), kv)
+    a, b = make_request("a", 10, 5), make_request("b", 10, 5)  # same 10 tokens: two full blocks and a partial
+    sched.add_request(a)
+    sched.add_request(b)
+    out = sched.schedule()
+    assert kv.num_free_blocks == 16 - 6  # computed twice, in separate blocks
+    sched.update_after_step(out)
+    ta, tb = kv.get_block_table("a"), kv.get_block_table("b")
+    assert ta[:2] == tb[:2] and ta[2] != tb[2]  # full blocks shared, the partial ones not
+    assert kv.num_free_blocks == 16 - 4
+    kv.check_invariants()

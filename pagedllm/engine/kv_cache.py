@@ -94,11 +94,20 @@ class BlockPool:
             return (-1, 0, tokens)
         return (parent, self.generation[parent], tokens)
 
-    def cache(self, block_id: int, key: BlockKey) -> None:
-        """Make a full, computed block findable. A second block with the same content stays unlisted."""
-        if self.key[block_id] is None and key not in self.cached:
+    def cache(self, block_id: int, key: BlockKey) -> int:
+        """Make a full, computed block findable; return the block that now stands for this content.
+
+        When another block already holds the same prefix (two requests computed
+        it in the same step), that one is returned, so the caller can share it
+        and let its own copy go.
+        """
+        existing = self.cached.get(key)
+        if existing is not None:
+            return existing
+        if self.key[block_id] is None:
             self.cached[key] = block_id
             self.key[block_id] = key
+        return block_id
 
 
 class KVCacheManager:
@@ -168,7 +177,15 @@ class KVCacheManager:
         end = min(num_computed_tokens // bs, len(table))
         for i in range(start, end):
             parent = table[i - 1] if i else None
-            self.pool.cache(table[i], self.pool.child_key(parent, tuple(token_ids[i * bs : (i + 1) * bs])))
+            block_id = table[i]
+            canonical = self.pool.cache(block_id, self.pool.child_key(parent, tuple(token_ids[i * bs : (i + 1) * bs])))
+            if canonical != block_id:
+                # The same prefix is cached in another block: share that one and free this
+                # duplicate, so equal prefixes are one set of blocks (less memory, and
+                # cascade attention sees them as shared).
+                self.pool.incref(canonical)
+                table[i] = canonical
+                self.pool.decref(block_id)
         if end > start:
             self._num_cached[request_id] = end
 
