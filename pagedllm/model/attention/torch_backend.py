@@ -26,8 +26,11 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int) 
     """Keys or values of sequences as contiguous [B, num_tokens, kv_heads, head_dim], via their block tables."""
     block_size = cache.shape[1]
     nblocks = -(-num_tokens // block_size)
-    blocks = cache[block_tables[:, :nblocks]]  # [B, nblocks, block_size, kvh, d]
-    b = blocks.shape[0]
+    b = block_tables.shape[0]
+    # index_select over a flat int64 index is several times faster on the CPU than
+    # advanced indexing with the int32 table.
+    index = block_tables[:, :nblocks].reshape(-1).to(torch.int64)
+    blocks = cache.index_select(0, index)  # [B * nblocks, block_size, kvh, d]
     return blocks.view(b, nblocks * block_size, *cache.shape[2:])[:, :num_tokens]
 
 
@@ -37,7 +40,7 @@ def _partial_softmax_attention(q, k_t, v, scale, mask):
     q [..., n, d], k_t [..., d, L], v [..., L, d]; mask broadcasts to [..., n, L]
     (True = attend). Two parts merge exactly through their maxima and sums.
     """
-    s = torch.matmul(q, k_t).float() * scale
+    s = torch.matmul(q.float(), k_t.float()) * scale  # scores in float32: bf16 scores lose the ranking of close keys
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
