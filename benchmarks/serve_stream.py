@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
+
+from report import emit  # benchmarks/ is on sys.path when a script runs
 
 TOPICS = [
     "a lighthouse keeper", "paged memory", "a lost umbrella", "the first snow", "a robot gardener", "an old map",
@@ -84,10 +85,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
     result = asyncio.run(run(args))
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

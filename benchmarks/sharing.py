@@ -31,17 +31,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import random
-import sys
 import time
+
+from report import emit  # benchmarks/ is on sys.path when a script runs
 
 # The PagedAttention paper (Kwon et al., SOSP 2023, section 6.3): memory saved
 # by sharing, in percent, over its Alpaca and ShareGPT traces.
 PAPER_SAVING_PCT = {"parallel": (6.1, 30.5), "beam": (37.6, 66.3)}
 
-BEAM_UNAVAILABLE = "beam search not available yet: this pagedllm has no BeamSearchParams / LLM.beam_search"
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -326,14 +325,6 @@ def bench_parallel(
 
 # --- beam search ----------------------------------------------------------
 
-def beam_search_available() -> bool:
-    try:
-        from pagedllm import LLM, BeamSearchParams  # noqa: F401
-    except ImportError:
-        return False
-    return hasattr(LLM, "beam_search")
-
-
 def bench_beam(
     model: str | None = None,
     *,
@@ -348,8 +339,6 @@ def bench_beam(
     **engine_options,
 ) -> dict:
     """Peak KV blocks: LLM.beam_search (prefix caching on) vs beam_width private greedy n=1 requests per prompt (caching off)."""
-    if not beam_search_available():
-        raise RuntimeError(BEAM_UNAVAILABLE)
     from pagedllm import LLM, BeamSearchParams, SamplingParams
 
     opts = _engine_options(dtype, kv_cache_memory, engine_options)
@@ -430,15 +419,9 @@ def main() -> None:
         result = bench_parallel(args.model, num_prompts=args.num_prompts, input_len=args.input_len, n=args.n,
                                 temperature=args.temperature, **common)
     else:
-        if not beam_search_available():
-            print(BEAM_UNAVAILABLE, file=sys.stderr)
-            sys.exit(2)
         result = bench_beam(args.model, num_prompts=args.num_prompts, input_len=args.input_len,
                             beam_width=args.beam_width, **common)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

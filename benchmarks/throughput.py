@@ -9,9 +9,10 @@ Prompts are random token ids and every request runs to its output length
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
+
+from report import emit  # benchmarks/ is on sys.path when a script runs
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -73,10 +74,7 @@ def main() -> None:
         "preemptions": st.num_preemptions,
         "steps": st.num_steps,
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

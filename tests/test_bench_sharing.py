@@ -41,8 +41,6 @@ def test_parallel_sampling_peaks_below_private_copies(tiny_model_dir):
 
 
 def test_beam_search_peaks_below_private_copies(tiny_model_dir):
-    if not sharing.beam_search_available():
-        pytest.skip("pagedllm has no BeamSearchParams / LLM.beam_search yet")
     r = sharing.bench_beam(tiny_model_dir, num_prompts=2, input_len=(20, 60), output_len=4, beam_width=4, **TINY)
     assert 0 < r["peak_blocks_shared"] < r["peak_blocks_unshared"]
     assert r["no_preemptions"]
