@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -419,8 +420,17 @@ def test_conversion_is_cached_keyed_and_atomic(tmp_path, cache_dir, monkeypatch)
     monkeypatch.setattr(gguf_convert, "convert_gguf", crash)
     assert resolve_model(str(path)).path == first  # cache hit: no conversion
 
-    # A changed file (new mtime) is a new cache entry.
-    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    # The same content elsewhere (the model package installed into a new virtualenv) is a hit.
+    moved = tmp_path / "elsewhere" / path.name
+    moved.parent.mkdir()
+    shutil.copyfile(path, moved)
+    os.utime(moved, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert resolve_model(str(moved)).path == first
+
+    # Changed content is a new cache entry.
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
     with pytest.raises(RuntimeError, match="disk full"):
         resolve_model(str(path))
 

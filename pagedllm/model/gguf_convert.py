@@ -67,18 +67,32 @@ def cache_root() -> str:
     return os.path.join(os.path.abspath(xdg), "pagedllm")
 
 
-def converted_dir(gguf_path: str) -> str:
-    """The cache directory for this exact file content, as far as cheap checks can tell.
+_EDGE_BYTES = 4 << 20  # hashed at each end of the file: the header (metadata, tensor table) and the last tensors
+_SAMPLE_BYTES = 64 << 10
+_NUM_SAMPLES = 16
 
-    Keyed by absolute path, size and mtime (hashing the file itself would cost as
-    much as a conversion) plus the converter version.
+
+def converted_dir(gguf_path: str) -> str:
+    """The cache directory for this file's content, plus the converter version.
+
+    Keyed by the content, not the path: the same model installed into a new
+    virtualenv (a new path, a new mtime) finds its earlier conversion. The key
+    hashes the size, both ends of the file and evenly spaced samples between:
+    milliseconds at any size, where hashing a multi-GB file whole would add
+    seconds to every start.
     """
     path = os.path.abspath(gguf_path)
-    st = os.stat(path)
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{CONVERTER_VERSION}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    size = os.path.getsize(path)
+    h = hashlib.sha256(f"{size}|{CONVERTER_VERSION}|".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_EDGE_BYTES))
+        for i in range(1, _NUM_SAMPLES + 1):
+            f.seek(size * i // (_NUM_SAMPLES + 1))
+            h.update(f.read(_SAMPLE_BYTES))
+        f.seek(max(0, size - _EDGE_BYTES))
+        h.update(f.read(_EDGE_BYTES))
     stem = os.path.splitext(os.path.basename(path))[0]
-    return os.path.join(cache_root(), "gguf", f"{stem}-{digest}")
+    return os.path.join(cache_root(), "gguf", f"{stem}-{h.hexdigest()[:16]}")
 
 
 def ensure_converted(gguf_path: str) -> str:
