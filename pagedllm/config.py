@@ -8,7 +8,7 @@ and the model runner are all configured from one validated place.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 GiB = 1 << 30
 
@@ -64,7 +64,6 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     trust_remote_code: bool = False
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):

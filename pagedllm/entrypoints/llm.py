@@ -19,7 +19,7 @@ class LLM:
         known = {f.name for f in dataclasses.fields(EngineConfig)}
         unknown = sorted(set(engine_options) - known)
         if unknown:
-            raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known - {'model', 'extra'}))}")
+            raise ValueError(f"unknown engine option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known - {'model'}))}")
         self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
 
     def get_tokenizer(self):

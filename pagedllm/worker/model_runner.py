@@ -133,9 +133,12 @@ class ModelRunner:
         sampled, logits = self.compute_logits(scheduled)
         if not sampled:
             return []
-        targets = [t for s in sampled for t in (s.request.children or [s.request])]
+        targets, rows = [], []
+        for i, s in enumerate(sampled):
+            for t in s.request.sequences:
+                targets.append(t)
+                rows.append(i)
         if len(targets) != len(sampled):
-            rows = [i for i, s in enumerate(sampled) for _ in (s.request.children or [s.request])]
             logits = logits[torch.tensor(rows, device=logits.device)]
         out = self.sampler(logits, [self._sampling_row(t) for t in targets])
         return [(t, SampledToken(tok, lp)) for t, tok, lp in zip(targets, out.token_ids, out.logprobs)]
