@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from pagedllm.model.attention.metadata import AttentionMetadata
+from pagedllm.model.attention.cpu_backend import CpuPagedAttention
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
+
+# Every backend runs the same checks; the CPU kernels only where a compiler built them.
+BACKENDS = [
+    TorchPagedAttention,
+    pytest.param(CpuPagedAttention, marks=pytest.mark.skipif(not CpuPagedAttention.available(), reason="CPU kernels did not build")),
+]
 
 
 def reference(q, k, v, num_kv_heads):
@@ -24,7 +31,7 @@ def reference(q, k, v, num_kv_heads):
 class PagedRun:
     """Several sequences fed through the paged backend in steps of chosen chunk sizes, blocks scattered at random."""
 
-    def __init__(self, num_heads, num_kv_heads, head_dim, block_size, lengths, seed):
+    def __init__(self, num_heads, num_kv_heads, head_dim, block_size, lengths, seed, backend=TorchPagedAttention):
         self.rng = random.Random(seed)
         self.h, self.kvh, self.d, self.bs = num_heads, num_kv_heads, head_dim, block_size
         g = torch.Generator().manual_seed(seed)
@@ -38,7 +45,7 @@ class PagedRun:
         self.tables = [[free.pop() for _ in range(-(-n // block_size))] for n in lengths]
         self.done = [0] * len(lengths)
         self.out = [torch.zeros(n, num_heads, head_dim) for n in lengths]
-        self.attn = TorchPagedAttention(num_heads, num_kv_heads, head_dim, head_dim**-0.5)
+        self.attn = backend(num_heads, num_kv_heads, head_dim, head_dim**-0.5)
 
     def step(self, chunks: dict[int, int]) -> None:
         # Single-token queries go first, as the model runner orders them.
@@ -75,12 +82,13 @@ class PagedRun:
 HEADS = [(4, 4, 32), (8, 2, 16), (9, 3, 64)]  # MHA, GQA, and SmolLM2's 9 query heads over 3 KV heads
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("block_size", [1, 16, 32])
 @pytest.mark.parametrize("heads", HEADS)
-def test_prefill_then_decode(block_size, heads):
+def test_prefill_then_decode(block_size, heads, backend):
     lengths = [37, 5, 64, 1, 18]
     prompt = [n - 3 if n > 3 else n for n in lengths]
-    run = PagedRun(*heads, block_size, lengths, seed=block_size)
+    run = PagedRun(*heads, block_size, lengths, seed=block_size, backend=backend)
     run.step({i: p for i, p in enumerate(prompt)})  # whole prompts, uneven lengths, in one step
     for _ in range(3):
         live = {i: 1 for i, n in enumerate(lengths) if run.done[i] < n}
@@ -89,12 +97,13 @@ def test_prefill_then_decode(block_size, heads):
     run.check()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("block_size", [1, 16, 32])
 @pytest.mark.parametrize("heads", HEADS)
-def test_chunked_prefill_mixed_with_decodes(block_size, heads):
+def test_chunked_prefill_mixed_with_decodes(block_size, heads, backend):
     """Random chunk sizes per step: chunks that start mid-block, one-token chunks, decodes beside prefills."""
     lengths = [70, 33, 9, 100]
-    run = PagedRun(*heads, block_size, lengths, seed=7 + block_size)
+    run = PagedRun(*heads, block_size, lengths, seed=7 + block_size, backend=backend)
     while any(run.done[i] < n for i, n in enumerate(lengths)):
         chunks = {}
         for i, n in enumerate(lengths):
@@ -106,17 +115,20 @@ def test_chunked_prefill_mixed_with_decodes(block_size, heads):
     run.check()
 
 
-def test_decode_batch_of_many_uneven_sequences():
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("head_dim", [64, 128, 80])
+def test_decode_batch_of_many_uneven_sequences(backend, head_dim):
     lengths = [random.Random(s).randint(1, 90) for s in range(24)]
-    run = PagedRun(9, 3, 64, 16, lengths, seed=3)
+    run = PagedRun(9, 3, head_dim, 16, lengths, seed=3, backend=backend)
     run.step({i: n - 1 for i, n in enumerate(lengths) if n > 1})
     run.step({i: 1 for i in range(len(lengths))})
     run.check()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("block_size", [1, 16])
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_decode_over_a_shared_prefix_equals_plain_attention(block_size, dtype, atol):
+def test_decode_over_a_shared_prefix_equals_plain_attention(block_size, dtype, atol, backend):
     """Sequences that share their leading blocks (forks, prefix hits) read them once: cascade attention."""
     from pagedllm.model.attention.metadata import common_prefix_blocks
 
@@ -153,7 +165,7 @@ def test_decode_over_a_shared_prefix_equals_plain_attention(block_size, dtype, a
         num_decodes=len(lens), query_start_loc_cpu=list(range(len(lens) + 1)), seq_lens_cpu=lens,
         max_seq_len=max(lens), max_query_len=1, num_common_prefix_blocks=common,
     )
-    attn = TorchPagedAttention(h, kvh, d, d**-0.5)
+    attn = backend(h, kvh, d, d**-0.5)
     out = attn.forward(q.to(dtype), torch.empty(0, kvh, d, dtype=dtype), torch.empty(0, kvh, d, dtype=dtype), cache, meta)
     out = out.view(len(lens), h, d).float()
     for i, (k, v) in enumerate(refs):
@@ -172,3 +184,20 @@ def test_common_prefix_blocks_stops_where_tables_differ_and_before_the_last_toke
     assert common_prefix_blocks([[1, 2], [1, 2]], [32, 40], 16) == 1  # block 2 holds the first one's last token
     assert common_prefix_blocks([[1, 2, 3]], [48], 16) == 0  # one sequence: nothing to share
     assert common_prefix_blocks([[5, 2], [1, 2]], [32, 32], 16) == 0
+
+
+@pytest.mark.skipif(not CpuPagedAttention.available(), reason="CPU kernels did not build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_decode_kernel_pads_with_zeros_and_matches_the_reference(dtype):
+    """Rows with seq_len 0 (padding) give zeros and leave their neighbours alone."""
+    from pagedllm.model.attention import cpu_kernels
+
+    g = torch.Generator().manual_seed(0)
+    cache = torch.randn(2, 12, 16, 3, 64, generator=g).to(dtype)
+    tables = torch.tensor([[3, 7, 1], [0, 0, 0], [11, 2, 0]], dtype=torch.int32)
+    lens = torch.tensor([40, 0, 17], dtype=torch.int32)
+    q = torch.randn(3, 9, 64, generator=g).to(dtype)
+    out = cpu_kernels.paged_decode(q, cache, tables, lens, 0.125)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    ref = TorchPagedAttention(9, 3, 64, 0.125)._decode(q[[0, 2]], cache, tables[[0, 2]], lens[[0, 2]], 40)
+    torch.testing.assert_close(out[[0, 2]].float(), ref.float(), atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-3)

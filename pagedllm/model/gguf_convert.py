@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pagedllm.model.cache import cache_root
+
 logger = logging.getLogger(__name__)
 
 # Bump when the conversion output changes, so old caches are not reused.
@@ -57,14 +59,6 @@ _TOP_TENSOR = re.compile(r"^(\w+)\.(weight|bias)$")
 
 
 # ---------------------------------------------------------------- cache
-
-
-def cache_root() -> str:
-    """Where converted models live: $PAGEDLLM_CACHE_DIR, $XDG_CACHE_HOME/pagedllm, ~/.cache/pagedllm."""
-    if os.environ.get("PAGEDLLM_CACHE_DIR"):
-        return os.path.abspath(os.path.expanduser(os.environ["PAGEDLLM_CACHE_DIR"]))
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(os.path.abspath(xdg), "pagedllm")
 
 
 _EDGE_BYTES = 4 << 20  # hashed at each end of the file: the header (metadata, tensor table) and the last tensors

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.model.arch_config import ArchConfig
+from pagedllm.model.attention.cpu_backend import CpuPagedAttention
 from pagedllm.model.attention.metadata import AttentionMetadata, common_prefix_blocks
+from pagedllm.model.attention.torch_backend import TorchPagedAttention
 from pagedllm.model.models.llama import LlamaForCausalLM
 from pagedllm.worker.sampler import Sampler, SamplingRow, TokenLogprobs
 
@@ -71,6 +73,13 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.frombuffer(buf, dtype=dtype, count=torch.Size(shape).numel()).view(shape)
 
 
+def _attention_backend(device: torch.device) -> type:
+    """The native CPU kernels where they build here; the torch reference otherwise."""
+    if device.type == "cpu" and CpuPagedAttention.available():
+        return CpuPagedAttention
+    return TorchPagedAttention
+
+
 @dataclass
 class SampledToken:
     token_id: int
@@ -86,7 +95,7 @@ class ModelRunner:
         self.block_size = block_size
         t0 = time.perf_counter()
         with torch.device("meta"):
-            model = LlamaForCausalLM(cfg)
+            model = LlamaForCausalLM(cfg, _attention_backend(device))
         model = model.to(dtype=dtype).to_empty(device=device)
         if weights is None:
             model.init_dummy_weights(seed)

@@ -70,16 +70,20 @@ class TorchPagedAttention:
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
-            tables, lens, max_len = meta.block_tables[:nd], meta.seq_lens[:nd], max(meta.seq_lens_cpu[:nd])
-            if meta.num_common_prefix_blocks:
-                out[:nd] = self._cascade_decode(q[:nd], kv_cache, tables, lens, max_len, meta.num_common_prefix_blocks)
-            else:
-                out[:nd] = self._decode(q[:nd], kv_cache, tables, lens, max_len)
+            out[:nd] = self._decode_batch(q[:nd], kv_cache, meta)
         qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
         for i in range(nd, meta.num_seqs):
             start, end = qsl[i], qsl[i + 1]
             out[start:end] = self._prefill(q[start:end], k[start:end], v[start:end], kv_cache, meta.block_tables[i], lens[i])
         return out.view(q.shape[0], -1)
+
+    def _decode_batch(self, q, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """The first meta.num_decodes sequences, one query token each."""
+        nd = meta.num_decodes
+        tables, lens, max_len = meta.block_tables[:nd], meta.seq_lens[:nd], max(meta.seq_lens_cpu[:nd])
+        if meta.num_common_prefix_blocks:
+            return self._cascade_decode(q, kv_cache, tables, lens, max_len, meta.num_common_prefix_blocks)
+        return self._decode(q, kv_cache, tables, lens, max_len)
 
     def _decode(self, q, kv_cache, block_tables, seq_lens, max_len):
         keys = gather_kv(kv_cache[0], block_tables, max_len).transpose(1, 2)  # [D, kvh, L, d]

@@ -1,0 +1,30 @@
+"""Paged attention on the CPU with a native decode kernel; the rest as the torch backend does it.
+
+Decode dominates a serving step's attention time: the torch backend copies
+every sequence's keys and values out of the pool and pads them to the longest
+one before SDPA reads them again. The native kernel reads each sequence's
+blocks in place, once, and stops at its own length. A prefix shared by many
+sequences stays hot in the CPU's cache while they all read it, so cascade
+attention brings nothing here. Prefill chunks keep the torch path: their cost
+is in the matrix products, not in reading the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagedllm.model.attention import cpu_kernels
+from pagedllm.model.attention.metadata import AttentionMetadata
+from pagedllm.model.attention.torch_backend import TorchPagedAttention
+
+
+class CpuPagedAttention(TorchPagedAttention):
+    def _decode_batch(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if not cpu_kernels.supports(q.dtype):
+            return super()._decode_batch(q, kv_cache, meta)
+        nd = meta.num_decodes
+        return cpu_kernels.paged_decode(q, kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale)
+
+    @staticmethod
+    def available() -> bool:
+        return cpu_kernels.load() is not None
