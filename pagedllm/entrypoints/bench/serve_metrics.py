@@ -35,7 +35,7 @@ def summarize(records: list[RequestRecord], duration: float) -> dict:
     figures = {
         "completed": len(ok),
         "failed": len(records) - len(ok),
-        "duration_s": round(duration, 3),
+        "duration_s": round(duration, 6),
         "total_input_tokens": in_tokens,
         "total_output_tokens": out_tokens,
         "request_throughput": len(ok) / duration,

@@ -112,7 +112,7 @@ def run_once(llm, workload: Workload, progress: bool = True) -> dict:
         "num_requests": len(outs),
         "input_tokens": in_tokens,
         "output_tokens": out_tokens,
-        "elapsed_s": round(elapsed, 3),
+        "elapsed_s": round(elapsed, 6),
         "requests_per_s": round(len(outs) / elapsed, 3),
         "output_tokens_per_s": round(out_tokens / elapsed, 1),
         "total_tokens_per_s": round((in_tokens + out_tokens) / elapsed, 1),
