@@ -72,7 +72,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        _check_int("block_size", self.block_size, 1, 1024)
+        # Up to a whole context: `pagedllm bench memory` models a contiguous allocator with block_size = max_model_len.
+        _check_int("block_size", self.block_size, 1, 1 << 16)
         _check_int("max_num_seqs", self.max_num_seqs, 1, 1 << 20)
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1, 1 << 24)
         if self.max_model_len is not None:

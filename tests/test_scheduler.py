@@ -63,6 +63,30 @@ def test_kv_utilization_counts_token_slots_in_allocated_blocks():
     assert st.kv_utilization == pytest.approx(9 / 12)
 
 
+def test_kv_utilization_counts_a_shared_block_once():
+    kv = KVCacheManager(num_blocks=10, block_size=4)
+    kv.allocate_slots("a", 0, 6)  # 2 blocks, 6 of 8 slots
+    kv.fork("a", "b")  # b shares both
+    st = kv.stats()
+    assert (st.num_used_blocks, st.num_tokens) == (2, 6) and st.kv_utilization == pytest.approx(6 / 8)
+    kv.allocate_slots("b", 6, 1)  # b writes into the shared partial block: its own copy first
+    st = kv.stats()
+    assert (st.num_used_blocks, st.num_tokens) == (3, 4 + 2 + 3) and st.kv_utilization == pytest.approx(9 / 12)
+
+
+def test_reset_prefix_cache_forgets_cached_prefixes_only_when_no_block_is_in_use():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    tokens = list(range(9))
+    kv.allocate_slots("a", 0, 9)
+    kv.cache_full_blocks("a", tokens, 9)
+    assert kv.find_cached_prefix(tokens) == kv.get_block_table("a")[:2]
+    assert not kv.reset_prefix_cache()  # "a" still holds its blocks
+    kv.free("a")
+    assert len(kv.find_cached_prefix(tokens)) == 2  # freed, still findable
+    assert kv.reset_prefix_cache() and kv.find_cached_prefix(tokens) == []
+    kv.check_invariants()
+
+
 def run_simulation(seed: int, num_blocks: int, block_size: int, max_seqs: int, budget: int, steps_limit: int = 5000):
     """Drive the scheduler as the engine does, sampling 'tokens' at random; check invariants every step."""
     rng = random.Random(seed)

@@ -268,6 +268,10 @@ class LLMEngine:
     def reset_peak_stats(self) -> None:
         self.kv_cache.reset_peak()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget cached prefixes (only while no request holds blocks); returns whether it was done."""
+        return self.kv_cache.reset_prefix_cache()
+
     # --- stats ------------------------------------------------------------
     def stats(self) -> EngineStats:
         kv = self.kv_cache.stats()

@@ -161,6 +161,18 @@ class KVCacheManager:
             parent = block
         return hits
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix, so that a workload run again computes it all again (benchmarks).
+
+        Only while no block is in use; returns whether it was done.
+        """
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        for block_id in self.pool.cached.values():
+            self.pool.key[block_id] = None
+        self.pool.cached.clear()
+        return True
+
     def record_lookup(self, num_query_tokens: int, num_hit_tokens: int) -> None:
         self.prefix_cache_queries += num_query_tokens
         self.prefix_cache_hits += num_hit_tokens

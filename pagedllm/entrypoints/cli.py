@@ -1,4 +1,4 @@
-"""`pagedllm serve | generate`: the command line, with engine flags named as vLLM names them."""
+"""`pagedllm serve | generate | bench`: the command line, with engine flags named as vLLM names them."""
 
 from __future__ import annotations
 
@@ -138,10 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--sampling-seed", type=int, default=None)
+    from pagedllm.entrypoints import bench  # imported here: bench imports this module's engine flags
+
+    bench.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return {"generate": cmd_generate, "serve": cmd_serve}[args.command](args)
+        return {"generate": cmd_generate, "serve": cmd_serve, "bench": bench.run}[args.command](args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
