@@ -1,0 +1,41 @@
+"""benchmarks/compare_hf.py on the tiny random-weight model: three sides, consistent counts, same greedy outputs in fp32."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import compare_hf  # noqa: E402
+
+
+def test_three_sides_agree_in_float32(tiny_model_dir, tmp_path):
+    pytest.importorskip("psutil", reason="transformers' continuous batching reads the CPU's RAM through psutil")
+    out = tmp_path / "figures.json"
+    compare_hf.main(["--model", tiny_model_dir, "--num-requests", "3", "--input-len", "8:24", "--output-len", "4:8",
+                     "--dtype", "float32", "--batch-size", "2", "--kv-cache-memory", "4MiB",
+                     "--max-num-batched-tokens", "256", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert list(r["sides"]) == ["pagedllm", "static", "cb"]
+    assert r["num_requests"] == 3 and 3 * 8 <= r["input_tokens"] <= 3 * 24 and 3 * 4 <= r["output_tokens"] <= 3 * 8
+    for side, f in r["sides"].items():
+        assert f["output_tokens"] == r["output_tokens"], side
+        assert f["elapsed_s"] > 0
+        assert f["output_tokens_per_s"] == pytest.approx(r["output_tokens"] / f["elapsed_s"], rel=0.02)
+        assert f["total_tokens_per_s"] == pytest.approx((r["input_tokens"] + r["output_tokens"]) / f["elapsed_s"], rel=0.02)
+    assert r["sides"]["static"]["identical_to_pagedllm"] == r["sides"]["cb"]["identical_to_pagedllm"] == 3
+    # The static batches ran to their longest request; the extra tokens are computed but not counted as output.
+    assert r["sides"]["static"]["settings"]["computed_output_tokens"] >= r["output_tokens"]
+    cb = r["sides"]["cb"]["settings"]
+    assert cb["max_batch_tokens"] == 256 and cb["num_blocks"] >= 1 and cb["attn_implementation"] == "sdpa"
+    assert set(r["ratios"]) == {"pagedllm/static", "pagedllm/cb"} and all(v > 0 for v in r["ratios"].values())
+
+
+def test_unknown_side_is_refused():
+    with pytest.raises(ValueError, match="sides must be some of"):
+        compare_hf.compare(sides=["pagedllm", "vllm"])
