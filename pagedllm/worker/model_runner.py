@@ -15,6 +15,7 @@ import torch
 
 from pagedllm.model.arch_config import ArchConfig
 from pagedllm.model.attention.metadata import AttentionMetadata, common_prefix_blocks
+from pagedllm.model.attention.torch_backend import TorchPagedAttention
 from pagedllm.model.models.llama import LlamaForCausalLM
 from pagedllm.worker.sampler import Sampler, SamplingRow, TokenLogprobs
 
@@ -78,15 +79,18 @@ class SampledToken:
 
 
 class ModelRunner:
-    def __init__(self, config, weights, *, device: torch.device, dtype: torch.dtype, block_size: int, seed: int = 0) -> None:
-        """config: an ArchConfig (or a transformers config); weights: (HF name, tensor) pairs, or None for random (dummy) weights."""
+    def __init__(self, config, weights, *, device: torch.device, dtype: torch.dtype, block_size: int, seed: int = 0,
+                 attn_backend: type | None = None) -> None:
+        """config: an ArchConfig (or a transformers config); weights: (HF name, tensor) pairs, or None for random (dummy) weights.
+        attn_backend: the paged-attention class (model/attention/selector.py); None: the torch one."""
         cfg = ArchConfig.of(config)
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
         t0 = time.perf_counter()
+        self.attn_backend = attn_backend or TorchPagedAttention
         with torch.device("meta"):
-            model = LlamaForCausalLM(cfg)
+            model = LlamaForCausalLM(cfg, self.attn_backend)
         model = model.to(dtype=dtype).to_empty(device=device)
         if weights is None:
             model.init_dummy_weights(seed)
