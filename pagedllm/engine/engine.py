@@ -65,6 +65,10 @@ class LLMEngine:
                 f"fewer than max_model_len={self.max_model_len}: raise kv_cache_memory or lower max_model_len"
             )
         self.runner.allocate_kv_cache(num_blocks)
+        if device.type == "cuda" and not config.enforce_eager:
+            from pagedllm.worker.cuda_graphs import capture_decode_graphs
+
+            self.runner.cuda_graphs = capture_decode_graphs(self.runner, config.max_num_seqs, self.max_model_len)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self.scheduler = Scheduler(sched_cfg, self.kv_cache)

@@ -105,6 +105,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self._generators: dict[str, torch.Generator] = {}
+        self.cuda_graphs = None  # a DecodeGraphs (worker/cuda_graphs.py) once captured; CUDA only
 
     # --- KV pool ----------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -162,7 +163,10 @@ class ModelRunner:
     def compute_logits(self, scheduled: list) -> tuple[list, torch.Tensor | None]:
         """Run the model; return the requests that sample this step and their next-token logits [S, vocab] in float32."""
         input_ids, positions, meta, logits_idx, sampled = self._prepare(scheduled)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if self.cuda_graphs is not None and self.cuda_graphs.fits(meta):
+            hidden = self.cuda_graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if not sampled:
             return [], None
         return sampled, self.model.compute_logits(hidden[logits_idx])
