@@ -62,7 +62,7 @@ class LLMEngine:
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks * config.block_size} tokens ({num_blocks} blocks of {config.block_size}), "
-                f"fewer than max_model_len={self.max_model_len}: raise kv_cache_memory or lower max_model_len"
+                f"fewer than max_model_len={self.max_model_len}: raise kv_cache_memory (on CUDA: gpu_memory_utilization) or lower max_model_len"
             )
         self.runner.allocate_kv_cache(num_blocks)
         if device.type == "cuda" and not config.enforce_eager:
