@@ -64,7 +64,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     trust_remote_code: bool = False
-    # --- GPU (ignored on the CPU) ---
+    # --- GPU (on the CPU only attention_backend applies) ---
     attention_backend: str = "auto"  # auto (triton on CUDA, torch elsewhere) | torch | triton
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory for weights, activations and the KV pool
     enforce_eager: bool = False  # never replay CUDA graphs for decode steps
