@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from pagedllm.model.attention.selector import check_backend_name
+
 GiB = 1 << 30
 
 DEFAULT_KV_CACHE_MEMORY = 2 * GiB
@@ -57,13 +59,17 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     max_model_len: int | None = None  # default: the model's context length
     block_size: int = 16
-    kv_cache_memory: int | float | str | None = None  # bytes, GiB (float) or "4GiB"
+    kv_cache_memory: int | float | str | None = None  # bytes, GiB (float) or "4GiB"; None: 2 GiB on the CPU, profiled on CUDA
     num_kv_blocks: int | None = None  # overrides kv_cache_memory; for tests and experiments
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     seed: int = 0
     trust_remote_code: bool = False
+    # --- GPU (on the CPU only attention_backend applies) ---
+    attention_backend: str = "auto"  # auto (triton on CUDA, native kernels on the CPU) | torch | cpu | triton
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory for weights, activations and the KV pool
+    enforce_eager: bool = False  # never replay CUDA graphs for decode steps
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
@@ -81,6 +87,17 @@ class EngineConfig:
         if self.num_kv_blocks is not None:
             _check_int("num_kv_blocks", self.num_kv_blocks, 1, 1 << 30)
         self.kv_cache_bytes = parse_memory(self.kv_cache_memory)
+        check_backend_name(self.attention_backend)
+        u = self.gpu_memory_utilization
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+            raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1], got {u!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
+
+    @property
+    def kv_cache_size_given(self) -> bool:
+        """True when the user sized the KV pool; otherwise a GPU sizes it from gpu_memory_utilization."""
+        return self.num_kv_blocks is not None or self.kv_cache_memory is not None
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> None:

@@ -28,6 +28,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         # Torch-side pieces are imported here so that importing the engine's
         # bookkeeping (scheduler, KV cache manager) never needs torch.
+        from pagedllm.model.attention.selector import get_attention_backend
         from pagedllm.model.loader import iter_weights, resolve_model
         from pagedllm.tokenizer import load_tokenizer
         from pagedllm.worker.model_runner import ModelRunner, resolve_device, resolve_dtype
@@ -48,15 +49,26 @@ class LLMEngine:
         device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, device)
         weights = None if config.load_format == "dummy" else iter_weights(source)
-        self.runner = ModelRunner(cfg, weights, device=device, dtype=self.dtype, block_size=config.block_size, seed=config.seed)
+        attn_backend = get_attention_backend(device.type, config.attention_backend)
+        self.runner = ModelRunner(cfg, weights, device=device, dtype=self.dtype, block_size=config.block_size, seed=config.seed,
+                                  attn_backend=attn_backend)
 
-        num_blocks = config.num_kv_blocks or config.kv_cache_bytes // self.runner.bytes_per_block()
+        if device.type == "cuda" and not config.kv_cache_size_given:
+            from pagedllm.worker.gpu_memory import gpu_kv_blocks
+
+            num_blocks = gpu_kv_blocks(self.runner, config, self.max_model_len)
+        else:
+            num_blocks = config.num_kv_blocks or config.kv_cache_bytes // self.runner.bytes_per_block()
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks * config.block_size} tokens ({num_blocks} blocks of {config.block_size}), "
-                f"fewer than max_model_len={self.max_model_len}: raise kv_cache_memory or lower max_model_len"
+                f"fewer than max_model_len={self.max_model_len}: raise kv_cache_memory (on CUDA: gpu_memory_utilization) or lower max_model_len"
             )
         self.runner.allocate_kv_cache(num_blocks)
+        if device.type == "cuda" and not config.enforce_eager:
+            from pagedllm.worker.cuda_graphs import capture_decode_graphs
+
+            self.runner.cuda_graphs = capture_decode_graphs(self.runner, config.max_num_seqs, self.max_model_len)
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self.scheduler = Scheduler(sched_cfg, self.kv_cache)

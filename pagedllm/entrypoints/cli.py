@@ -9,6 +9,8 @@ import socket
 import sys
 import time
 
+from pagedllm.model.attention.selector import ATTENTION_BACKENDS
+
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
@@ -20,12 +22,19 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--kv-cache-memory", default=None, help="KV pool size: bytes, or e.g. 2GiB (default 2GiB)")
+    g.add_argument("--kv-cache-memory", default=None, help="KV pool size: bytes, or e.g. 2GiB (default: 2GiB on the CPU; on CUDA what --gpu-memory-utilization leaves)")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="share the KV blocks of common prompt prefixes between requests (default: on)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS),
+                   help="paged attention kernels (default: triton on CUDA, native kernels on the CPU, "
+                        "torch where they cannot be built)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="CUDA: share of GPU memory for weights, activations and the KV pool, in (0, 1] (default 0.9); "
+                        "the KV pool gets what a profiled step leaves, unless --kv-cache-memory is given")
+    g.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps eagerly, without CUDA graphs")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -37,6 +46,8 @@ def engine_options(args: argparse.Namespace) -> dict:
         dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, block_size=args.block_size,
         kv_cache_memory=kv, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed, enable_prefix_caching=args.enable_prefix_caching,
+        attention_backend=args.attention_backend, gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
     )
 
 

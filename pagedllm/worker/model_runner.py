@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.model.arch_config import ArchConfig
-from pagedllm.model.attention.cpu_backend import CpuPagedAttention
 from pagedllm.model.attention.metadata import AttentionMetadata, common_prefix_blocks
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
 from pagedllm.model.models.llama import LlamaForCausalLM
@@ -73,13 +72,6 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.frombuffer(buf, dtype=dtype, count=torch.Size(shape).numel()).view(shape)
 
 
-def _attention_backend(device: torch.device) -> type:
-    """The native CPU kernels where they build here; the torch reference otherwise."""
-    if device.type == "cpu" and CpuPagedAttention.available():
-        return CpuPagedAttention
-    return TorchPagedAttention
-
-
 @dataclass
 class SampledToken:
     token_id: int
@@ -87,15 +79,18 @@ class SampledToken:
 
 
 class ModelRunner:
-    def __init__(self, config, weights, *, device: torch.device, dtype: torch.dtype, block_size: int, seed: int = 0) -> None:
-        """config: an ArchConfig (or a transformers config); weights: (HF name, tensor) pairs, or None for random (dummy) weights."""
+    def __init__(self, config, weights, *, device: torch.device, dtype: torch.dtype, block_size: int, seed: int = 0,
+                 attn_backend: type | None = None) -> None:
+        """config: an ArchConfig (or a transformers config); weights: (HF name, tensor) pairs, or None for random (dummy) weights.
+        attn_backend: the paged-attention class (model/attention/selector.py); None: the torch one."""
         cfg = ArchConfig.of(config)
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
         t0 = time.perf_counter()
+        self.attn_backend = attn_backend or TorchPagedAttention
         with torch.device("meta"):
-            model = LlamaForCausalLM(cfg, _attention_backend(device))
+            model = LlamaForCausalLM(cfg, self.attn_backend)
         model = model.to(dtype=dtype).to_empty(device=device)
         if weights is None:
             model.init_dummy_weights(seed)
@@ -110,6 +105,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self._generators: dict[str, torch.Generator] = {}
+        self.cuda_graphs = None  # a DecodeGraphs (worker/cuda_graphs.py) once captured; CUDA only
 
     # --- KV pool ----------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -167,7 +163,10 @@ class ModelRunner:
     def compute_logits(self, scheduled: list) -> tuple[list, torch.Tensor | None]:
         """Run the model; return the requests that sample this step and their next-token logits [S, vocab] in float32."""
         input_ids, positions, meta, logits_idx, sampled = self._prepare(scheduled)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if self.cuda_graphs is not None and self.cuda_graphs.fits(meta):
+            hidden = self.cuda_graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
         if not sampled:
             return [], None
         return sampled, self.model.compute_logits(hidden[logits_idx])

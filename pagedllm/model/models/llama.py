@@ -20,7 +20,7 @@ from pagedllm.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, attention_backend: type = TorchPagedAttention) -> None:
+    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, attn_backend: type = TorchPagedAttention) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -34,7 +34,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
         self.rotary = rotary
-        self.attn = attention_backend(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5)
+        self.attn = attn_backend(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5)
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
@@ -59,10 +59,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, attention_backend: type = TorchPagedAttention) -> None:
+    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, attn_backend: type = TorchPagedAttention) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, rotary, attention_backend)
+        self.self_attn = LlamaAttention(cfg, rotary, attn_backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
@@ -72,8 +72,8 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ArchConfig, attention_backend: type = TorchPagedAttention) -> None:
-        """attention_backend: a class like TorchPagedAttention (the reference), built once per layer."""
+    def __init__(self, cfg: ArchConfig, attn_backend: type = TorchPagedAttention) -> None:
+        """attn_backend: the paged-attention class every layer uses (see model/attention/selector.py)."""
         super().__init__()
         self.config = cfg
         self.head_dim = cfg.head_dim
@@ -82,7 +82,7 @@ class LlamaForCausalLM(nn.Module):
         # An uninitialised table: weights are loaded next anyway, and nn.Embedding's own
         # random init on the meta device costs a one-time import of over a second.
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary, attention_backend) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary, attn_backend) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tie_word_embeddings = cfg.tie_word_embeddings
         if not self.tie_word_embeddings:
