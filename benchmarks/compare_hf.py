@@ -48,7 +48,7 @@ import json
 import random
 import time
 
-from pagedllm.entrypoints.bench.workload import make_workload
+from pagedllm.entrypoints.bench.workload import make_workload, parse_range
 
 SIDES = ("pagedllm", "static", "cb")
 MAX_REQUESTS_PER_BATCH = 256  # pagedllm's max_num_seqs default

@@ -259,12 +259,15 @@ def test_cli_rejects_a_utilization_out_of_range(capsys):
     assert "gpu_memory_utilization must be a fraction in (0, 1]" in capsys.readouterr().err
 
 
-def test_the_cpu_runs_the_torch_backend_eagerly(tiny_model_dir):
+def test_the_cpu_runs_a_cpu_backend_eagerly(tiny_model_dir):
     from pagedllm import LLM
+    from pagedllm.model.attention.cpu_backend import CpuPagedAttention
 
-    assert get_attention_backend("cpu") is TorchPagedAttention
+    expected = CpuPagedAttention if CpuPagedAttention.available() else TorchPagedAttention
+    assert get_attention_backend("cpu") is expected
+    assert get_attention_backend("cpu", "torch") is TorchPagedAttention
     llm = LLM(tiny_model_dir, device="cpu", dtype="float32", num_kv_blocks=64)
-    assert llm.engine.runner.attn_backend is TorchPagedAttention and llm.engine.runner.cuda_graphs is None
+    assert llm.engine.runner.attn_backend is expected and llm.engine.runner.cuda_graphs is None
 
 
 # --- on a GPU ------------------------------------------------------------------
