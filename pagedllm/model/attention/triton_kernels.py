@@ -86,7 +86,7 @@ def _paged_attention_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -102,7 +102,7 @@ def _paged_attention_kernel(
     # Row m of the tile is query token m // GROUP of the tile and query head kv_head * GROUP + m % GROUP.
     rows = tl.arange(0, BLOCK_M)
     tok = q_tile * BLOCK_Q + rows // GROUP
-    row_ok = (rows < BLOCK_Q * GROUP) & (tok < q_len)
+    row_ok = (rows < BLOCK_Q * GROUP) & (tok < q_len)  # rows past BLOCK_Q * GROUP are the next tile's: never stored
     head = kv_head * GROUP + rows % GROUP
     dims = tl.arange(0, HEAD_DIM_P)
     dim_ok = dims < HEAD_DIM
@@ -126,23 +126,15 @@ def _paged_attention_kernel(
         kv_mask = key_ok[:, None] & dim_ok[None, :]
         k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [TILE, D]
         v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         visible = row_ok[:, None] & key_ok[None, :] & (kpos[None, :] <= qpos[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet: no inf - inf
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # masked rows see no key: no inf - inf, no NaN
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # rows that saw no key (padding) stay zero
@@ -183,6 +175,6 @@ def paged_attention(
         kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_SIZE=kc.shape[1], BLOCK_M=block_m, BLOCK_Q=block_q, TILE=TILE_N,
-        IEEE=q.dtype == torch.float32,  # fp32 models get fp32 dot products, not TF32
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 models get fp32 dot products, not TF32
     )
     return out
