@@ -8,6 +8,7 @@ read of any key a query may not see shows up as a NaN in its output.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -111,7 +112,18 @@ def run_both(seqs, heads, block_size, dtype=torch.float32, num_padded=0, seed=0)
         [n for _, n in seqs] + [1] * num_padded, lens + [0] * num_padded, tables + [[]] * num_padded,
         new_slots + [-1] * num_padded, ref_meta.num_decodes, DEVICE,
     )
-    out = TritonPagedAttention(h, kvh, d, d**-0.5).forward(dev(q), dev(k), dev(v), cache, meta).cpu()
+    # The launch path may use no host-side metadata (a CUDA graph would freeze it) and no sync.
+    meta = dataclasses.replace(meta, num_decodes=None, query_start_loc_cpu=None, seq_lens_cpu=None, max_seq_len=None, max_query_len=None)
+    attn = TritonPagedAttention(h, kvh, d, d**-0.5)
+    q, k, v = dev(q), dev(k), dev(v)
+    if DEVICE == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = attn.forward(q, k, v, cache, meta)
+    finally:
+        if DEVICE == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    out = out.cpu()
 
     assert out.shape == (total, h * d)
     tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
@@ -149,6 +161,39 @@ def test_other_head_sizes(heads, dtype):
 @pytest.mark.parametrize("case", ["decode", "mixed"])
 def test_padded_rows_are_zero_and_leave_others_alone(case, dtype):
     run_both(CASES[case], (9, 3, 64), 16, dtype, num_padded=3, seed=2)
+
+
+@needs_triton
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_decode_replays_in_a_cuda_graph():
+    """Captured once on an all-padding batch, replayed with other lengths, slots and padding: as an eager launch."""
+    h, kvh, d, bs, batch, width = 9, 3, 64, 16, 8, 4
+    attn = TritonPagedAttention(h, kvh, d, d**-0.5)
+    pool = torch.randn(2, batch * width, bs, kvh, d, device="cuda")
+    q, k, v = (torch.zeros(batch, n, d, device="cuda") for n in (h, kvh, kvh))
+    meta = _meta([1] * batch, [0] * batch, [[0] * width] * batch, [-1] * batch, batch, "cuda")
+    cache = pool.clone()
+    attn.forward(q, k, v, cache, meta)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attn.forward(q, k, v, cache, meta)
+    ids = torch.randperm(batch * width, generator=torch.Generator().manual_seed(0)).view(batch, width).tolist()
+    for lens in ([5, 17, 33, 1, 0, 0, 0, 0], [40, 2, 16, 9, 31, 64, 0, 0]):
+        slots = [ids[i][(n - 1) // bs] * bs + (n - 1) % bs if n else -1 for i, n in enumerate(lens)]
+        step = _meta([1] * batch, lens, ids, slots, batch, "cuda")
+        for name in ("slot_mapping", "query_start_loc", "seq_lens", "block_tables"):
+            getattr(meta, name).copy_(getattr(step, name))
+        for t in (q, k, v):
+            t.copy_(torch.randn_like(t))
+        cache.copy_(pool)
+        graph.replay()
+        eager_cache = pool.clone()
+        expected = attn.forward(q, k, v, eager_cache, step)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+        assert torch.equal(cache, eager_cache)
+        real = sum(n > 0 for n in lens)
+        assert torch.equal(out[real:], torch.zeros_like(out[real:]))
 
 
 @needs_triton
