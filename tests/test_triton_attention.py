@@ -57,7 +57,7 @@ if TritonPagedAttention is not None and _interpreter_broken():
     needs_triton = pytest.mark.skip(reason="triton < 3.8's interpreter cannot run these kernels with numpy >= 2.4")
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),
-    pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 runs on the GPU only")),
+    pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(DEVICE != "cuda", reason="bf16 runs on the GPU only (the interpreter has no bf16 constants)")),
 ]
 
 
