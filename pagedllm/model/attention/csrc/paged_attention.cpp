@@ -1,11 +1,12 @@
 // Paged decode attention for the CPU, reading keys and values in place through
 // the block table: no gather into contiguous tensors, no padding to the longest
-// sequence. One task per (sequence, KV head) serves that head's whole query
-// group, so each key and value row is loaded and widened to float32 once.
+// sequence. Each key and value row is loaded and widened to float32 once for
+// all the query heads that read it.
 // Built at first use by cpu_kernels.py; called through ctypes.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <vector>
 
 namespace {
@@ -26,49 +27,64 @@ inline void from_float(float x, uint16_t* out) {  // round to nearest even, as t
     *out = static_cast<uint16_t>(bits >> 16);
 }
 
+// Prefetch a block's slots (all KV heads: one contiguous run of bytes) while
+// the previous block is being computed on; the pool is far larger than the
+// caches, so without it each row costs a trip to memory.
+template <typename T>
+inline void prefetch_block(const T* base, int64_t elems) {
+    const char* p = reinterpret_cast<const char*>(base);
+    const int64_t bytes = elems * static_cast<int64_t>(sizeof(T));
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 0);
+}
+
 template <typename T>
 void decode(const T* q, const T* k_cache, const T* v_cache, const int32_t* block_tables,
             int64_t table_stride, const int32_t* seq_lens, T* out, int num_seqs, int num_heads,
             int num_kv_heads, int head_dim, int block_size, float scale) {
+    // One task per sequence, all heads: a block's slots for every KV head are
+    // contiguous in the pool, so a task streams whole blocks from memory.
     const int group = num_heads / num_kv_heads;
     const int64_t row = static_cast<int64_t>(num_kv_heads) * head_dim;  // one token's slot
-    const int num_tasks = num_seqs * num_kv_heads;
+    const int64_t block_elems = row * block_size;
 #pragma omp parallel
     {
-        std::vector<float> qf, scores, acc, kv_row(head_dim);
+        std::vector<float> qf(static_cast<size_t>(num_heads) * head_dim), acc(qf.size()), kv_row(row), scores, inv_sum(num_heads);
 #pragma omp for schedule(dynamic, 1)
-        for (int task = 0; task < num_tasks; ++task) {
-            const int s = task / num_kv_heads, kvh = task % num_kv_heads;
+        for (int s = 0; s < num_seqs; ++s) {
             const int len = seq_lens[s];
-            float* o_dst_f = nullptr;
-            (void)o_dst_f;
-            T* o = out + (static_cast<int64_t>(s) * num_heads + kvh * group) * head_dim;
+            T* o = out + static_cast<int64_t>(s) * num_heads * head_dim;
             if (len <= 0) {  // a padding row: zeros, never NaN
-                for (int i = 0; i < group * head_dim; ++i) from_float(0.0f, o + i);
+                for (int i = 0; i < num_heads * head_dim; ++i) from_float(0.0f, o + i);
                 continue;
             }
-            qf.resize(static_cast<size_t>(group) * head_dim);
-            scores.resize(static_cast<size_t>(group) * len);
-            acc.assign(static_cast<size_t>(group) * head_dim, 0.0f);
-            const T* qs = q + (static_cast<int64_t>(s) * num_heads + kvh * group) * head_dim;
-            for (int i = 0; i < group * head_dim; ++i) qf[i] = to_float(qs[i]) * scale;
             const int32_t* table = block_tables + s * table_stride;
+            const int num_blocks = (len + block_size - 1) / block_size;
+            scores.resize(static_cast<size_t>(num_heads) * len);
+            const T* qs = q + static_cast<int64_t>(s) * num_heads * head_dim;
+            for (int i = 0; i < num_heads * head_dim; ++i) qf[i] = to_float(qs[i]) * scale;
             float* kr = kv_row.data();
-            // Scores of every query head in the group against each key.
-            for (int t = 0; t < len; ++t) {
-                const T* k = k_cache + (static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) * row + kvh * head_dim;
+            // Scores of every query head against each key.
+            prefetch_block(k_cache + table[0] * block_elems, block_elems);
+            for (int b = 0; b < num_blocks; ++b) {
+                if (b + 1 < num_blocks) prefetch_block(k_cache + table[b + 1] * block_elems, block_elems);
+                const T* blk = k_cache + table[b] * block_elems;
+                const int t_end = (b + 1) * block_size < len ? (b + 1) * block_size : len;
+                for (int t = b * block_size; t < t_end; ++t) {
+                    const T* k = blk + (t - b * block_size) * row;
 #pragma omp simd
-                for (int d = 0; d < head_dim; ++d) kr[d] = to_float(k[d]);
-                for (int h = 0; h < group; ++h) {
-                    const float* qh = qf.data() + h * head_dim;
-                    float dot = 0.0f;
+                    for (int i = 0; i < row; ++i) kr[i] = to_float(k[i]);
+                    for (int h = 0; h < num_heads; ++h) {
+                        const float* qh = qf.data() + h * head_dim;
+                        const float* kh = kr + (h / group) * head_dim;
+                        float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-                    for (int d = 0; d < head_dim; ++d) dot += qh[d] * kr[d];
-                    scores[static_cast<size_t>(h) * len + t] = dot;
+                        for (int d = 0; d < head_dim; ++d) dot += qh[d] * kh[d];
+                        scores[static_cast<size_t>(h) * len + t] = dot;
+                    }
                 }
             }
-            std::vector<float> inv_sum(group);
-            for (int h = 0; h < group; ++h) {
+            prefetch_block(v_cache + table[0] * block_elems, block_elems);
+            for (int h = 0; h < num_heads; ++h) {
                 float* sh = scores.data() + static_cast<size_t>(h) * len;
                 float m = sh[0];
                 for (int t = 1; t < len; ++t) m = sh[t] > m ? sh[t] : m;
@@ -81,18 +97,25 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int32_t* block
                 inv_sum[h] = 1.0f / sum;
             }
             // Weighted sum of values.
-            for (int t = 0; t < len; ++t) {
-                const T* v = v_cache + (static_cast<int64_t>(table[t / block_size]) * block_size + t % block_size) * row + kvh * head_dim;
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            for (int b = 0; b < num_blocks; ++b) {
+                if (b + 1 < num_blocks) prefetch_block(v_cache + table[b + 1] * block_elems, block_elems);
+                const T* blk = v_cache + table[b] * block_elems;
+                const int t_end = (b + 1) * block_size < len ? (b + 1) * block_size : len;
+                for (int t = b * block_size; t < t_end; ++t) {
+                    const T* v = blk + (t - b * block_size) * row;
 #pragma omp simd
-                for (int d = 0; d < head_dim; ++d) kr[d] = to_float(v[d]);
-                for (int h = 0; h < group; ++h) {
-                    const float p = scores[static_cast<size_t>(h) * len + t];
-                    float* ah = acc.data() + h * head_dim;
+                    for (int i = 0; i < row; ++i) kr[i] = to_float(v[i]);
+                    for (int h = 0; h < num_heads; ++h) {
+                        const float p = scores[static_cast<size_t>(h) * len + t];
+                        const float* vh = kr + (h / group) * head_dim;
+                        float* ah = acc.data() + h * head_dim;
 #pragma omp simd
-                    for (int d = 0; d < head_dim; ++d) ah[d] += p * kr[d];
+                        for (int d = 0; d < head_dim; ++d) ah[d] += p * vh[d];
+                    }
                 }
             }
-            for (int h = 0; h < group; ++h)
+            for (int h = 0; h < num_heads; ++h)
                 for (int d = 0; d < head_dim; ++d) from_float(acc[h * head_dim + d] * inv_sum[h], o + h * head_dim + d);
         }
     }
