@@ -97,6 +97,7 @@ class ModelRunner:
         else:
             model.load_weights(weights)
         model.rotary.build(device, dtype)
+        model.pack_for_cpu()
         self.model = model.eval()
         logger.info("model built in %.2fs (%s, %s)", time.perf_counter() - t0, dtype, device)
         self.num_layers = cfg.num_hidden_layers

@@ -17,6 +17,7 @@ from pagedllm.model.attention.metadata import AttentionMetadata
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
 from pagedllm.model.arch_config import ArchConfig
 from pagedllm.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
+from pagedllm.model.packed_linear import PackedLinear, can_pack, pack_linears
 
 
 class LlamaAttention(nn.Module):
@@ -87,6 +88,7 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = cfg.tie_word_embeddings
         if not self.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.packed_lm_head: PackedLinear | None = None
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -95,8 +97,21 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.packed_lm_head is not None:
+            return self.packed_lm_head(hidden).float()
         weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
         return torch.nn.functional.linear(hidden, weight).float()
+
+    def pack_for_cpu(self) -> int:
+        """Lay out bf16 projection weights once for oneDNN (see model/packed_linear.py); returns how many."""
+        weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+        if not can_pack(weight):
+            return 0
+        # A tied head keeps its table for the embedding lookup and gets a packed copy.
+        self.packed_lm_head = PackedLinear(weight, None)
+        if not self.tie_word_embeddings:
+            del self.lm_head
+        return 1 + pack_linears(self.layers)
 
     # --- weights ----------------------------------------------------------
     def _fused_slices(self) -> dict[str, tuple[str, int, int]]:
