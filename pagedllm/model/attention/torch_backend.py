@@ -138,6 +138,8 @@ class TorchPagedAttention:
         else:
             kh = gather_kv(kv_cache[0], block_table[None], seq_len).transpose(1, 2)
             vh = gather_kv(kv_cache[1], block_table[None], seq_len).transpose(1, 2)
+            # Computed in q's dtype (a backend may widen q beyond the cache's dtype).
+            kh, vh = kh.to(q.dtype), vh.to(q.dtype)
             # Query i sits at position seq_len - n + i and sees keys 0..that position.
             qpos = torch.arange(seq_len - n, seq_len, device=q.device)
             mask = torch.arange(seq_len, device=q.device)[None, :] <= qpos[:, None]
