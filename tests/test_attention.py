@@ -188,16 +188,31 @@ def test_common_prefix_blocks_stops_where_tables_differ_and_before_the_last_toke
 
 @pytest.mark.skipif(not CpuPagedAttention.available(), reason="CPU kernels did not build")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_decode_kernel_pads_with_zeros_and_matches_the_reference(dtype):
-    """Rows with seq_len 0 (padding) give zeros and leave their neighbours alone."""
+@pytest.mark.parametrize("heads,head_dim", [((9, 3), 64), ((8, 2), 128), ((12, 2), 64), ((4, 4), 80), ((6, 1), 128)])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_cpu_decode_kernel_pads_with_zeros_and_matches_the_reference(dtype, heads, head_dim, block_size):
+    """Uneven lengths over scattered blocks; rows with seq_len 0 (padding) give zeros and leave their neighbours alone.
+
+    Covers both the AVX-512 BF16 path (head sizes 64 and 128, query groups of 1 to 6
+    heads, so passes over the values of one and of several heads) and the generic one.
+    """
     from pagedllm.model.attention import cpu_kernels
 
-    g = torch.Generator().manual_seed(0)
-    cache = torch.randn(2, 12, 16, 3, 64, generator=g).to(dtype)
-    tables = torch.tensor([[3, 7, 1], [0, 0, 0], [11, 2, 0]], dtype=torch.int32)
-    lens = torch.tensor([40, 0, 17], dtype=torch.int32)
-    q = torch.randn(3, 9, 64, generator=g).to(dtype)
-    out = cpu_kernels.paged_decode(q, cache, tables, lens, 0.125)
+    h, kvh = heads
+    g = torch.Generator().manual_seed(head_dim + h)
+    lens = [40, 0, 17, 1, 95, 16, 33]
+    width = -(-max(lens) // block_size)
+    num_blocks = len(lens) * width + 3
+    cache = torch.randn(2, num_blocks, block_size, kvh, head_dim, generator=g).to(dtype)
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables = torch.tensor([order[i * width : (i + 1) * width] for i in range(len(lens))], dtype=torch.int32)
+    q = torch.randn(len(lens), h, head_dim, generator=g).to(dtype)
+    scale = head_dim**-0.5
+    out = cpu_kernels.paged_decode(q, cache, tables, torch.tensor(lens, dtype=torch.int32), scale)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
-    ref = TorchPagedAttention(9, 3, 64, 0.125)._decode(q[[0, 2]], cache, tables[[0, 2]], lens[[0, 2]], 40)
-    torch.testing.assert_close(out[[0, 2]].float(), ref.float(), atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-3)
+    live = [i for i, n in enumerate(lens) if n]
+    ref = TorchPagedAttention(h, kvh, head_dim, scale)._decode(
+        q[live].float(), cache.float(), tables[live], torch.tensor([lens[i] for i in live], dtype=torch.int32), max(lens)
+    )
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out[live].float(), ref, **tol)
