@@ -20,10 +20,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        # torch's fused kernel computes what transformers' LlamaRMSNorm does (normalise
+        # in float32, round to x's dtype, then scale), bit for bit, in one op instead of six.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -76,6 +75,10 @@ class RotaryEmbedding(nn.Module):
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, d]
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Rotate every head of x [T, heads, d]: queries and keys side by side in one pass."""
+        return _rotate(x, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
