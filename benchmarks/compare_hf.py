@@ -230,7 +230,7 @@ def compare(model=None, *, sides=SIDES, num_requests=48, input_len=(32, 384), ou
             torch.cuda.empty_cache()
         got = [len(o) for o in outputs[side]]
         assert got == out_lens, f"{side}: output lengths {got} differ from the requested {out_lens}"
-        figures = {"elapsed_s": round(elapsed, 3), "output_tokens": sum(got),
+        figures = {"elapsed_s": round(elapsed, 6), "output_tokens": sum(got),
                    "output_tokens_per_s": round(out_tokens / elapsed, 2),
                    "total_tokens_per_s": round((in_tokens + out_tokens) / elapsed, 2),
                    "requests_per_s": round(num_requests / elapsed, 3), "settings": settings}

@@ -216,3 +216,17 @@ def test_cpu_decode_kernel_pads_with_zeros_and_matches_the_reference(dtype, head
     )
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out[live].float(), ref, **tol)
+
+
+@pytest.mark.skipif(not CpuPagedAttention.available(), reason="CPU kernels did not build")
+def test_loading_the_cpu_kernels_leaves_subnormal_floats_alone():
+    """Linked with -ffast-math, a library switches the process to flush-to-zero when loaded."""
+    import subprocess
+    import sys
+
+    code = (
+        "from pagedllm.model.attention import cpu_kernels; import torch; assert cpu_kernels.load() is not None; "
+        "import struct; x = struct.unpack('f', struct.pack('f', 1e-40))[0]; "
+        "assert torch.tensor(x).mul(1.0).item() != 0.0, 'flush-to-zero is on'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -31,7 +31,12 @@ from pagedllm.model.cache import cache_root
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# -ffast-math lets the compiler vectorise the reductions and exp (glibc's libmvec). It is
+# given to the compile step only: linked with it, the library would pull in crtfastmath,
+# which switches on flush-to-zero for the whole process when loaded and so changes
+# what every other float operation computes.
+_COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
+_LINK_FLAGS = ["-shared", "-fopenmp", "-lm"]
 _ENTRY_POINTS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
 
 
@@ -45,7 +50,8 @@ def _cpu_flags() -> str:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), version, " ".join(_FLAGS), _cpu_flags()]).encode()).hexdigest()[:16]
+    flags = " ".join(_COMPILE_FLAGS + _LINK_FLAGS)
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), version, flags, _cpu_flags()]).encode()).hexdigest()[:16]
     target = Path(cache_root()) / "kernels" / f"paged_attention-{key}.so"
     if target.exists():
         return target
@@ -53,12 +59,15 @@ def _build(compiler: str) -> Path:
     # Build beside the target and rename: concurrent first starts never load a half-written file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
+    obj = tmp[: -len(".so")] + ".o"
     try:
-        subprocess.run([compiler, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, check=True)
+        subprocess.run([compiler, *_COMPILE_FLAGS, "-c", "-o", obj, str(_SOURCE)], capture_output=True, text=True, check=True)
+        subprocess.run([compiler, "-o", tmp, obj, *_LINK_FLAGS], capture_output=True, text=True, check=True)
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in (tmp, obj):
+            if os.path.exists(path):
+                os.unlink(path)
     logger.info("compiled CPU attention kernels: %s", target)
     return target
 
