@@ -133,6 +133,39 @@ inline __m512 widen(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
+// Dot products of one query row with 16 key rows (`stride` elements apart),
+// returned as one register: lane t holds key t's score. Each key's 16 partial
+// sums are folded together with the other keys' in a transpose-and-add tree,
+// three operations per key instead of a full horizontal reduction each.
+template <int D>
+inline __m512 dot16(const uint16_t* qh, const uint16_t* k0, int64_t stride) {
+    __m512 acc[16];
+    for (int t = 0; t < 16; ++t) {
+        const uint16_t* kt = k0 + t * stride;
+        __m512 a = _mm512_setzero_ps();
+        for (int d = 0; d < D; d += 32)
+            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qh + d), (__m512bh)_mm512_loadu_si512(kt + d));
+        acc[t] = a;
+    }
+    // Keys in pairs: per 128-bit lane, [a0+a2, b0+b2, a1+a3, b1+b3].
+    __m512 s1[8];
+    for (int i = 0; i < 8; ++i)
+        s1[i] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * i], acc[2 * i + 1]), _mm512_unpackhi_ps(acc[2 * i], acc[2 * i + 1]));
+    // Pairs of pairs: per lane, the four keys' sums over that lane's quarter of the row.
+    __m512 s2[4];
+    for (int i = 0; i < 4; ++i) {
+        const __m512d x = _mm512_castps_pd(s1[2 * i]), y = _mm512_castps_pd(s1[2 * i + 1]);
+        s2[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    // Lanes across registers: lane j ends up holding keys 4j..4j+3 summed over all quarters.
+    const __m512 uv = _mm512_add_ps(_mm512_shuffle_f32x4(s2[0], s2[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(s2[0], s2[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 wx = _mm512_add_ps(_mm512_shuffle_f32x4(s2[2], s2[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(s2[2], s2[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(uv, wx, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(uv, wx, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 template <int D>
 void decode_bf16_avx512(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const int32_t* block_tables,
                         int64_t table_stride, const int32_t* seq_lens, uint16_t* out, int num_seqs, int num_heads,
@@ -163,7 +196,14 @@ void decode_bf16_avx512(const uint16_t* q, const uint16_t* k_cache, const uint16
                 if (b + 1 < num_blocks) prefetch_block(k_cache + table[b + 1] * block_elems, block_elems);
                 const uint16_t* blk = k_cache + table[b] * block_elems;
                 const int t_end = (b + 1) * block_size < len ? (b + 1) * block_size : len;
-                for (int t = b * block_size; t < t_end; ++t) {
+                int t = b * block_size;
+                for (; t + 16 <= t_end; t += 16) {  // 16 keys at a time: one reduction for all
+                    const uint16_t* k = blk + (t - b * block_size) * row;
+                    for (int h = 0; h < num_heads; ++h)
+                        _mm512_storeu_ps(scores.data() + static_cast<size_t>(h) * len + t,
+                                         _mm512_mul_ps(dot16<D>(qs + h * D, k + (h / group) * D, row), _mm512_set1_ps(scale)));
+                }
+                for (; t < t_end; ++t) {
                     const uint16_t* k = blk + (t - b * block_size) * row;
                     for (int h = 0; h < num_heads; ++h) {
                         const uint16_t* kh = k + (h / group) * D;
