@@ -86,7 +86,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sock = _bind(args.host, args.port)
     t0 = time.perf_counter()
     engine = LLMEngine.from_options(**engine_options(args))
-    names = args.served_model_name or [args.model or _default_model_name()]
+    from pagedllm.model.loader import default_model_name
+
+    names = args.served_model_name or [args.model or default_model_name()]
     app = build_app(engine, names, api_key=args.api_key, log_interval=args.log_interval)
     logging.getLogger("pagedllm.serve").info(
         "serving %s as %s on http://%s:%d (engine loaded in %.1fs)%s",
@@ -112,13 +114,6 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         raise ValueError(f"cannot serve on {host}:{port}: {exc.strerror or exc}; is another server there? pick another --port") from None
     return sock
-
-
-def _default_model_name() -> str:
-    """The embedded model's name, from its file name (SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct)."""
-    from pagedllm.model.loader import default_model_gguf_path
-
-    return os.path.basename(default_model_gguf_path()).split(".")[0]
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:

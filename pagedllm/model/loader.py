@@ -62,6 +62,11 @@ def default_model_gguf_path() -> str:
     return files[0]
 
 
+def default_model_name() -> str:
+    """The embedded model's name, from its file name (SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct)."""
+    return os.path.basename(default_model_gguf_path()).split(".")[0]
+
+
 def resolve_model(model: str | None, revision: str | None = None) -> ModelSource:
     """Turn what the user named into a local HF-style directory plus its config.
 

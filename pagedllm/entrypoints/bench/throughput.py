@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pagedllm.entrypoints.bench.report import print_table, write_json
 from pagedllm.entrypoints.bench.workload import Workload, add_workload_args, load_workload, workload_config
 from pagedllm.entrypoints.cli import add_engine_args, engine_options
+from pagedllm.model.loader import default_model_name
 
 
 @dataclass
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
     opts = engine_options(args)
     t0 = time.perf_counter()
-    llm = LLM(opts.pop("model"), **opts)
+    model = opts.pop("model")
+    llm = LLM(model, **opts)
     load_s = time.perf_counter() - t0
     workload = load_workload(workload_config(args), llm.engine.model_config.vocab_size)
     if cfg.warmup:
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         set_max_num_seqs(llm.engine, c)
         runs.append(run_once(llm, workload, cfg.progress))
     figures = {
-        "model": llm.engine.model_path,
+        "model": model or default_model_name(),
         "dtype": str(llm.engine.dtype).replace("torch.", ""),
         "load_s": round(load_s, 2),
         "runs": runs,
