@@ -189,7 +189,7 @@ def test_common_prefix_blocks_stops_where_tables_differ_and_before_the_last_toke
 @pytest.mark.skipif(not CpuPagedAttention.available(), reason="CPU kernels did not build")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,head_dim", [((9, 3), 64), ((8, 2), 128), ((12, 2), 64), ((4, 4), 80), ((6, 1), 128)])
-@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("block_size", [1, 8, 16, 32])
 def test_cpu_decode_kernel_pads_with_zeros_and_matches_the_reference(dtype, heads, head_dim, block_size):
     """Uneven lengths over scattered blocks; rows with seq_len 0 (padding) give zeros and leave their neighbours alone.
 
