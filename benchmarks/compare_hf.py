@@ -189,7 +189,7 @@ def run_cb(path, arch, prompts, out_lens, dtype, device, kv_cache_bytes, max_bat
 
 
 def compare(model=None, *, sides=SIDES, num_requests=48, input_len=(32, 384), output_len=(32, 192),
-            dtype="bfloat16", device="cpu", batch_size=16, kv_cache_memory="2GiB", max_num_batched_tokens=512, seed=0,
+            dtype="bfloat16", device="cpu", batch_size=16, kv_cache_memory="2GiB", max_num_batched_tokens=2048, seed=0,
             use_tqdm=True) -> dict:
     """Run the chosen sides on one workload; returns the figures (see the module docstring)."""
     import torch
@@ -271,9 +271,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every side runs")
     ap.add_argument("--batch-size", type=int, default=16, help="requests per static batch")
     ap.add_argument("--kv-cache-memory", default="2GiB", help="KV cache of pagedllm and of HF continuous batching")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=512,
-                    help="tokens per step of pagedllm and of HF continuous batching (its max_batch_tokens); "
-                         "default 512, pagedllm's own default on the CPU")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                    help="tokens per step of pagedllm and of HF continuous batching (its max_batch_tokens)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write all figures to this file")
     args = ap.parse_args(argv)

@@ -318,13 +318,3 @@ def test_gpu_memory_utilization_sizes_the_pool(tiny_model_dir):
     assert given.engine.kv_cache.stats().num_blocks == (64 << 20) // given.engine.runner.bytes_per_block()
     with pytest.raises(ValueError, match="no GPU memory is left"):
         LLM(tiny_model_dir, device="cuda", attention_backend="torch", gpu_memory_utilization=1e-4)
-
-
-def test_the_step_budget_defaults_by_device(tiny_model_dir):
-    from pagedllm import LLM
-    from pagedllm.config import default_num_batched_tokens
-
-    assert default_num_batched_tokens("cuda") == 2048 and default_num_batched_tokens("cpu") == 512
-    llm = LLM(tiny_model_dir, device="cpu", dtype="float32", num_kv_blocks=64)
-    assert llm.engine.config.max_num_batched_tokens == 512 == llm.engine.scheduler.config.max_num_batched_tokens
-    assert LLM(tiny_model_dir, device="cpu", num_kv_blocks=64, max_num_batched_tokens=96).engine.config.max_num_batched_tokens == 96

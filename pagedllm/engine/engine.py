@@ -9,12 +9,11 @@ request ends with a finish reason; a failing step ends the requests in it with
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import time
 
-from pagedllm.config import EngineConfig, default_num_batched_tokens
+from pagedllm.config import EngineConfig
 from pagedllm.engine.detokenizer import IncrementalDetokenizer, decode_token
 from pagedllm.engine.kv_cache import KVCacheManager
 from pagedllm.engine.outputs import CompletionOutput, EngineStats, Logprob, RequestOutput
@@ -48,8 +47,6 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or model_len
 
         device = resolve_device(config.device)
-        if config.max_num_batched_tokens is None:
-            self.config = config = dataclasses.replace(config, max_num_batched_tokens=default_num_batched_tokens(device.type))
         self.dtype = resolve_dtype(config.dtype, device)
         weights = None if config.load_format == "dummy" else iter_weights(source)
         attn_backend = get_attention_backend(device.type, config.attention_backend)

@@ -24,8 +24,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--kv-cache-memory", default=None, help="KV pool size: bytes, or e.g. 2GiB (default: 2GiB on the CPU; on CUDA what --gpu-memory-utilization leaves)")
     g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens per engine step, prefill chunks included (default: 512 on the CPU, 2048 on CUDA)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="share the KV blocks of common prompt prefixes between requests (default: on)")
     g.add_argument("--seed", type=int, default=0)
