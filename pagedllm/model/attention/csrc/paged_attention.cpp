@@ -27,6 +27,23 @@ inline void from_float(float x, uint16_t* out) {  // round to nearest even, as t
     *out = static_cast<uint16_t>(bits >> 16);
 }
 
+// Each of `rows` rows of `len` scores becomes exp(score - row max), in place;
+// inv_sum[row] gets 1 / the row's sum, applied once to the weighted values.
+inline void softmax_rows(float* scores, int rows, int len, float* inv_sum) {
+    for (int h = 0; h < rows; ++h) {
+        float* sh = scores + static_cast<size_t>(h) * len;
+        float m = sh[0];
+        for (int t = 1; t < len; ++t) m = sh[t] > m ? sh[t] : m;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int t = 0; t < len; ++t) {
+            sh[t] = std::exp(sh[t] - m);
+            sum += sh[t];
+        }
+        inv_sum[h] = 1.0f / sum;
+    }
+}
+
 // Prefetch a block's slots (all KV heads: one contiguous run of bytes) while
 // the previous block is being computed on; the pool is far larger than the
 // caches, so without it each row costs a trip to memory.
@@ -84,18 +101,7 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int32_t* block
                 }
             }
             prefetch_block(v_cache + table[0] * block_elems, block_elems);
-            for (int h = 0; h < num_heads; ++h) {
-                float* sh = scores.data() + static_cast<size_t>(h) * len;
-                float m = sh[0];
-                for (int t = 1; t < len; ++t) m = sh[t] > m ? sh[t] : m;
-                float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-                for (int t = 0; t < len; ++t) {
-                    sh[t] = std::exp(sh[t] - m);
-                    sum += sh[t];
-                }
-                inv_sum[h] = 1.0f / sum;
-            }
+            softmax_rows(scores.data(), num_heads, len, inv_sum.data());
             // Weighted sum of values.
             std::fill(acc.begin(), acc.end(), 0.0f);
             for (int b = 0; b < num_blocks; ++b) {
@@ -216,18 +222,7 @@ void decode_bf16_avx512(const uint16_t* q, const uint16_t* k_cache, const uint16
                 }
             }
             prefetch_block(v_cache + table[0] * block_elems, block_elems);
-            for (int h = 0; h < num_heads; ++h) {
-                float* sh = scores.data() + static_cast<size_t>(h) * len;
-                float m = sh[0];
-                for (int t = 1; t < len; ++t) m = sh[t] > m ? sh[t] : m;
-                float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-                for (int t = 0; t < len; ++t) {
-                    sh[t] = std::exp(sh[t] - m);
-                    sum += sh[t];
-                }
-                inv_sum[h] = 1.0f / sum;
-            }
+            softmax_rows(scores.data(), num_heads, len, inv_sum.data());
             for (int kvh = 0; kvh < num_kv_heads; ++kvh) {
                 for (int h0 = kvh * group; h0 < (kvh + 1) * group; h0 += MAXH) {
                     const int nh = (kvh + 1) * group - h0 < MAXH ? (kvh + 1) * group - h0 : MAXH;
