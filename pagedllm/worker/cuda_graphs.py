@@ -116,7 +116,7 @@ class DecodeGraphs:
 @torch.inference_mode()
 def capture_decode_graphs(runner, max_num_seqs: int, max_model_len: int) -> DecodeGraphs | None:
     """Capture the runner's decode graphs once its KV pool exists; None where graphs cannot serve."""
-    if not getattr(runner.attn_backend, "cuda_graph_safe", False):
+    if not runner.attn_backend.cuda_graph_safe:
         logger.info("CUDA graphs need the triton attention backend; decode steps run eagerly")
         return None
     t0 = time.perf_counter()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pagedllm.model.attention.base import PagedAttentionBackend
 from pagedllm.model.attention.metadata import AttentionMetadata
 
 
@@ -48,14 +49,9 @@ def _partial_softmax_attention(q, k_t, v, scale, mask):
     return m, p.sum(dim=-1, keepdim=True), torch.matmul(p.to(v.dtype), v).float()
 
 
-class TorchPagedAttention:
+class TorchPagedAttention(PagedAttentionBackend):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.scale = scale
+        super().__init__(num_heads, num_kv_heads, head_dim, scale)
         self.gqa = num_heads != num_kv_heads
 
     def forward(

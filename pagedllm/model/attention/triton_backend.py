@@ -11,21 +11,14 @@ from __future__ import annotations
 import torch
 
 from pagedllm.model.attention import triton_kernels
+from pagedllm.model.attention.base import PagedAttentionBackend
 from pagedllm.model.attention.metadata import AttentionMetadata
 
 
-class TritonPagedAttention:
+class TritonPagedAttention(PagedAttentionBackend):
     # Reads no device value on the host and skips padded rows (slot -1, seq_len 0):
     # decode steps can be captured in CUDA graphs and replayed.
     cuda_graph_safe = True
-
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.scale = scale
 
     def forward(
         self,
