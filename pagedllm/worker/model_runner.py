@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.model.arch_config import ArchConfig
+from pagedllm.model.cpu_info import cpu_flags
 from pagedllm.model.attention.metadata import AttentionMetadata, common_prefix_blocks
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
 from pagedllm.model.models.llama import LlamaForCausalLM
@@ -30,15 +31,7 @@ _DTYPES = {
 
 def cpu_has_native_bf16() -> bool:
     """True where the CPU has bf16 matrix instructions (avx512_bf16 or AMX), which make bf16 matmuls ~4x faster than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split()
-                    return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        pass
-    return False
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def resolve_device(name: str) -> torch.device:

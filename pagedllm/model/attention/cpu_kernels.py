@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from pagedllm.model.cache import cache_root
+from pagedllm.model.cpu_info import cpu_flags
 
 logger = logging.getLogger(__name__)
 
@@ -40,18 +41,10 @@ _LINK_FLAGS = ["-shared", "-fopenmp", "-lm"]
 _ENTRY_POINTS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return platform.processor()
-
-
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     flags = " ".join(_COMPILE_FLAGS + _LINK_FLAGS)
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), version, flags, _cpu_flags()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), version, flags, platform.machine(), " ".join(sorted(cpu_flags()))]).encode()).hexdigest()[:16]
     target = Path(cache_root()) / "kernels" / f"paged_attention-{key}.so"
     if target.exists():
         return target
