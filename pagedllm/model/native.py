@@ -1,0 +1,80 @@
+"""Native CPU kernels: plain C++ compiled once with the system compiler, loaded with ctypes.
+
+The sources include no torch headers, so a build takes about a second (a
+torch extension takes a minute) and needs only `g++`. Each library is
+compiled for this CPU (-march=native) and cached under the pagedllm cache
+directory by a hash of its source, the compiler and the CPU's flags. The
+kernels use OpenMP through `libgomp.so.1`, which resolves to the copy torch
+has already loaded, so both share one thread pool rather than fighting over
+the cores.
+
+Where no compiler is found or a build fails, `load_library` returns None
+(with one warning) and callers keep to their torch code: slower, never wrong.
+`PAGEDLLM_NO_CPU_KERNELS=1` turns every native kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from pagedllm.model.cache import cache_root
+from pagedllm.model.cpu_info import cpu_flags
+
+logger = logging.getLogger(__name__)
+
+# -ffast-math lets the compiler vectorise the reductions and exp (glibc's libmvec). It is
+# given to the compile step only: linked with it, the library would pull in crtfastmath,
+# which switches on flush-to-zero for the whole process when loaded and so changes
+# what every other float operation computes.
+_COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
+_LINK_FLAGS = ["-shared", "-fopenmp", "-lm"]
+
+
+def _build(compiler: str, source: Path) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    flags = " ".join(_COMPILE_FLAGS + _LINK_FLAGS)
+    key = hashlib.sha256("\0".join([source.read_text(), version, flags, platform.machine(), " ".join(sorted(cpu_flags()))]).encode()).hexdigest()[:16]
+    target = Path(cache_root()) / "kernels" / f"{source.stem}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent first starts never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    obj = tmp[: -len(".so")] + ".o"
+    try:
+        subprocess.run([compiler, *_COMPILE_FLAGS, "-c", "-o", obj, str(source)], capture_output=True, text=True, check=True)
+        subprocess.run([compiler, "-o", tmp, obj, *_LINK_FLAGS], capture_output=True, text=True, check=True)
+        os.replace(tmp, target)
+    finally:
+        for path in (tmp, obj):
+            if os.path.exists(path):
+                os.unlink(path)
+    logger.info("compiled CPU kernels: %s", target)
+    return target
+
+
+@lru_cache(maxsize=None)
+def load_library(source: Path) -> ctypes.CDLL | None:
+    """The library built from `source` (a .cpp file), or None where it cannot be built here."""
+    if os.environ.get("PAGEDLLM_NO_CPU_KERNELS"):
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        logger.warning("no C++ compiler found: the CPU runs on torch ops alone, which is slower")
+        return None
+    try:
+        return ctypes.CDLL(str(_build(compiler, source)))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        logger.warning("CPU kernels %s did not build (%s): falling back to torch ops", source.name, detail.strip()[:500])
+        return None
