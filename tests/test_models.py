@@ -108,6 +108,27 @@ def test_logits_match_transformers(arch, block_size):
         torch.testing.assert_close(o, ref, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["smollm2", "llama3", "qwen2", "qwen3"])
+def test_fused_cpu_ops_give_the_logits_of_torch_ops_in_bf16(arch):
+    from pagedllm.model import cpu_ops
+
+    if not cpu_ops.available(torch.empty(1, dtype=torch.bfloat16)):
+        pytest.skip("CPU kernels did not build")
+    cfg = CONFIGS[arch]()
+    weights = hf_model(cfg).state_dict()
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in [23, 7, 41, 2]]
+    runs = []
+    for native in (True, False):
+        runner = ModelRunner(cfg, weights.items(), device=torch.device("cpu"), dtype=torch.bfloat16, block_size=16)
+        assert runner.model.norm.native  # switched on at load time, bf16 on the CPU
+        runner.model.use_native_ops(native)
+        runs.append(torch.cat(paged_logits(runner, prompts, 16)))
+    # The norm sums its squares in another order than torch: now and then a value moves by one bf16 step.
+    torch.testing.assert_close(runs[0], runs[1], atol=0.01, rtol=0.01)
+    assert (runs[0] != runs[1]).float().mean() < 0.1
+
+
 def test_missing_weight_is_a_clear_error():
     cfg = CONFIGS["llama2"]()
     sd = {k: v for k, v in hf_model(cfg).state_dict().items() if "layers.1.mlp.up_proj" not in k}

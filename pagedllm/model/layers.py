@@ -12,20 +12,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.model import cpu_ops
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.native = False  # the fused CPU kernel of model/cpu_ops.py (bf16 on the CPU only)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torch's fused kernel computes what transformers' LlamaRMSNorm does (normalise
-        # in float32, round to x's dtype, then scale), bit for bit, in one op instead of six.
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); or, given the residual stream, (norm(x + residual), x + residual).
+
+        The sum is what a decoder layer adds back later; computing it here lets the
+        native kernel add and normalise in one pass (and write the sum over residual).
+        """
+        if self.native and x.dim() == 2:
+            out = cpu_ops.rms_norm(x, self.weight, self.eps, residual)
+            return out if residual is None else (out, residual)
+        if residual is not None:
+            residual = x + residual
+            return self._norm(residual), residual
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        # transformers' LlamaRMSNorm normalises in float32, rounds to x's dtype, then
+        # scales. torch's rms_norm computes that bit for bit, but given the weight it
+        # scales before rounding, which in bf16/fp16 differs in a quarter of the values.
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x, self.weight.shape, None, self.eps)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(gate_up: torch.Tensor, native: bool = False) -> torch.Tensor:
+    if native:
+        return cpu_ops.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 

@@ -31,17 +31,20 @@ from pagedllm.model.cpu_info import cpu_flags
 
 logger = logging.getLogger(__name__)
 
-# -ffast-math lets the compiler vectorise the reductions and exp (glibc's libmvec). It is
-# given to the compile step only: linked with it, the library would pull in crtfastmath,
-# which switches on flush-to-zero for the whole process when loaded and so changes
-# what every other float operation computes.
-_COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
+_COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c++17"]
+# -ffast-math lets the compiler vectorise the reductions and exp (glibc's libmvec), but
+# it also turns divisions into reciprocal estimates: sources that must round as torch
+# does go without it. It is given to the compile step only: linked with it, the library
+# would pull in crtfastmath, which switches on flush-to-zero for the whole process when
+# loaded and so changes what every other float operation computes.
+_FAST_MATH = "-ffast-math"
 _LINK_FLAGS = ["-shared", "-fopenmp", "-lm"]
 
 
-def _build(compiler: str, source: Path) -> Path:
+def _build(compiler: str, source: Path, fast_math: bool) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    flags = " ".join(_COMPILE_FLAGS + _LINK_FLAGS)
+    compile_flags = _COMPILE_FLAGS + [_FAST_MATH] * fast_math
+    flags = " ".join(compile_flags + _LINK_FLAGS)
     key = hashlib.sha256("\0".join([source.read_text(), version, flags, platform.machine(), " ".join(sorted(cpu_flags()))]).encode()).hexdigest()[:16]
     target = Path(cache_root()) / "kernels" / f"{source.stem}-{key}.so"
     if target.exists():
@@ -52,7 +55,7 @@ def _build(compiler: str, source: Path) -> Path:
     os.close(fd)
     obj = tmp[: -len(".so")] + ".o"
     try:
-        subprocess.run([compiler, *_COMPILE_FLAGS, "-c", "-o", obj, str(source)], capture_output=True, text=True, check=True)
+        subprocess.run([compiler, *compile_flags, "-c", "-o", obj, str(source)], capture_output=True, text=True, check=True)
         subprocess.run([compiler, "-o", tmp, obj, *_LINK_FLAGS], capture_output=True, text=True, check=True)
         os.replace(tmp, target)
     finally:
@@ -64,7 +67,7 @@ def _build(compiler: str, source: Path) -> Path:
 
 
 @lru_cache(maxsize=None)
-def load_library(source: Path) -> ctypes.CDLL | None:
+def load_library(source: Path, fast_math: bool = False) -> ctypes.CDLL | None:
     """The library built from `source` (a .cpp file), or None where it cannot be built here."""
     if os.environ.get("PAGEDLLM_NO_CPU_KERNELS"):
         return None
@@ -73,7 +76,7 @@ def load_library(source: Path) -> ctypes.CDLL | None:
         logger.warning("no C++ compiler found: the CPU runs on torch ops alone, which is slower")
         return None
     try:
-        return ctypes.CDLL(str(_build(compiler, source)))
+        return ctypes.CDLL(str(_build(compiler, source, fast_math)))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         logger.warning("CPU kernels %s did not build (%s): falling back to torch ops", source.name, detail.strip()[:500])

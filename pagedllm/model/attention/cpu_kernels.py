@@ -21,7 +21,7 @@ _ENTRY_POINTS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decod
 @lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot be built here (see model/native.py)."""
-    lib = load_library(_SOURCE)
+    lib = load_library(_SOURCE, fast_math=True)
     if lib is None:
         return None
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float

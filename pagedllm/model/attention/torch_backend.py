@@ -61,8 +61,10 @@ class TorchPagedAttention(PagedAttentionBackend):
         v: torch.Tensor,
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
+        kv_stored: bool = False,  # the caller already wrote k and v at meta.slot_mapping
     ) -> torch.Tensor:  # [T, num_heads * head_dim]
-        write_kv(kv_cache, k, v, meta.slot_mapping)
+        if not kv_stored:
+            write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:

@@ -27,8 +27,10 @@ class TritonPagedAttention(PagedAttentionBackend):
         v: torch.Tensor,
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
+        kv_stored: bool = False,  # the caller already wrote k and v at meta.slot_mapping
     ) -> torch.Tensor:  # [T, num_heads * head_dim]
-        triton_kernels.store_kv(k, v, kv_cache, meta.slot_mapping)
+        if not kv_stored:
+            triton_kernels.store_kv(k, v, kv_cache, meta.slot_mapping)
         out = triton_kernels.paged_attention(
             q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale
         )

@@ -16,6 +16,7 @@ from torch import nn
 from pagedllm.model.attention.metadata import AttentionMetadata
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
 from pagedllm.model.arch_config import ArchConfig
+from pagedllm.model import cpu_ops
 from pagedllm.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
 from pagedllm.model.packed_linear import PackedLinear, can_pack, pack_linears
 
@@ -36,11 +37,18 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
         self.rotary = rotary
         self.attn = attn_backend(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5)
+        self.native_rope = False  # rotary + KV store in one CPU kernel (model/cpu_ops.py)
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
+        if self.native_rope:
+            cpu_ops.rope_and_store(qkv, positions, self.rotary.cos, self.rotary.sin, self.num_heads, self.num_kv_heads,
+                                   self.head_dim, meta.slot_mapping, kv_cache)
+            q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)
+            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
+            return self.o_proj(self.attn.forward(q, k, v, kv_cache, meta, kv_stored=True))
         if self.qk_norm:
             q, k = qkv[:, : self.q_size], qkv[:, self.q_size : self.q_size + self.kv_size]
             q = self.q_norm(q.view(t, self.num_heads, self.head_dim))
@@ -59,9 +67,10 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.native = False  # SiLU-and-mul in one CPU kernel (model/cpu_ops.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.native))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -72,9 +81,15 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, positions, x, kv_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions, x, residual, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's output, not yet added to the residual stream (None before the first layer)."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -96,10 +111,10 @@ class LlamaForCausalLM(nn.Module):
         self.packed_lm_head: PackedLinear | None = None
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(positions, x, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(positions, x, residual, kv_cache, meta)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.packed_lm_head is not None:
@@ -108,8 +123,11 @@ class LlamaForCausalLM(nn.Module):
         return torch.nn.functional.linear(hidden, weight).float()
 
     def pack_for_cpu(self) -> int:
-        """Lay out bf16 projection weights once for oneDNN (see model/packed_linear.py); returns how many."""
+        """Lay out bf16 projection weights once for oneDNN (see model/packed_linear.py), and switch
+        the element-wise steps to the fused CPU kernels where they built; returns how many weights were packed."""
         weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+        if cpu_ops.available(weight):
+            self.use_native_ops()
         if not can_pack(weight):
             return 0
         # A tied head keeps its table for the embedding lookup and gets a packed copy.
@@ -117,6 +135,14 @@ class LlamaForCausalLM(nn.Module):
         if not self.tie_word_embeddings:
             del self.lm_head
         return 1 + pack_linears(self.layers)
+
+    def use_native_ops(self, enabled: bool = True) -> None:
+        """Run norms, SiLU-and-mul and rotary + KV store through model/cpu_ops.py (bf16 on the CPU), or not."""
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, LlamaMLP)):
+                m.native = enabled
+            elif isinstance(m, LlamaAttention):
+                m.native_rope = enabled and not m.qk_norm
 
     # --- weights ----------------------------------------------------------
     def _fused_slices(self) -> dict[str, tuple[str, int, int]]:

@@ -1,0 +1,74 @@
+"""Fused bfloat16 element-wise ops for the CPU (csrc/cpu_ops.cpp): residual + RMSNorm, SiLU-and-mul, rotary + KV store.
+
+A decode step with 48 sequences spent about 30 ms of ~100 in torch's small
+ops (each costs 10-70 us of dispatch at these sizes, 15 of them per layer).
+One native pass per fused step removes most of that. Only bf16 CPU tensors
+take this path; float32 stays on torch's ops, in which outputs must match
+transformers token for token.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from pagedllm.model.native import load_library
+
+_SOURCE = Path(__file__).with_name("csrc") / "cpu_ops.cpp"
+
+
+@lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL | None:
+    lib = load_library(_SOURCE)
+    if lib is None:
+        return None
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.rms_norm_bf16.argtypes = [p, i64, p, p, p, i32, i32, f32]
+    lib.silu_and_mul_bf16.argtypes = [p, p, i32, i32]
+    lib.rope_store_bf16.argtypes = [p, i64, i32, p, p, p, i32, i32, i32, p, p, p]
+    for fn in (lib.rms_norm_bf16, lib.silu_and_mul_bf16, lib.rope_store_bf16):
+        fn.restype = None
+    return lib
+
+
+def available(t: torch.Tensor) -> bool:
+    """Whether the fused ops can run on tensors like t (bf16 on the CPU, with the library built)."""
+    return t.device.type == "cpu" and t.dtype == torch.bfloat16 and _lib() is not None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm of x [T, dim]; with a residual, of x + residual, which is also written into residual."""
+    assert x.stride(-1) == 1 and weight.is_contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype)
+    res = 0
+    if residual is not None:
+        assert residual.is_contiguous() and residual.shape == x.shape
+        res = residual.data_ptr()
+    _lib().rms_norm_bf16(x.data_ptr(), x.stride(0), res, weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
+    return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, where x [T, 2 * inter] holds gate then up."""
+    x = x.contiguous()
+    inter = x.shape[-1] // 2
+    out = torch.empty((x.shape[0], inter), dtype=x.dtype)
+    _lib().silu_and_mul_bf16(x.data_ptr(), out.data_ptr(), x.shape[0], inter)
+    return out
+
+
+def rope_and_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                   num_kv_heads: int, head_dim: int, slot_mapping: torch.Tensor, kv_cache: torch.Tensor) -> None:
+    """Rotate the queries and keys of qkv [T, (heads + 2 kv_heads) * head_dim] in place; store keys and values at their slots.
+
+    kv_cache: [2, blocks, block_size, kv_heads, head_dim]. Slot -1 stores nothing.
+    """
+    assert qkv.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous() and kv_cache.is_contiguous()
+    assert positions.dtype == torch.int64 and slot_mapping.dtype == torch.int64 and kv_cache.dtype == qkv.dtype
+    positions, slots = positions.contiguous(), slot_mapping.contiguous()
+    _lib().rope_store_bf16(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], positions.data_ptr(), cos.data_ptr(),
+                           sin.data_ptr(), num_heads + num_kv_heads, num_kv_heads, head_dim, slots.data_ptr(),
+                           kv_cache[0].data_ptr(), kv_cache[1].data_ptr())

@@ -1,0 +1,176 @@
+// Fused element-wise steps of a Llama decoder layer in bfloat16, for the CPU.
+// torch runs each of these as several ops, and at decode batch sizes each op
+// costs more in dispatch than in arithmetic: a layer spent ~1 ms in them per
+// step. Each kernel here is one pass over its rows and rounds to bfloat16
+// wherever transformers' bf16 code rounds, so results match torch's bits
+// (up to the order of a sum of squares in the norm).
+// Built at first use by model/native.py; called through ctypes (model/cpu_ops.py).
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline float bf16_to_float(uint16_t x) {
+    uint32_t bits = static_cast<uint32_t>(x) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+inline uint16_t float_to_bf16(float x) {  // round to nearest even, as torch does
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return static_cast<uint16_t>(bits >> 16);
+}
+
+inline float round_bf16(float x) { return bf16_to_float(float_to_bf16(x)); }
+
+// Enough work to be worth waking the second thread for.
+constexpr int64_t kParallelElems = 1 << 15;
+
+#ifdef __AVX512F__
+inline __m512 load_bf16x16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+inline __m512i bf16_bits(__m512 v) {  // float_to_bf16 on 16 lanes, in the high halves
+    const __m512i b = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
+    return _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+}
+
+inline __m512 round_bf16x16(__m512 v) { return _mm512_castsi512_ps(bf16_bits(v)); }
+
+inline void store_bf16x16(uint16_t* p, __m512 v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(v), 16)));
+}
+
+// exp on 16 lanes, to within 1 ulp of float32: exp(x) = 2^n * exp(r) with n = round(x / ln2),
+// ln2 split in two for an exact r, and exp(r) = 1 + r + r^2 * p(r) with the
+// minimax coefficients of SLEEF's expf_u10, which torch's vectorised exp uses.
+// The compiler's vector expf under -ffast-math is less exact: the SiLU built on it
+// differed from torch's in 0.1% of bf16 outputs.
+inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.8f)), _mm512_set1_ps(-104.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.442695040888963407359924681001892137426645954152985934135449407f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145751953125f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.428606765330187045e-06f), r);
+    __m512 p = _mm512_set1_ps(0.000198527617612853646278381f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.00139304355252534151077271f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.00833336077630519866943359f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.0416664853692054748535156f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.166666671633720397949219f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_mul_ps(r, r), p, r));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+}  // namespace
+
+extern "C" {
+
+// out = weight * bf16(h * rsqrt(mean(h^2) + eps)), where h = x, or, with a residual,
+// h = bf16(x + residual), which is also written back to residual (the stream that
+// the next layer adds to). As transformers' LlamaRMSNorm: h in float32, the
+// normalised row rounded to bf16 before the scale.
+void rms_norm_bf16(const uint16_t* x, int64_t x_stride, uint16_t* residual, const uint16_t* weight, uint16_t* out,
+                   int rows, int dim, float eps) {
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(rows) * dim >= kParallelElems)
+    for (int r = 0; r < rows; ++r) {
+        const uint16_t* xr = x + static_cast<int64_t>(r) * x_stride;
+        uint16_t* o = out + static_cast<int64_t>(r) * dim;
+        // h goes into out first: out is ours, and the row is read twice.
+        float sum = 0.0f;
+        if (residual != nullptr) {
+            uint16_t* res = residual + static_cast<int64_t>(r) * dim;
+#pragma omp simd reduction(+ : sum)
+            for (int i = 0; i < dim; ++i) {
+                const uint16_t h = float_to_bf16(bf16_to_float(xr[i]) + bf16_to_float(res[i]));
+                res[i] = h;
+                o[i] = h;
+                const float f = bf16_to_float(h);
+                sum += f * f;
+            }
+        } else {
+#pragma omp simd reduction(+ : sum)
+            for (int i = 0; i < dim; ++i) {
+                o[i] = xr[i];
+                const float f = bf16_to_float(xr[i]);
+                sum += f * f;
+            }
+        }
+        const float inv = 1.0f / std::sqrt(sum / static_cast<float>(dim) + eps);
+#pragma omp simd
+        for (int i = 0; i < dim; ++i)
+            o[i] = float_to_bf16(bf16_to_float(weight[i]) * round_bf16(bf16_to_float(o[i]) * inv));
+    }
+}
+
+// out[r] = bf16(bf16(silu(gate)) * up), with gate and up the two halves of row r of x.
+void silu_and_mul_bf16(const uint16_t* x, uint16_t* out, int rows, int inter) {
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(rows) * inter >= kParallelElems)
+    for (int r = 0; r < rows; ++r) {
+        const uint16_t* gate = x + static_cast<int64_t>(r) * 2 * inter;
+        const uint16_t* up = gate + inter;
+        uint16_t* o = out + static_cast<int64_t>(r) * inter;
+        int i = 0;
+#ifdef __AVX512F__
+        for (; i + 16 <= inter; i += 16) {
+            const __m512 g = load_bf16x16(gate + i);
+            const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            store_bf16x16(o + i, _mm512_mul_ps(round_bf16x16(s), load_bf16x16(up + i)));
+        }
+#endif
+        for (; i < inter; ++i) {
+            const float g = bf16_to_float(gate[i]);
+            o[i] = float_to_bf16(round_bf16(g / (1.0f + std::exp(-g))) * bf16_to_float(up[i]));
+        }
+    }
+}
+
+// Rotary embedding (rotate-half) on the first `rot_heads` heads of each row of
+// qkv, in place: bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)), as torch
+// computes it in bf16. cos/sin are [positions, head_dim] tables. Then, where
+// k_cache is given, the row's keys (the last `num_kv_heads` rotated heads) and
+// values (the `num_kv_heads` heads after them) are stored at the token's slot
+// of the pool; slot -1 (a padding row) stores nothing.
+void rope_store_bf16(uint16_t* qkv, int64_t row_stride, int tokens, const int64_t* positions, const uint16_t* cos,
+                     const uint16_t* sin, int rot_heads, int num_kv_heads, int head_dim, const int64_t* slots,
+                     uint16_t* k_cache, uint16_t* v_cache) {
+    const int half = head_dim / 2;
+    const int64_t kv_row = static_cast<int64_t>(num_kv_heads) * head_dim;
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(tokens) * rot_heads * head_dim >= kParallelElems)
+    for (int t = 0; t < tokens; ++t) {
+        uint16_t* row = qkv + static_cast<int64_t>(t) * row_stride;
+        const uint16_t* c = cos + positions[t] * head_dim;
+        const uint16_t* s = sin + positions[t] * head_dim;
+        for (int h = 0; h < rot_heads; ++h) {
+            uint16_t* x = row + static_cast<int64_t>(h) * head_dim;
+#pragma omp simd
+            for (int i = 0; i < half; ++i) {
+                const float x1 = bf16_to_float(x[i]), x2 = bf16_to_float(x[i + half]);
+                const float lo = round_bf16(x1 * bf16_to_float(c[i])) + round_bf16(-x2 * bf16_to_float(s[i]));
+                const float hi = round_bf16(x2 * bf16_to_float(c[i + half])) + round_bf16(x1 * bf16_to_float(s[i + half]));
+                x[i] = float_to_bf16(lo);
+                x[i + half] = float_to_bf16(hi);
+            }
+        }
+        if (k_cache != nullptr && slots[t] >= 0) {
+            const uint16_t* k = row + static_cast<int64_t>(rot_heads - num_kv_heads) * head_dim;
+            std::memcpy(k_cache + slots[t] * kv_row, k, sizeof(uint16_t) * kv_row);
+            std::memcpy(v_cache + slots[t] * kv_row, k + kv_row, sizeof(uint16_t) * kv_row);
+        }
+    }
+}
+
+}  // extern "C"

@@ -1,0 +1,91 @@
+"""The fused bf16 CPU kernels must round where torch's ops round: same bits, or (the norm's sum) within one bf16 step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagedllm.model import cpu_ops
+from pagedllm.model.layers import RotaryEmbedding
+
+pytestmark = pytest.mark.skipif(not cpu_ops.available(torch.empty(1, dtype=torch.bfloat16)), reason="CPU kernels did not build")
+
+
+def hf_rms_norm(x, weight, eps):
+    """transformers' LlamaRMSNorm in bf16."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 48, 300])
+@pytest.mark.parametrize("dim", [72, 576])
+def test_rms_norm_with_and_without_residual(rows, dim):
+    g = torch.Generator().manual_seed(rows * dim)
+    x = (torch.randn(rows, dim, generator=g) * 3).bfloat16()
+    res = torch.randn(rows, dim, generator=g).bfloat16()
+    w = (torch.rand(dim, generator=g) + 0.5).bfloat16()
+    # The sum of squares runs in another order than torch's: a row's result may move by one bf16 step.
+    one_step = dict(atol=0, rtol=2**-7)
+    torch.testing.assert_close(cpu_ops.rms_norm(x, w, 1e-5), hf_rms_norm(x, w, 1e-5), **one_step)
+    total = x + res
+    residual = res.clone()
+    out = cpu_ops.rms_norm(x, w, 1e-5, residual)
+    assert torch.equal(residual, total)  # the stream the next layer adds to, written in place
+    torch.testing.assert_close(out, hf_rms_norm(total, w, 1e-5), **one_step)
+    assert (out != hf_rms_norm(total, w, 1e-5)).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_torch_rms_norm_rounds_as_transformers_does(dtype):
+    from pagedllm.model.layers import RMSNorm
+
+    norm = RMSNorm(72, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(72))  # a weight of ones would hide where the rounding happens
+    x = torch.randn(200, 72).to(dtype)
+    with torch.inference_mode():
+        assert torch.equal(norm(x), hf_rms_norm(x, norm.weight, 1e-5))
+        out, residual = norm(x, x)
+    assert torch.equal(residual, x + x) and torch.equal(out, hf_rms_norm(x + x, norm.weight, 1e-5))
+
+
+def test_rms_norm_reads_a_strided_input():
+    x = torch.randn(5, 128).bfloat16()
+    w = torch.rand(64).bfloat16()
+    torch.testing.assert_close(cpu_ops.rms_norm(x[:, :64], w, 1e-6), hf_rms_norm(x[:, :64], w, 1e-6), atol=0, rtol=2**-7)
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 1536), (48, 1536), (300, 100), (3, 7)])
+def test_silu_and_mul_is_bit_identical_to_torch(rows, inter):
+    g = torch.Generator().manual_seed(rows + inter)
+    x = (torch.randn(rows, 2 * inter, generator=g) * 4).bfloat16()
+    # Values where exp overflows or underflows, zeros, and infinities.
+    x[0, : min(inter, 8)] = torch.tensor([-100.0, 100.0, -88.5, 88.5, 0.0, -0.0, float("inf"), float("-inf")])[: min(inter, 8)]
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(cpu_ops.silu_and_mul(x), F.silu(gate) * up, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 300])
+def test_rope_and_store_equals_rotary_then_index_copy(tokens):
+    heads, kv_heads, d, block_size = 9, 3, 64, 16
+    rot = RotaryEmbedding(d, 4096, {"rope_type": "default", "rope_theta": 100000.0})
+    rot.build(torch.device("cpu"), torch.bfloat16)
+    g = torch.Generator().manual_seed(tokens)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, generator=g).bfloat16()
+    positions = torch.randint(0, 4096, (tokens,), generator=g)
+    num_blocks = tokens // block_size + 4
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:tokens]
+    slots[0] = -1  # a padding row stores nothing
+    cache = torch.full((2, num_blocks, block_size, kv_heads, d), float("nan"), dtype=torch.bfloat16)
+    expected = rot.rotate(positions, qkv[:, : (heads + kv_heads) * d].view(tokens, heads + kv_heads, d)).reshape(tokens, -1)
+    values = qkv[:, (heads + kv_heads) * d :].clone()
+    cpu_ops.rope_and_store(qkv, positions, rot.cos, rot.sin, heads, kv_heads, d, slots, cache)
+    assert torch.equal(qkv[:, : (heads + kv_heads) * d], expected)
+    assert torch.equal(qkv[:, (heads + kv_heads) * d :], values)
+    k_slots, v_slots = cache[0].view(-1, kv_heads, d), cache[1].view(-1, kv_heads, d)
+    stored = slots >= 0
+    assert torch.equal(k_slots[slots[stored]], expected[stored, heads * d :].view(-1, kv_heads, d))
+    assert torch.equal(v_slots[slots[stored]], values[stored].view(-1, kv_heads, d))
+    assert int((~torch.isnan(k_slots)).all(-1).all(-1).sum()) == int(stored.sum())  # nothing else was written
