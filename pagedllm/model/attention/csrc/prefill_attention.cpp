@@ -33,22 +33,21 @@ constexpr float MASKED = -1e30f;  // finite: -ffast-math assumes no infinities
 // Keys per Q.K register block, so that keys x row-registers stay at 24 accumulators.
 template <int RB> constexpr int keys_per_block() { return RB == 4 ? 6 : RB == 3 ? 8 : RB == 2 ? 12 : 8; }
 
-// exp(x) for x <= 0 to about 1 ulp (Cephes' expf polynomial), and exactly 0
-// below -87 (masked scores and the first tile's rescale of nothing).
-inline __m512 exp512(__m512 x) {
-    const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+// 2^x for x <= 0, to about 2 ulp (degree-6 Taylor polynomial of 2^f on
+// |f| <= 1/2), and exactly 0 below -126 (masked scores; the first tile's
+// rescale of nothing).
+inline __m512 exp2_512(__m512 x) {
+    const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.5403530393e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558147e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108665e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650696e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718056e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_maskz_scalef_ps(live, p, n);
 }
 
@@ -56,10 +55,47 @@ inline __m512 widen(const uint16_t* p) {  // 16 bf16 -> float32: a 16-bit shift 
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
-// Scores of all R = 16 * RB rows against NKB keys: st[k * R + row] = scale * q_row . k.
-// qp holds the rows' d-pairs ([D/2][R] of 32 bits); keys[k] points at key k's row in the pool.
-template <int D, int RB>
-inline void qk_block(const uint32_t* qp, const uint16_t* const* keys, float* st, float scale) {
+// Keeps a loaded vector in a register: otherwise GCC folds the load into every
+// instruction that uses it, and the micro-kernels below become load-bound.
+template <typename V> inline V in_register(V x) {
+    asm("" : "+v"(x));
+    return x;
+}
+
+// x[i] holds row i of a 16 x 16 matrix of 32-bit elements; afterwards x[j] holds column j.
+inline void transpose16x16(__m512i x[16]) {
+    __m512i t[16];
+    for (int k = 0; k < 8; ++k) {  // per 128-bit lane: rows 2k, 2k+1 interleaved
+        t[2 * k] = _mm512_unpacklo_epi32(x[2 * k], x[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_epi32(x[2 * k], x[2 * k + 1]);
+    }
+    __m512i u[4][4];  // u[m][c], lane L: column 4L + c of rows 4m .. 4m + 3
+    for (int m = 0; m < 4; ++m) {
+        u[m][0] = _mm512_unpacklo_epi64(t[4 * m], t[4 * m + 2]);
+        u[m][1] = _mm512_unpackhi_epi64(t[4 * m], t[4 * m + 2]);
+        u[m][2] = _mm512_unpacklo_epi64(t[4 * m + 1], t[4 * m + 3]);
+        u[m][3] = _mm512_unpackhi_epi64(t[4 * m + 1], t[4 * m + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {  // then a 4 x 4 transpose of 128-bit lanes
+        const __m512i v0 = _mm512_shuffle_i32x4(u[0][c], u[1][c], _MM_SHUFFLE(1, 0, 1, 0));
+        const __m512i v1 = _mm512_shuffle_i32x4(u[0][c], u[1][c], _MM_SHUFFLE(3, 2, 3, 2));
+        const __m512i v2 = _mm512_shuffle_i32x4(u[2][c], u[3][c], _MM_SHUFFLE(1, 0, 1, 0));
+        const __m512i v3 = _mm512_shuffle_i32x4(u[2][c], u[3][c], _MM_SHUFFLE(3, 2, 3, 2));
+        x[c] = _mm512_shuffle_i32x4(v0, v2, _MM_SHUFFLE(2, 0, 2, 0));
+        x[4 + c] = _mm512_shuffle_i32x4(v0, v2, _MM_SHUFFLE(3, 1, 3, 1));
+        x[8 + c] = _mm512_shuffle_i32x4(v1, v3, _MM_SHUFFLE(2, 0, 2, 0));
+        x[12 + c] = _mm512_shuffle_i32x4(v1, v3, _MM_SHUFFLE(3, 1, 3, 1));
+    }
+}
+
+// Scores of all R = 16 * RB rows against NKB keys, in log2 units:
+// st[k * R + row] = q_row . k * scale * log2(e), or MASKED where MASK and the
+// key (at position kpos + k) lies after the row's position. qp holds the rows'
+// d-pairs ([D/2][R] of 32 bits); keys[k] points at key k's row in the pool.
+// mx[b] takes the running maximum of each row.
+template <int D, int RB, bool MASK>
+inline void qk_block(const uint32_t* qp, const uint16_t* const* keys, float* st, float scale, int kpos,
+                     const int32_t* qpos, __m512* mx) {
     constexpr int R = 16 * RB, NKB = keys_per_block<RB>();
     const uint16_t* k[NKB];
     for (int j = 0; j < NKB; ++j) k[j] = keys[j];
@@ -68,7 +104,7 @@ inline void qk_block(const uint32_t* qp, const uint16_t* const* keys, float* st,
         for (int b = 0; b < RB; ++b) acc[j][b] = _mm512_setzero_ps();
     for (int p = 0; p < D / 2; ++p) {
         __m512i qv[RB];
-        for (int b = 0; b < RB; ++b) qv[b] = _mm512_load_si512(qp + p * R + 16 * b);
+        for (int b = 0; b < RB; ++b) qv[b] = in_register(_mm512_load_si512(qp + p * R + 16 * b));
         for (int j = 0; j < NKB; ++j) {
             int32_t pair;
             std::memcpy(&pair, k[j] + 2 * p, sizeof pair);
@@ -78,7 +114,15 @@ inline void qk_block(const uint32_t* qp, const uint16_t* const* keys, float* st,
     }
     const __m512 s = _mm512_set1_ps(scale);
     for (int j = 0; j < NKB; ++j)
-        for (int b = 0; b < RB; ++b) _mm512_store_ps(st + j * R + 16 * b, _mm512_mul_ps(acc[j][b], s));
+        for (int b = 0; b < RB; ++b) {
+            __m512 x = _mm512_mul_ps(acc[j][b], s);
+            if constexpr (MASK) {
+                const __mmask16 above = _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(kpos + j), _mm512_load_si512(qpos + 16 * b));
+                x = _mm512_mask_mov_ps(x, above, _mm512_set1_ps(MASKED));
+            }
+            mx[b] = _mm512_max_ps(mx[b], x);
+            _mm512_store_ps(st + j * R + 16 * b, x);
+        }
 }
 
 // o[i] = o[i] * alpha[i] + sum_k p[k * R + i] * v[k], for NR rows of D floats.
@@ -92,7 +136,9 @@ inline void pv_rows(float* o, const float* alpha, const float* p, int R, const f
     }
     for (int k = 0; k < nk; ++k) {
         __m512 vk[NV];
-        for (int j = 0; j < NV; ++j) vk[j] = _mm512_load_ps(v + k * D + 16 * j);
+        for (int j = 0; j < NV; ++j) {
+            vk[j] = in_register(_mm512_load_ps(v + k * D + 16 * j));
+        }
         for (int i = 0; i < NR; ++i) {
             const __m512 pk = _mm512_set1_ps(p[k * R + i]);
             for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(pk, vk[j], acc[i][j]);
@@ -102,23 +148,21 @@ inline void pv_rows(float* o, const float* alpha, const float* p, int R, const f
         for (int j = 0; j < NV; ++j) _mm512_store_ps(o + i * D + 16 * j, acc[i][j]);
 }
 
-// All `rows` rows, in blocks of NR with one shorter block at the end.
+// All `rows` rows, in blocks of NR with shorter blocks at the end. A block
+// stops at its last row's position: the keys past it have probability 0.
 template <int D, int NR>
-inline void pv_tile(float* o, const float* alpha, const float* p, int R, const float* v, int nk, int rows) {
+inline void pv_tile(float* o, const float* alpha, const float* p, int R, const float* v, int nk, int rows,
+                    const int32_t* qpos, int k0) {
+    auto keys = [&](int r, int n) { return std::min(nk, qpos[r + n - 1] - k0 + 1); };
     int r = 0;
-    for (; r + NR <= rows; r += NR) pv_rows<D, NR>(o + r * D, alpha + r, p + r, R, v, nk);
-    if constexpr (NR > 1) {
-        const int left = rows - r;
-        if (left > 0) {
-            if constexpr (NR > 2) {
-                if (left >= NR / 2) {
-                    pv_rows<D, NR / 2>(o + r * D, alpha + r, p + r, R, v, nk);
-                    r += NR / 2;
-                }
-            }
-            for (; r < rows; ++r) pv_rows<D, 1>(o + r * D, alpha + r, p + r, R, v, nk);
+    for (; r + NR <= rows; r += NR) pv_rows<D, NR>(o + r * D, alpha + r, p + r, R, v, keys(r, NR));
+    if constexpr (NR > 2) {
+        if (rows - r >= NR / 2) {
+            pv_rows<D, NR / 2>(o + r * D, alpha + r, p + r, R, v, keys(r, NR / 2));
+            r += NR / 2;
         }
     }
+    for (; r < rows; ++r) pv_rows<D, 1>(o + r * D, alpha + r, p + r, R, v, keys(r, 1));
 }
 
 struct Task {
@@ -169,13 +213,18 @@ void run_task(const Task& t, Scratch& w, const uint16_t* q, int64_t q_stride, co
 
     alignas(64) int32_t qpos[R];
     for (int r = 0; r < R; ++r) qpos[r] = r < rows ? pos0 + r / t.heads : INT_MAX;  // padding rows: never masked
-    for (int r = 0; r < R; ++r) {
-        if (r >= rows) {
-            for (int p = 0; p < D / 2; ++p) w.qp[p * R + r] = 0u;
-            continue;
+    for (int b = 0; b < RB; ++b) {  // 16 rows at a time, 16 d-pairs at a time: a 16 x 16 transpose of 32-bit pairs
+        const uint16_t* src[16];
+        for (int i = 0; i < 16; ++i) {
+            const int r = 16 * b + i;
+            src[i] = r < rows ? q + static_cast<int64_t>(q_start + t.tok0 + r / t.heads) * q_stride + (first_head + r % t.heads) * D : nullptr;
         }
-        const uint16_t* src = q + static_cast<int64_t>(q_start + t.tok0 + r / t.heads) * q_stride + (first_head + r % t.heads) * D;
-        for (int p = 0; p < D / 2; ++p) std::memcpy(w.qp + p * R + r, src + 2 * p, sizeof(uint32_t));
+        for (int c = 0; c < D / 32; ++c) {
+            __m512i x[16];
+            for (int i = 0; i < 16; ++i) x[i] = src[i] ? _mm512_loadu_si512(src[i] + 32 * c) : _mm512_setzero_si512();
+            transpose16x16(x);
+            for (int i = 0; i < 16; ++i) _mm512_store_si512(w.qp + (16 * c + i) * R + 16 * b, x[i]);
+        }
     }
     std::memset(w.o, 0, sizeof(float) * rows * D);
     __m512 m[RB], l[RB];
@@ -194,34 +243,37 @@ void run_task(const Task& t, Scratch& w, const uint16_t* q, int64_t q_stride, co
             w.values[k] = v_cache + off;
         }
         for (int k = nk; k < nkp; ++k) w.keys[k] = zero_row;
-        for (int k = 0; k < nkp; k += NKB) qk_block<D, RB>(w.qp, w.keys + k, w.st + k * R, scale);
-        if (k0 + nkp - 1 > pos0) {  // the tile reaches past the first row's position: mask key > row position
-            for (int k = 0; k < nkp; ++k) {
-                const __m512i kpos = _mm512_set1_epi32(k0 + k);
-                for (int b = 0; b < RB; ++b) {
-                    const __mmask16 above = _mm512_cmpgt_epi32_mask(kpos, _mm512_load_si512(qpos + 16 * b));
-                    _mm512_mask_store_ps(w.st + k * R + 16 * b, above, _mm512_set1_ps(MASKED));
-                }
+        // The next tile's rows come from blocks anywhere in the pool: fetch them while this one computes.
+        for (int pos = k0 + TILE_KEYS; pos < std::min(key_end, k0 + 2 * TILE_KEYS); ++pos) {
+            const int64_t off = (static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size) * slot + t.kv_head * D;
+            for (int c = 0; c < D * 2; c += 64) {
+                _mm_prefetch(reinterpret_cast<const char*>(k_cache + off) + c, _MM_HINT_T0);
+                _mm_prefetch(reinterpret_cast<const char*>(v_cache + off) + c, _MM_HINT_T0);
             }
         }
-        // Online softmax, lane = row: new maxima, the rescale of what came before, probabilities.
+        __m512 mx[RB];
+        for (int b = 0; b < RB; ++b) mx[b] = m[b];
+        if (k0 + nkp - 1 > pos0) {  // the tile reaches past the first row's position: mask key > row position
+            for (int k = 0; k < nkp; k += NKB) qk_block<D, RB, true>(w.qp, w.keys + k, w.st + k * R, scale, k0 + k, qpos, mx);
+        } else {
+            for (int k = 0; k < nkp; k += NKB) qk_block<D, RB, false>(w.qp, w.keys + k, w.st + k * R, scale, k0 + k, qpos, mx);
+        }
+        // Online softmax, lane = row: the rescale of what came before, probabilities.
         for (int b = 0; b < RB; ++b) {
-            __m512 mx = m[b];
-            for (int k = 0; k < nkp; ++k) mx = _mm512_max_ps(mx, _mm512_load_ps(w.st + k * R + 16 * b));
-            const __m512 a = exp512(_mm512_sub_ps(m[b], mx));
+            const __m512 a = exp2_512(_mm512_sub_ps(m[b], mx[b]));
             __m512 sum = _mm512_setzero_ps();
             for (int k = 0; k < nkp; ++k) {
-                const __m512 p = exp512(_mm512_sub_ps(_mm512_load_ps(w.st + k * R + 16 * b), mx));
+                const __m512 p = exp2_512(_mm512_sub_ps(_mm512_load_ps(w.st + k * R + 16 * b), mx[b]));
                 _mm512_store_ps(w.st + k * R + 16 * b, p);
                 sum = _mm512_add_ps(sum, p);
             }
             l[b] = _mm512_fmadd_ps(l[b], a, sum);
-            m[b] = mx;
+            m[b] = mx[b];
             _mm512_store_ps(w.alpha + 16 * b, a);
         }
         for (int k = 0; k < nk; ++k)
             for (int j = 0; j < D / 16; ++j) _mm512_store_ps(w.vf + k * D + 16 * j, widen(w.values[k] + 16 * j));
-        pv_tile<D, D == 64 ? 6 : 3>(w.o, w.alpha, w.st, R, w.vf, nk, rows);
+        pv_tile<D, D == 64 ? 6 : 3>(w.o, w.alpha, w.st, R, w.vf, nk, rows, qpos, k0);
     }
 
     alignas(64) float inv[R];
@@ -240,6 +292,7 @@ template <int D>
 void prefill(const uint16_t* q, int64_t q_stride, const uint16_t* k_cache, const uint16_t* v_cache, const int32_t* block_tables,
              int64_t table_stride, const int32_t* query_start_loc, const int32_t* seq_lens, uint16_t* out,
              int num_seqs, int num_heads, int num_kv_heads, int block_size, float scale) {
+    scale *= 1.44269504088896341f;  // scores in log2 units: the softmax takes 2^x
     const int group = num_heads / num_kv_heads;
     const int heads_per_task = std::min(group, MAX_ROWS);
     const int toks_per_task = std::max(1, MAX_ROWS / heads_per_task);
@@ -254,8 +307,15 @@ void prefill(const uint16_t* q, int64_t q_stride, const uint16_t* k_cache, const
                     tasks.push_back({s, kvh, h0, heads, t0, toks, keys * ((toks * heads + 15) / 16)});
                 }
     }
-    // Longest first, so that the short ones fill the gaps at the end.
-    std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) { return a.cost > b.cost; });
+    // Longest sequences first, and the longest tiles of each first, so that short
+    // ones fill the gaps at the end; a sequence's tasks run together, so its keys
+    // and values stay in the caches while all of them read them.
+    std::vector<int64_t> seq_cost(num_seqs, 0);
+    for (const Task& t : tasks) seq_cost[t.seq] += t.cost;
+    std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& b) {
+        if (a.seq != b.seq) return seq_cost[a.seq] != seq_cost[b.seq] ? seq_cost[a.seq] > seq_cost[b.seq] : a.seq < b.seq;
+        return a.cost > b.cost;
+    });
     const int num_tasks = static_cast<int>(tasks.size());
 #pragma omp parallel
     {
