@@ -15,6 +15,7 @@
 //  - P.V is done in float32 (P is never rounded to bf16), on value rows
 //    widened once per tile for all the rows of the task.
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
@@ -165,10 +166,46 @@ inline void pv_tile(float* o, const float* alpha, const float* p, int R, const f
     for (; r < rows; ++r) pv_rows<D, 1>(o + r * D, alpha + r, p + r, R, v, keys(r, 1));
 }
 
+struct Args {  // one call's inputs
+    const uint16_t* q;
+    int64_t q_stride;
+    const uint16_t *k_cache, *v_cache;
+    const int32_t* block_tables;
+    int64_t table_stride;
+    const int32_t *query_start_loc, *seq_lens;
+    uint16_t* out;
+    int num_heads, num_kv_heads, group, block_size;
+    float scale;  // in log2 units
+};
+
 struct Task {
     int seq, kv_head, head0, heads, tok0, toks;  // heads head0.. of the KV head's group; tokens tok0.. of the chunk
     int64_t cost;
 };
+
+// Where a task's row r (token r / heads, head r % heads) lives in q and in out.
+template <int D>
+inline int64_t q_offset(const Args& a, const Task& t, int r) {
+    return static_cast<int64_t>(a.query_start_loc[t.seq] + t.tok0 + r / t.heads) * a.q_stride + (t.kv_head * a.group + t.head0 + r % t.heads) * D;
+}
+template <int D>
+inline int64_t out_offset(const Args& a, const Task& t, int r) {
+    return (static_cast<int64_t>(a.query_start_loc[t.seq] + t.tok0 + r / t.heads) * a.num_heads + t.kv_head * a.group + t.head0 + r % t.heads) * D;
+}
+
+// A task's query rows (to read) and output rows (to write) are far from the
+// caches: ask for them while the task before it computes.
+template <int D>
+void prefetch_task(const Args& a, const Task& t) {
+    for (int tok = 0; tok < t.toks; ++tok) {
+        const char* src = reinterpret_cast<const char*>(a.q + q_offset<D>(a, t, tok * t.heads));
+        const char* dst = reinterpret_cast<const char*>(a.out + out_offset<D>(a, t, tok * t.heads));
+        for (int c = 0; c < t.heads * D * 2; c += 64) {
+            _mm_prefetch(src + c, _MM_HINT_T0);
+            __builtin_prefetch(dst + c, 1, 3);
+        }
+    }
+}
 
 struct Scratch {  // one thread's buffers, 64-byte aligned
     uint32_t* qp;  // [D/2][R] query d-pairs
@@ -201,14 +238,15 @@ struct Scratch {  // one thread's buffers, 64-byte aligned
 alignas(64) const uint16_t zero_row[128] = {};  // stands in for the keys past a tile's end
 
 template <int D, int RB>
-void run_task(const Task& t, Scratch& w, const uint16_t* q, int64_t q_stride, const uint16_t* k_cache, const uint16_t* v_cache,
-              const int32_t* table, int q_start, int seq_len, int chunk, uint16_t* out, int num_heads,
-              int num_kv_heads, int group, int block_size, float scale) {
+void run_task(const Args& a, const Task& t, Scratch& w) {
     constexpr int R = 16 * RB, NKB = keys_per_block<RB>();
     const int rows = t.toks * t.heads;
-    const int64_t slot = static_cast<int64_t>(num_kv_heads) * D;  // one token's keys, all KV heads
-    const int first_head = t.kv_head * group + t.head0;
-    const int pos0 = seq_len - chunk + t.tok0;  // position of the task's first query token
+    const int64_t slot = static_cast<int64_t>(a.num_kv_heads) * D;  // one token's keys, all KV heads
+    const int32_t* table = a.block_tables + t.seq * a.table_stride;
+    const int chunk = a.query_start_loc[t.seq + 1] - a.query_start_loc[t.seq];
+    const int block_size = a.block_size;
+    const uint16_t *k_cache = a.k_cache, *v_cache = a.v_cache;
+    const int pos0 = a.seq_lens[t.seq] - chunk + t.tok0;  // position of the task's first query token
     const int key_end = pos0 + t.toks;          // keys 0 .. key_end - 1 are seen by some row
 
     alignas(64) int32_t qpos[R];
@@ -217,7 +255,7 @@ void run_task(const Task& t, Scratch& w, const uint16_t* q, int64_t q_stride, co
         const uint16_t* src[16];
         for (int i = 0; i < 16; ++i) {
             const int r = 16 * b + i;
-            src[i] = r < rows ? q + static_cast<int64_t>(q_start + t.tok0 + r / t.heads) * q_stride + (first_head + r % t.heads) * D : nullptr;
+            src[i] = r < rows ? a.q + q_offset<D>(a, t, r) : nullptr;
         }
         for (int c = 0; c < D / 32; ++c) {
             __m512i x[16];
@@ -254,22 +292,22 @@ void run_task(const Task& t, Scratch& w, const uint16_t* q, int64_t q_stride, co
         __m512 mx[RB];
         for (int b = 0; b < RB; ++b) mx[b] = m[b];
         if (k0 + nkp - 1 > pos0) {  // the tile reaches past the first row's position: mask key > row position
-            for (int k = 0; k < nkp; k += NKB) qk_block<D, RB, true>(w.qp, w.keys + k, w.st + k * R, scale, k0 + k, qpos, mx);
+            for (int k = 0; k < nkp; k += NKB) qk_block<D, RB, true>(w.qp, w.keys + k, w.st + k * R, a.scale, k0 + k, qpos, mx);
         } else {
-            for (int k = 0; k < nkp; k += NKB) qk_block<D, RB, false>(w.qp, w.keys + k, w.st + k * R, scale, k0 + k, qpos, mx);
+            for (int k = 0; k < nkp; k += NKB) qk_block<D, RB, false>(w.qp, w.keys + k, w.st + k * R, a.scale, k0 + k, qpos, mx);
         }
         // Online softmax, lane = row: the rescale of what came before, probabilities.
         for (int b = 0; b < RB; ++b) {
-            const __m512 a = exp2_512(_mm512_sub_ps(m[b], mx[b]));
+            const __m512 alpha = exp2_512(_mm512_sub_ps(m[b], mx[b]));
             __m512 sum = _mm512_setzero_ps();
             for (int k = 0; k < nkp; ++k) {
                 const __m512 p = exp2_512(_mm512_sub_ps(_mm512_load_ps(w.st + k * R + 16 * b), mx[b]));
                 _mm512_store_ps(w.st + k * R + 16 * b, p);
                 sum = _mm512_add_ps(sum, p);
             }
-            l[b] = _mm512_fmadd_ps(l[b], a, sum);
+            l[b] = _mm512_fmadd_ps(l[b], alpha, sum);
             m[b] = mx[b];
-            _mm512_store_ps(w.alpha + 16 * b, a);
+            _mm512_store_ps(w.alpha + 16 * b, alpha);
         }
         for (int k = 0; k < nk; ++k)
             for (int j = 0; j < D / 16; ++j) _mm512_store_ps(w.vf + k * D + 16 * j, widen(w.values[k] + 16 * j));
@@ -279,7 +317,7 @@ void run_task(const Task& t, Scratch& w, const uint16_t* q, int64_t q_stride, co
     alignas(64) float inv[R];
     for (int b = 0; b < RB; ++b) _mm512_store_ps(inv + 16 * b, _mm512_div_ps(_mm512_set1_ps(1.0f), l[b]));
     for (int r = 0; r < rows; ++r) {
-        uint16_t* dst = out + (static_cast<int64_t>(q_start + t.tok0 + r / t.heads) * num_heads + first_head + r % t.heads) * D;
+        uint16_t* dst = a.out + out_offset<D>(a, t, r);
         const __m512 s = _mm512_set1_ps(inv[r]);
         for (int j = 0; j < D / 16; ++j) {
             const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(w.o + r * D + 16 * j), s));  // round to nearest even
@@ -289,21 +327,18 @@ void run_task(const Task& t, Scratch& w, const uint16_t* q, int64_t q_stride, co
 }
 
 template <int D>
-void prefill(const uint16_t* q, int64_t q_stride, const uint16_t* k_cache, const uint16_t* v_cache, const int32_t* block_tables,
-             int64_t table_stride, const int32_t* query_start_loc, const int32_t* seq_lens, uint16_t* out,
-             int num_seqs, int num_heads, int num_kv_heads, int block_size, float scale) {
-    scale *= 1.44269504088896341f;  // scores in log2 units: the softmax takes 2^x
-    const int group = num_heads / num_kv_heads;
-    const int heads_per_task = std::min(group, MAX_ROWS);
+void prefill(Args a, int num_seqs) {
+    a.scale *= 1.44269504088896341f;  // scores in log2 units: the softmax takes 2^x
+    const int heads_per_task = std::min(a.group, MAX_ROWS);
     const int toks_per_task = std::max(1, MAX_ROWS / heads_per_task);
     std::vector<Task> tasks;
     for (int s = 0; s < num_seqs; ++s) {
-        const int chunk = query_start_loc[s + 1] - query_start_loc[s];
-        for (int kvh = 0; kvh < num_kv_heads; ++kvh)
-            for (int h0 = 0; h0 < group; h0 += heads_per_task)
+        const int chunk = a.query_start_loc[s + 1] - a.query_start_loc[s];
+        for (int kvh = 0; kvh < a.num_kv_heads; ++kvh)
+            for (int h0 = 0; h0 < a.group; h0 += heads_per_task)
                 for (int t0 = 0; t0 < chunk; t0 += toks_per_task) {
-                    const int heads = std::min(heads_per_task, group - h0), toks = std::min(toks_per_task, chunk - t0);
-                    const int64_t keys = seq_lens[s] - chunk + t0 + toks;
+                    const int heads = std::min(heads_per_task, a.group - h0), toks = std::min(toks_per_task, chunk - t0);
+                    const int64_t keys = a.seq_lens[s] - chunk + t0 + toks;
                     tasks.push_back({s, kvh, h0, heads, t0, toks, keys * ((toks * heads + 15) / 16)});
                 }
     }
@@ -312,31 +347,29 @@ void prefill(const uint16_t* q, int64_t q_stride, const uint16_t* k_cache, const
     // and values stay in the caches while all of them read them.
     std::vector<int64_t> seq_cost(num_seqs, 0);
     for (const Task& t : tasks) seq_cost[t.seq] += t.cost;
-    std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& b) {
-        if (a.seq != b.seq) return seq_cost[a.seq] != seq_cost[b.seq] ? seq_cost[a.seq] > seq_cost[b.seq] : a.seq < b.seq;
-        return a.cost > b.cost;
+    std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& x, const Task& y) {
+        if (x.seq != y.seq) return seq_cost[x.seq] != seq_cost[y.seq] ? seq_cost[x.seq] > seq_cost[y.seq] : x.seq < y.seq;
+        return x.cost > y.cost;
     });
     const int num_tasks = static_cast<int>(tasks.size());
+    // Each thread claims its next task before running the current one, so that
+    // it can prefetch that task's rows (a dynamic schedule of one task at a time).
+    std::atomic<int> next{0};
 #pragma omp parallel
     {
         Scratch w(D);
-#pragma omp for schedule(dynamic, 1)
-        for (int i = 0; i < num_tasks; ++i) {
+        int i = next.fetch_add(1);
+        while (i < num_tasks) {
+            const int j = next.fetch_add(1);
+            if (j < num_tasks) prefetch_task<D>(a, tasks[j]);
             const Task& t = tasks[i];
-            const int s = t.seq;
-            const int chunk = query_start_loc[s + 1] - query_start_loc[s];
-            const int32_t* table = block_tables + s * table_stride;
-            const int rb = (t.toks * t.heads + 15) / 16;
-            auto run = [&](auto kernel) {
-                kernel(t, w, q, q_stride, k_cache, v_cache, table, query_start_loc[s], seq_lens[s], chunk, out, num_heads,
-                       num_kv_heads, group, block_size, scale);
-            };
-            switch (rb) {
-                case 1: run(run_task<D, 1>); break;
-                case 2: run(run_task<D, 2>); break;
-                case 3: run(run_task<D, 3>); break;
-                default: run(run_task<D, 4>); break;
+            switch ((t.toks * t.heads + 15) / 16) {
+                case 1: run_task<D, 1>(a, t, w); break;
+                case 2: run_task<D, 2>(a, t, w); break;
+                case 3: run_task<D, 3>(a, t, w); break;
+                default: run_task<D, 4>(a, t, w); break;
             }
+            i = j;
         }
     }
 }
@@ -369,12 +402,12 @@ int paged_prefill_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_ca
                        int head_dim, int block_size, float scale) {
     if (!paged_prefill_bf16_supported(head_dim) || num_kv_heads <= 0 || num_heads % num_kv_heads) return -1;
 #ifdef PAGEDLLM_PREFILL_AVX512_BF16
+    const Args a{q, q_stride, k_cache, v_cache, block_tables, table_stride, query_start_loc, seq_lens, out,
+                 num_heads, num_kv_heads, num_heads / num_kv_heads, block_size, scale};
     if (head_dim == 64)
-        prefill<64>(q, q_stride, k_cache, v_cache, block_tables, table_stride, query_start_loc, seq_lens, out, num_seqs, num_heads,
-                    num_kv_heads, block_size, scale);
+        prefill<64>(a, num_seqs);
     else
-        prefill<128>(q, q_stride, k_cache, v_cache, block_tables, table_stride, query_start_loc, seq_lens, out, num_seqs,
-                     num_heads, num_kv_heads, block_size, scale);
+        prefill<128>(a, num_seqs);
     return 0;
 #else
     (void)q, (void)q_stride, (void)k_cache, (void)v_cache, (void)block_tables, (void)table_stride, (void)query_start_loc;
