@@ -31,7 +31,8 @@ constexpr int MAX_ROWS = 64;    // query rows per task: four registers of 16 lan
 constexpr int TILE_KEYS = 48;   // keys per softmax tile; a multiple of every key block below
 constexpr float MASKED = -1e30f;  // finite: -ffast-math assumes no infinities
 
-// Keys per Q.K register block, so that keys x row-registers stay at 24 accumulators.
+// Keys per Q.K register block: keys x row registers = 24 accumulators (8 for one
+// register: enough independent sums to hide the latency).
 template <int RB> constexpr int keys_per_block() { return RB == 4 ? 6 : RB == 3 ? 8 : RB == 2 ? 12 : 8; }
 
 // 2^x for x <= 0, to about 2 ulp (degree-6 Taylor polynomial of 2^f on
@@ -89,47 +90,66 @@ inline void transpose16x16(__m512i x[16]) {
     }
 }
 
-// Scores of all R = 16 * RB rows against NKB keys, in log2 units:
+// Scores of rows 16 * B0 .. R - 1 (R = 16 * RB) against NKB keys, in log2 units:
 // st[k * R + row] = q_row . k * scale * log2(e), or MASKED where MASK and the
-// key (at position kpos + k) lies after the row's position. qp holds the rows'
-// d-pairs ([D/2][R] of 32 bits); keys[k] points at key k's row in the pool.
-// mx[b] takes the running maximum of each row.
-template <int D, int RB, bool MASK>
+// key (at position kpos + k) lies after the row's position; rows before 16 * B0
+// (all of whose positions come before kpos) get MASKED without being computed.
+// qp holds the rows' d-pairs ([D/2][R] of 32 bits); keys[k] points at key k's
+// row in the pool. mx[b] takes the running maximum of each row.
+template <int D, int RB, int B0, bool MASK>
 inline void qk_block(const uint32_t* qp, const uint16_t* const* keys, float* st, float scale, int kpos,
                      const int32_t* qpos, __m512* mx) {
-    constexpr int R = 16 * RB, NKB = keys_per_block<RB>();
+    constexpr int R = 16 * RB, NKB = keys_per_block<RB>(), NB = RB - B0;
     const uint16_t* k[NKB];
     for (int j = 0; j < NKB; ++j) k[j] = keys[j];
-    __m512 acc[NKB][RB];
+    __m512 acc[NKB][NB];
     for (int j = 0; j < NKB; ++j)
-        for (int b = 0; b < RB; ++b) acc[j][b] = _mm512_setzero_ps();
+        for (int b = 0; b < NB; ++b) acc[j][b] = _mm512_setzero_ps();
     for (int p = 0; p < D / 2; ++p) {
-        __m512i qv[RB];
-        for (int b = 0; b < RB; ++b) qv[b] = in_register(_mm512_load_si512(qp + p * R + 16 * b));
+        __m512i qv[NB];
+        for (int b = 0; b < NB; ++b) qv[b] = in_register(_mm512_load_si512(qp + p * R + 16 * (B0 + b)));
         for (int j = 0; j < NKB; ++j) {
             int32_t pair;
             std::memcpy(&pair, k[j] + 2 * p, sizeof pair);
             const __m512i kb = _mm512_set1_epi32(pair);
-            for (int b = 0; b < RB; ++b) acc[j][b] = _mm512_dpbf16_ps(acc[j][b], (__m512bh)qv[b], (__m512bh)kb);
+            for (int b = 0; b < NB; ++b) acc[j][b] = _mm512_dpbf16_ps(acc[j][b], (__m512bh)qv[b], (__m512bh)kb);
         }
     }
     const __m512 s = _mm512_set1_ps(scale);
-    for (int j = 0; j < NKB; ++j)
-        for (int b = 0; b < RB; ++b) {
+    for (int j = 0; j < NKB; ++j) {
+        for (int b = 0; b < B0; ++b) _mm512_store_ps(st + j * R + 16 * b, _mm512_set1_ps(MASKED));
+        for (int b = 0; b < NB; ++b) {
             __m512 x = _mm512_mul_ps(acc[j][b], s);
             if constexpr (MASK) {
-                const __mmask16 above = _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(kpos + j), _mm512_load_si512(qpos + 16 * b));
-                x = _mm512_mask_mov_ps(x, above, _mm512_set1_ps(MASKED));
+                const __m512i rpos = _mm512_load_si512(qpos + 16 * (B0 + b));
+                x = _mm512_mask_mov_ps(x, _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(kpos + j), rpos), _mm512_set1_ps(MASKED));
             }
-            mx[b] = _mm512_max_ps(mx[b], x);
-            _mm512_store_ps(st + j * R + 16 * b, x);
+            mx[B0 + b] = _mm512_max_ps(mx[B0 + b], x);
+            _mm512_store_ps(st + j * R + 16 * (B0 + b), x);
         }
+    }
 }
 
-// o[i] = o[i] * alpha[i] + sum_k p[k * R + i] * v[k], for NR rows of D floats.
+// A block of keys on the diagonal: only the row registers from the first one
+// that reaches position kpos on are computed (rows are in position order).
+template <int D, int RB>
+inline void qk_diagonal_block(const uint32_t* qp, const uint16_t* const* keys, float* st, float scale, int kpos,
+                              const int32_t* qpos, __m512* mx) {
+    int b0 = 0;
+    while (b0 < RB - 1 && qpos[16 * b0 + 15] < kpos) ++b0;
+    switch (b0) {
+        case 0: return qk_block<D, RB, 0, true>(qp, keys, st, scale, kpos, qpos, mx);
+        case 1: if constexpr (RB > 1) return qk_block<D, RB, 1, true>(qp, keys, st, scale, kpos, qpos, mx); break;
+        case 2: if constexpr (RB > 2) return qk_block<D, RB, 2, true>(qp, keys, st, scale, kpos, qpos, mx); break;
+        default: if constexpr (RB > 3) return qk_block<D, RB, 3, true>(qp, keys, st, scale, kpos, qpos, mx); break;
+    }
+}
+
+// o[i] = o[i] * alpha[i] + sum_k p[k * R + i] * v[k], for NR rows and 64 of
+// the D columns (6 x 4 accumulators; wider rows go 64 columns at a time).
 template <int D, int NR>
 inline void pv_rows(float* o, const float* alpha, const float* p, int R, const float* v, int nk) {
-    constexpr int NV = D / 16;
+    constexpr int NV = 4;
     __m512 acc[NR][NV];
     for (int i = 0; i < NR; ++i) {
         const __m512 a = _mm512_set1_ps(alpha[i]);
@@ -137,9 +157,7 @@ inline void pv_rows(float* o, const float* alpha, const float* p, int R, const f
     }
     for (int k = 0; k < nk; ++k) {
         __m512 vk[NV];
-        for (int j = 0; j < NV; ++j) {
-            vk[j] = in_register(_mm512_load_ps(v + k * D + 16 * j));
-        }
+        for (int j = 0; j < NV; ++j) vk[j] = in_register(_mm512_load_ps(v + k * D + 16 * j));
         for (int i = 0; i < NR; ++i) {
             const __m512 pk = _mm512_set1_ps(p[k * R + i]);
             for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(pk, vk[j], acc[i][j]);
@@ -149,21 +167,22 @@ inline void pv_rows(float* o, const float* alpha, const float* p, int R, const f
         for (int j = 0; j < NV; ++j) _mm512_store_ps(o + i * D + 16 * j, acc[i][j]);
 }
 
-// All `rows` rows, in blocks of NR with shorter blocks at the end. A block
+// All `rows` rows, in blocks of 6 with shorter blocks at the end. A block
 // stops at its last row's position: the keys past it have probability 0.
-template <int D, int NR>
+template <int D>
 inline void pv_tile(float* o, const float* alpha, const float* p, int R, const float* v, int nk, int rows,
                     const int32_t* qpos, int k0) {
+    constexpr int NR = 6;
     auto keys = [&](int r, int n) { return std::min(nk, qpos[r + n - 1] - k0 + 1); };
-    int r = 0;
-    for (; r + NR <= rows; r += NR) pv_rows<D, NR>(o + r * D, alpha + r, p + r, R, v, keys(r, NR));
-    if constexpr (NR > 2) {
+    for (int c = 0; c < D; c += 64) {
+        int r = 0;
+        for (; r + NR <= rows; r += NR) pv_rows<D, NR>(o + r * D + c, alpha + r, p + r, R, v + c, keys(r, NR));
         if (rows - r >= NR / 2) {
-            pv_rows<D, NR / 2>(o + r * D, alpha + r, p + r, R, v, keys(r, NR / 2));
+            pv_rows<D, NR / 2>(o + r * D + c, alpha + r, p + r, R, v + c, keys(r, NR / 2));
             r += NR / 2;
         }
+        for (; r < rows; ++r) pv_rows<D, 1>(o + r * D + c, alpha + r, p + r, R, v + c, keys(r, 1));
     }
-    for (; r < rows; ++r) pv_rows<D, 1>(o + r * D, alpha + r, p + r, R, v, keys(r, 1));
 }
 
 struct Args {  // one call's inputs
@@ -292,26 +311,30 @@ void run_task(const Args& a, const Task& t, Scratch& w) {
         __m512 mx[RB];
         for (int b = 0; b < RB; ++b) mx[b] = m[b];
         if (k0 + nkp - 1 > pos0) {  // the tile reaches past the first row's position: mask key > row position
-            for (int k = 0; k < nkp; k += NKB) qk_block<D, RB, true>(w.qp, w.keys + k, w.st + k * R, a.scale, k0 + k, qpos, mx);
+            for (int k = 0; k < nkp; k += NKB) qk_diagonal_block<D, RB>(w.qp, w.keys + k, w.st + k * R, a.scale, k0 + k, qpos, mx);
         } else {
-            for (int k = 0; k < nkp; k += NKB) qk_block<D, RB, false>(w.qp, w.keys + k, w.st + k * R, a.scale, k0 + k, qpos, mx);
+            for (int k = 0; k < nkp; k += NKB) qk_block<D, RB, 0, false>(w.qp, w.keys + k, w.st + k * R, a.scale, k0 + k, qpos, mx);
         }
-        // Online softmax, lane = row: the rescale of what came before, probabilities.
+        // Online softmax, lane = row: the rescale of what came before, probabilities
+        // (0 without computing them past the register's last row position).
         for (int b = 0; b < RB; ++b) {
             const __m512 alpha = exp2_512(_mm512_sub_ps(m[b], mx[b]));
             __m512 sum = _mm512_setzero_ps();
-            for (int k = 0; k < nkp; ++k) {
+            const int last = qpos[16 * b + 15] - k0;  // INT_MAX - k0 for padding rows: no overflow
+            const int live = last >= nkp ? nkp : std::max(0, last + 1);
+            for (int k = 0; k < live; ++k) {
                 const __m512 p = exp2_512(_mm512_sub_ps(_mm512_load_ps(w.st + k * R + 16 * b), mx[b]));
                 _mm512_store_ps(w.st + k * R + 16 * b, p);
                 sum = _mm512_add_ps(sum, p);
             }
+            for (int k = live; k < nkp; ++k) _mm512_store_ps(w.st + k * R + 16 * b, _mm512_setzero_ps());
             l[b] = _mm512_fmadd_ps(l[b], alpha, sum);
             m[b] = mx[b];
             _mm512_store_ps(w.alpha + 16 * b, alpha);
         }
         for (int k = 0; k < nk; ++k)
             for (int j = 0; j < D / 16; ++j) _mm512_store_ps(w.vf + k * D + 16 * j, widen(w.values[k] + 16 * j));
-        pv_tile<D, D == 64 ? 6 : 3>(w.o, w.alpha, w.st, R, w.vf, nk, rows, qpos, k0);
+        pv_tile<D>(w.o, w.alpha, w.st, R, w.vf, nk, rows, qpos, k0);
     }
 
     alignas(64) float inv[R];
