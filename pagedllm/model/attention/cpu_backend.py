@@ -46,4 +46,5 @@ class CpuPagedAttention(TorchPagedAttention):
 
     @staticmethod
     def available() -> bool:
+        cpu_kernels.load_prefill()  # built now, when the backend is chosen, not inside the first step
         return cpu_kernels.load() is not None
