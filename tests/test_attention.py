@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pagedllm.model.attention import cpu_kernels
 from pagedllm.model.attention.metadata import AttentionMetadata
 from pagedllm.model.attention.cpu_backend import CpuPagedAttention
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
@@ -281,8 +282,7 @@ def _assert_close_to_bf16_rounding(out, ref):
 
 
 needs_prefill_kernel = pytest.mark.skipif(
-    not (CpuPagedAttention.available() and __import__("pagedllm.model.attention.cpu_kernels", fromlist=["x"]).supports_prefill(torch.bfloat16, 64)),
-    reason="the native prefill kernel needs AVX-512 BF16 and a C++ compiler",
+    not cpu_kernels.supports_prefill(torch.bfloat16, 64), reason="the native prefill kernel needs AVX-512 BF16 and a C++ compiler"
 )
 
 
@@ -295,8 +295,6 @@ def test_cpu_prefill_kernel_matches_the_fp32_reference(heads, head_dim, block_si
     Chunks of 1, 15, 16, 17, 100 and 384 tokens straddle the kernel's query and
     key tiles and the blocks; every slot the sequences do not own is NaN.
     """
-    from pagedllm.model.attention import cpu_kernels
-
     h, kvh = heads
     chunks = [17, 1, 384, 15, 100, 16, 16, 1]
     seq_lens = [17, 9, 384, 40, 250, 16, 53, 1]  # some whole prompts, some chunks after earlier keys
@@ -310,8 +308,6 @@ def test_cpu_prefill_kernel_matches_the_fp32_reference(heads, head_dim, block_si
 @needs_prefill_kernel
 def test_cpu_prefill_kernel_reads_a_strided_q_and_a_wide_block_table():
     """q as the model hands it over (a view into the fused QKV projection); block tables wider than needed."""
-    from pagedllm.model.attention import cpu_kernels
-
     h, kvh, d = 9, 3, 64
     chunks, seq_lens = [33, 70], [33, 91]
     q, cache, tables, qsl = _bf16_prefill_case(h, kvh, d, 16, chunks, seq_lens, seed=5)
@@ -323,8 +319,6 @@ def test_cpu_prefill_kernel_reads_a_strided_q_and_a_wide_block_table():
 
 
 def test_cpu_prefill_kernel_reports_what_it_does_not_support():
-    from pagedllm.model.attention import cpu_kernels
-
     assert not cpu_kernels.supports_prefill(torch.float32, 64)
     assert not cpu_kernels.supports_prefill(torch.bfloat16, 80)
 
@@ -333,14 +327,12 @@ def test_cpu_prefill_kernel_reports_what_it_does_not_support():
 @pytest.mark.parametrize("head_dim", [64, 128, 80])
 def test_cpu_backend_bf16_step_of_decodes_and_prefill_chunks(head_dim, monkeypatch):
     """One bf16 step through forward: decodes first, then prefill chunks; the kernel where it runs, the fp32 path where not."""
-    from pagedllm.model.attention import cpu_kernels
-
     h, kvh, bs = 8, 2, 16
     chunks = [1, 1, 1, 40, 7, 130]
     seq_lens = [20, 57, 1, 40, 30, 200]
     q, cache, tables, qsl = _bf16_prefill_case(h, kvh, head_dim, bs, chunks, seq_lens, seed=head_dim)
     # This step's own keys/values go through forward's write_kv: take them out of the pool, and NaN their slots.
-    slots, ks, vs = [], [], []
+    slots = []
     for i, (n, seq_len) in enumerate(zip(chunks, seq_lens)):
         pos = torch.arange(seq_len - n, seq_len)
         slots.append(tables[i][pos // bs].long() * bs + pos % bs)
