@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pagedllm.model.attention import cpu_kernels
 from pagedllm.model.attention.metadata import AttentionMetadata
 from pagedllm.model.attention.cpu_backend import CpuPagedAttention
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
@@ -230,3 +231,123 @@ def test_loading_the_cpu_kernels_leaves_subnormal_floats_alone():
         "assert torch.tensor(x).mul(1.0).item() != 0.0, 'flush-to-zero is on'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _bf16_prefill_case(h, kvh, d, block_size, chunks, seq_lens, seed):
+    """Sequences whose first seq_len tokens' keys/values sit in a NaN-filled bf16 pool, in blocks scattered at random.
+
+    Returns q [sum(chunks), h, d] (the last chunk of each sequence), the pool,
+    block tables padded with 0, and query_start_loc.
+    """
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-n // block_size) for n in seq_lens) + 7
+    cache = torch.full((2, num_blocks, block_size, kvh, d), float("nan"), dtype=torch.bfloat16)
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(-(-n // block_size) for n in seq_lens)
+    tables = []
+    for n in seq_lens:
+        table = [order.pop() for _ in range(-(-n // block_size))]
+        kv = torch.randn(2, len(table) * block_size, kvh, d, generator=g).to(torch.bfloat16)
+        cache[:, table] = kv.view(2, len(table), block_size, kvh, d)
+        last = table[-1]
+        cache[:, last, n - (len(table) - 1) * block_size :] = float("nan")  # the last block's unused slots stay NaN
+        tables.append(table + [0] * (width - len(table)))
+    q = torch.randn(sum(chunks), h, d, generator=g).to(torch.bfloat16)
+    qsl = [0]
+    for n in chunks:
+        qsl.append(qsl[-1] + n)
+    return q, cache, torch.tensor(tables, dtype=torch.int32), qsl
+
+
+def _fp32_prefill_reference(q, cache, tables, qsl, seq_lens, num_kv_heads):
+    """What the CPU backend computed before the kernel: the torch backend's _prefill on float32 copies."""
+    h, d = q.shape[1:]
+    bs = cache.shape[2]
+    attn = TorchPagedAttention(h, num_kv_heads, d, d**-0.5)
+    cf = cache.float()
+    outs = []
+    for i, seq_len in enumerate(seq_lens):
+        n = qsl[i + 1] - qsl[i]
+        pos = torch.arange(seq_len - n, seq_len)
+        slots = tables[i][pos // bs].long() * bs + pos % bs
+        k_new, v_new = (cf[j].view(-1, num_kv_heads, d)[slots] for j in (0, 1))
+        outs.append(attn._prefill(q[qsl[i] : qsl[i + 1]].float(), k_new, v_new, cf, tables[i], seq_len))
+    return torch.cat(outs)
+
+
+def _assert_close_to_bf16_rounding(out, ref):
+    """Within one bf16 ulp of the float32 reference (its own rounding may differ where ref sits near a tie)."""
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.float(), ref.to(torch.bfloat16).float(), atol=1e-3, rtol=2**-7)
+
+
+needs_prefill_kernel = pytest.mark.skipif(
+    not cpu_kernels.supports_prefill(torch.bfloat16, 64), reason="the native prefill kernel needs AVX-512 BF16 and a C++ compiler"
+)
+
+
+@needs_prefill_kernel
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("heads,head_dim", [((9, 3), 64), ((8, 8), 64), ((32, 8), 128), ((8, 2), 128), ((12, 4), 64)])
+def test_cpu_prefill_kernel_matches_the_fp32_reference(heads, head_dim, block_size):
+    """Whole prompts and chunks after cached keys (chunked prefill, prefix hits), uneven lengths, all in one call.
+
+    Chunks of 1, 15, 16, 17, 100 and 384 tokens straddle the kernel's query and
+    key tiles and the blocks; every slot the sequences do not own is NaN.
+    """
+    h, kvh = heads
+    chunks = [17, 1, 384, 15, 100, 16, 16, 1]
+    seq_lens = [17, 9, 384, 40, 250, 16, 53, 1]  # some whole prompts, some chunks after earlier keys
+    q, cache, tables, qsl = _bf16_prefill_case(h, kvh, head_dim, block_size, chunks, seq_lens, seed=block_size + head_dim + h)
+    out = cpu_kernels.paged_prefill(q, cache, tables, torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32), head_dim**-0.5)
+    ref = _fp32_prefill_reference(q, cache, tables, qsl, seq_lens, kvh)
+    _assert_close_to_bf16_rounding(out, ref)
+    assert (out.float() - ref).abs().max() < 2e-2
+
+
+@needs_prefill_kernel
+def test_cpu_prefill_kernel_reads_a_strided_q_and_a_wide_block_table():
+    """q as the model hands it over (a view into the fused QKV projection); block tables wider than needed."""
+    h, kvh, d = 9, 3, 64
+    chunks, seq_lens = [33, 70], [33, 91]
+    q, cache, tables, qsl = _bf16_prefill_case(h, kvh, d, 16, chunks, seq_lens, seed=5)
+    qkv = torch.zeros(q.shape[0], h + 2 * kvh, d, dtype=torch.bfloat16)
+    qkv[:, :h] = q
+    wide = torch.cat([tables, torch.zeros(2, 5, dtype=torch.int32)], dim=1)
+    out = cpu_kernels.paged_prefill(qkv[:, :h], cache, wide, torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32), d**-0.5)
+    _assert_close_to_bf16_rounding(out, _fp32_prefill_reference(q, cache, tables, qsl, seq_lens, kvh))
+
+
+def test_cpu_prefill_kernel_reports_what_it_does_not_support():
+    assert not cpu_kernels.supports_prefill(torch.float32, 64)
+    assert not cpu_kernels.supports_prefill(torch.bfloat16, 80)
+
+
+@pytest.mark.skipif(not CpuPagedAttention.available(), reason="CPU kernels did not build")
+@pytest.mark.parametrize("head_dim", [64, 128, 80])
+def test_cpu_backend_bf16_step_of_decodes_and_prefill_chunks(head_dim, monkeypatch):
+    """One bf16 step through forward: decodes first, then prefill chunks; the kernel where it runs, the fp32 path where not."""
+    h, kvh, bs = 8, 2, 16
+    chunks = [1, 1, 1, 40, 7, 130]
+    seq_lens = [20, 57, 1, 40, 30, 200]
+    q, cache, tables, qsl = _bf16_prefill_case(h, kvh, head_dim, bs, chunks, seq_lens, seed=head_dim)
+    # This step's own keys/values go through forward's write_kv: take them out of the pool, and NaN their slots.
+    slots = []
+    for i, (n, seq_len) in enumerate(zip(chunks, seq_lens)):
+        pos = torch.arange(seq_len - n, seq_len)
+        slots.append(tables[i][pos // bs].long() * bs + pos % bs)
+    slots = torch.cat(slots)
+    k, v = (cache[j].view(-1, kvh, head_dim)[slots].clone() for j in (0, 1))
+    ref_cache = cache.nan_to_num(0.0)  # the torch decode path multiplies masked slots by 0: NaN there would show
+    for j in (0, 1):
+        cache[j].view(-1, kvh, head_dim)[slots] = float("nan")
+    meta = AttentionMetadata(
+        slot_mapping=slots, query_start_loc=torch.tensor(qsl, dtype=torch.int32), seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=tables, num_decodes=3, query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens, max_seq_len=max(seq_lens),
+        max_query_len=max(chunks),
+    )
+    if cpu_kernels.supports_prefill(torch.bfloat16, head_dim):
+        monkeypatch.setattr(CpuPagedAttention, "_prefill", lambda *a: pytest.fail("the prefill kernel should have run"))
+    out = CpuPagedAttention(h, kvh, head_dim, head_dim**-0.5).forward(q, k, v, cache, meta).view(-1, h, head_dim)
+    ref = TorchPagedAttention(h, kvh, head_dim, head_dim**-0.5).forward(q.float(), k.float(), v.float(), ref_cache.float(), meta)
+    _assert_close_to_bf16_rounding(out, ref.view(-1, h, head_dim))

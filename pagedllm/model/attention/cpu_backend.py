@@ -5,10 +5,13 @@ every sequence's keys and values out of the pool and pads them to the longest
 one before SDPA reads them again. The native kernel reads each sequence's
 blocks in place, once, and stops at its own length. A prefix shared by many
 sequences stays hot in the CPU's cache while they all read it, so cascade
-attention brings nothing here. Prefill chunks keep the torch path (their cost
-is in the matrix products, not in reading the cache), but in float32: torch's
-CPU flash attention is about twice as fast in fp32 as in bf16 on this kind of
-machine, and fp32 scores are the more exact anyway.
+attention brings nothing here.
+
+Prefill chunks in bf16 (head sizes 64 and 128, AVX-512 BF16) go to a native
+flash-attention kernel too, all of a step's chunks in one call so that two
+threads stay busy even on one short prompt. Elsewhere they keep the torch
+path, in float32: torch's CPU flash attention is about twice as fast in fp32
+as in bf16 on this kind of machine, and fp32 scores are the more exact anyway.
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ class CpuPagedAttention(TorchPagedAttention):
         nd = meta.num_decodes
         return cpu_kernels.paged_decode(q, kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale)
 
+    def _prefill_batch(self, q, k, v, kv_cache, meta: AttentionMetadata, out) -> None:
+        if not cpu_kernels.supports_prefill(q.dtype, self.head_dim):
+            return super()._prefill_batch(q, k, v, kv_cache, meta, out)
+        nd, ns, qsl = meta.num_decodes, meta.num_seqs, meta.query_start_loc_cpu
+        rows = qsl[ns] - qsl[nd]
+        starts = meta.query_start_loc[nd : ns + 1] - qsl[nd]
+        cpu_kernels.paged_prefill(q[:rows], kv_cache, meta.block_tables[nd:ns], starts, meta.seq_lens[nd:ns], self.scale, out=out[:rows])
+
     def _prefill(self, q, k_new, v_new, kv_cache, block_table, seq_len):
         if q.dtype != torch.bfloat16:
             return super()._prefill(q, k_new, v_new, kv_cache, block_table, seq_len)
@@ -35,4 +46,5 @@ class CpuPagedAttention(TorchPagedAttention):
 
     @staticmethod
     def available() -> bool:
+        cpu_kernels.load_prefill()  # built now, when the backend is chosen, not inside the first step
         return cpu_kernels.load() is not None

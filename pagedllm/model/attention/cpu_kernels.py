@@ -1,4 +1,5 @@
-"""Native CPU attention kernels (csrc/paged_attention.cpp), built and loaded by model/native.py.
+"""Native CPU attention kernels (csrc/paged_attention.cpp: decode; csrc/prefill_attention.cpp:
+prefill), built and loaded by model/native.py.
 
 Where they cannot be built, `load()` returns None and the torch backend is
 used: slower, never wrong.
@@ -15,6 +16,7 @@ import torch
 from pagedllm.model.native import load_library
 
 _SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
+_PREFILL_SOURCE = Path(__file__).with_name("csrc") / "prefill_attention.cpp"
 _ENTRY_POINTS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
 
 
@@ -54,4 +56,58 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     out = torch.empty_like(q)
     fn(q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr(),
        out.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim, block_size, scale)
+    return out
+
+
+@lru_cache(maxsize=1)
+def load_prefill() -> ctypes.CDLL | None:
+    """The compiled prefill kernel, or None where it cannot be built here."""
+    lib = load_library(_PREFILL_SOURCE)
+    if lib is None:
+        return None
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.paged_prefill_bf16.argtypes = [p, i64, p, p, p, i64, p, p, p, i32, i32, i32, i32, i32, f32]
+    lib.paged_prefill_bf16.restype = i32
+    lib.paged_prefill_bf16_supported.argtypes = [i32]
+    lib.paged_prefill_bf16_supported.restype = i32
+    return lib
+
+
+@lru_cache(maxsize=None)
+def supports_prefill(dtype: torch.dtype, head_dim: int) -> bool:
+    """Only bf16 with AVX-512 BF16 and head sizes 64 or 128: elsewhere torch's fp32 SDPA is as good as we would do."""
+    lib = load_prefill() if dtype == torch.bfloat16 else None
+    return lib is not None and bool(lib.paged_prefill_bf16_supported(head_dim))
+
+
+def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                  seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of every prefill chunk of a step, keys and values read in place from the pool.
+
+    q [T, heads, head_dim] bf16, the prefill rows only; sequence s owns rows
+    query_start_loc[s]:query_start_loc[s + 1] (int32 [S + 1], starting at 0),
+    the last of which sits at position seq_lens[s] - 1 (int32 [S]); its earlier
+    keys, and this chunk's, are already in kv_cache [2, blocks, block_size,
+    kv_heads, head_dim] at block_tables [S, max_blocks] int32. q's tokens may be
+    strided (a view into the fused QKV projection: no copy). Writes into `out`
+    ([T, heads, head_dim], contiguous) when given. Check supports_prefill first.
+    """
+    lib = load_prefill()
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:  # each token's heads must be dense; tokens may be strided
+        q = q.contiguous()
+    tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
+    qsl, lens = query_start_loc.contiguous(), seq_lens.contiguous()
+    num_tokens, num_heads, head_dim = q.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    assert kv_cache.is_contiguous() and q.dtype == kv_cache.dtype == torch.bfloat16
+    assert tables.dtype == qsl.dtype == lens.dtype == torch.int32 and qsl.shape[0] == lens.shape[0] + 1 == tables.shape[0] + 1
+    assert int(qsl[-1]) == num_tokens, "query_start_loc must end at q's row count"
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype)
+    assert out.is_contiguous() and out.shape == q.shape and out.dtype == q.dtype
+    rc = lib.paged_prefill_bf16(q.data_ptr(), q.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), tables.data_ptr(), tables.stride(0),
+                                qsl.data_ptr(), lens.data_ptr(), out.data_ptr(), lens.shape[0], num_heads, num_kv_heads,
+                                head_dim, block_size, scale)
+    if rc != 0:
+        raise ValueError(f"the native prefill kernel does not support head_dim={head_dim} here (check supports_prefill)")
     return out

@@ -69,11 +69,22 @@ class TorchPagedAttention(PagedAttentionBackend):
         nd = meta.num_decodes
         if nd:
             out[:nd] = self._decode_batch(q[:nd], kv_cache, meta)
-        qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
-        for i in range(nd, meta.num_seqs):
-            start, end = qsl[i], qsl[i + 1]
-            out[start:end] = self._prefill(q[start:end], k[start:end], v[start:end], kv_cache, meta.block_tables[i], lens[i])
+        if nd < meta.num_seqs:
+            first = meta.query_start_loc_cpu[nd]
+            self._prefill_batch(q[first:], k[first:], v[first:], kv_cache, meta, out[first:])
         return out.view(q.shape[0], -1)
+
+    def _prefill_batch(self, q, k, v, kv_cache, meta: AttentionMetadata, out) -> None:
+        """Sequences num_decodes.. (their rows of q, k, v, from the first one's on), written into out.
+
+        One call for all of them, so that a backend can split the work its own
+        way; this one runs each chunk on its own.
+        """
+        qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+        base = qsl[meta.num_decodes]
+        for i in range(meta.num_decodes, meta.num_seqs):
+            start, end = qsl[i] - base, qsl[i + 1] - base
+            out[start:end] = self._prefill(q[start:end], k[start:end], v[start:end], kv_cache, meta.block_tables[i], lens[i])
 
     def _decode_batch(self, q, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         """The first meta.num_decodes sequences, one query token each."""

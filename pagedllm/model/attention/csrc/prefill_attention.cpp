@@ -1,0 +1,441 @@
+// Causal prefill attention for the CPU in bf16, every prefill sequence of a step
+// in one call, reading keys and values in place through the block tables (the
+// step's new keys and values are already in the pool). Flash-attention style:
+// an online softmax in float32 over tiles of keys, so no [n, seq_len] score
+// matrix is ever materialised, and tiles above the diagonal are never computed.
+// Built at first use by cpu_kernels.py; called through ctypes.
+//
+// Layout: each task is (sequence, KV head, query heads sharing it, a tile of
+// query tokens). Its query rows (token-major: row = token * heads + head) sit
+// in the lanes of a register, 16 rows each, so that
+//  - Q.K needs no transposes or horizontal sums: Q is repacked once per task
+//    into d-pairs ([D/2][rows][2]) and each key's d-pair is broadcast straight
+//    from the pool into vdpbf16ps (exact bf16 products, float32 sums);
+//  - the softmax of a tile is element-wise across registers (lane = row);
+//  - P.V is done in float32 (P is never rounded to bf16), on value rows
+//    widened once per tile for all the rows of the task.
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+
+namespace {
+
+constexpr int MAX_ROWS = 64;    // query rows per task: four registers of 16 lanes
+constexpr int TILE_KEYS = 48;   // keys per softmax tile; a multiple of every key block below
+constexpr float MASKED = -1e30f;  // finite: -ffast-math assumes no infinities
+
+// Keys per Q.K register block: keys x row registers = 24 accumulators (8 for one
+// register: enough independent sums to hide the latency).
+template <int RB> constexpr int keys_per_block() { return RB == 4 ? 6 : RB == 3 ? 8 : RB == 2 ? 12 : 8; }
+
+// 2^x for x <= 0, to about 2 ulp (degree-6 Taylor polynomial of 2^f on
+// |f| <= 1/2), and exactly 0 below -126 (masked scores; the first tile's
+// rescale of nothing).
+inline __m512 exp2_512(__m512 x) {
+    const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.5403530393e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558147e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108665e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650696e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718056e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_scalef_ps(live, p, n);
+}
+
+inline __m512 widen(const uint16_t* p) {  // 16 bf16 -> float32: a 16-bit shift each
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// Keeps a loaded vector in a register: otherwise GCC folds the load into every
+// instruction that uses it, and the micro-kernels below become load-bound.
+template <typename V> inline V in_register(V x) {
+    asm("" : "+v"(x));
+    return x;
+}
+
+// x[i] holds row i of a 16 x 16 matrix of 32-bit elements; afterwards x[j] holds column j.
+inline void transpose16x16(__m512i x[16]) {
+    __m512i t[16];
+    for (int k = 0; k < 8; ++k) {  // per 128-bit lane: rows 2k, 2k+1 interleaved
+        t[2 * k] = _mm512_unpacklo_epi32(x[2 * k], x[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_epi32(x[2 * k], x[2 * k + 1]);
+    }
+    __m512i u[4][4];  // u[m][c], lane L: column 4L + c of rows 4m .. 4m + 3
+    for (int m = 0; m < 4; ++m) {
+        u[m][0] = _mm512_unpacklo_epi64(t[4 * m], t[4 * m + 2]);
+        u[m][1] = _mm512_unpackhi_epi64(t[4 * m], t[4 * m + 2]);
+        u[m][2] = _mm512_unpacklo_epi64(t[4 * m + 1], t[4 * m + 3]);
+        u[m][3] = _mm512_unpackhi_epi64(t[4 * m + 1], t[4 * m + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {  // then a 4 x 4 transpose of 128-bit lanes
+        const __m512i v0 = _mm512_shuffle_i32x4(u[0][c], u[1][c], _MM_SHUFFLE(1, 0, 1, 0));
+        const __m512i v1 = _mm512_shuffle_i32x4(u[0][c], u[1][c], _MM_SHUFFLE(3, 2, 3, 2));
+        const __m512i v2 = _mm512_shuffle_i32x4(u[2][c], u[3][c], _MM_SHUFFLE(1, 0, 1, 0));
+        const __m512i v3 = _mm512_shuffle_i32x4(u[2][c], u[3][c], _MM_SHUFFLE(3, 2, 3, 2));
+        x[c] = _mm512_shuffle_i32x4(v0, v2, _MM_SHUFFLE(2, 0, 2, 0));
+        x[4 + c] = _mm512_shuffle_i32x4(v0, v2, _MM_SHUFFLE(3, 1, 3, 1));
+        x[8 + c] = _mm512_shuffle_i32x4(v1, v3, _MM_SHUFFLE(2, 0, 2, 0));
+        x[12 + c] = _mm512_shuffle_i32x4(v1, v3, _MM_SHUFFLE(3, 1, 3, 1));
+    }
+}
+
+// Scores of rows 16 * B0 .. R - 1 (R = 16 * RB) against NKB keys, in log2 units:
+// st[k * R + row] = q_row . k * scale * log2(e), or MASKED where MASK and the
+// key (at position kpos + k) lies after the row's position; rows before 16 * B0
+// (all of whose positions come before kpos) get MASKED without being computed.
+// qp holds the rows' d-pairs ([D/2][R] of 32 bits); keys[k] points at key k's
+// row in the pool. mx[b] takes the running maximum of each row.
+template <int D, int RB, int B0, bool MASK>
+inline void qk_block(const uint32_t* qp, const uint16_t* const* keys, float* st, float scale, int kpos,
+                     const int32_t* qpos, __m512* mx) {
+    constexpr int R = 16 * RB, NKB = keys_per_block<RB>(), NB = RB - B0;
+    const uint16_t* k[NKB];
+    for (int j = 0; j < NKB; ++j) k[j] = keys[j];
+    __m512 acc[NKB][NB];
+    for (int j = 0; j < NKB; ++j)
+        for (int b = 0; b < NB; ++b) acc[j][b] = _mm512_setzero_ps();
+    for (int p = 0; p < D / 2; ++p) {
+        __m512i qv[NB];
+        for (int b = 0; b < NB; ++b) qv[b] = in_register(_mm512_load_si512(qp + p * R + 16 * (B0 + b)));
+        for (int j = 0; j < NKB; ++j) {
+            int32_t pair;
+            std::memcpy(&pair, k[j] + 2 * p, sizeof pair);
+            const __m512i kb = _mm512_set1_epi32(pair);
+            for (int b = 0; b < NB; ++b) acc[j][b] = _mm512_dpbf16_ps(acc[j][b], (__m512bh)qv[b], (__m512bh)kb);
+        }
+    }
+    const __m512 s = _mm512_set1_ps(scale);
+    for (int j = 0; j < NKB; ++j) {
+        for (int b = 0; b < B0; ++b) _mm512_store_ps(st + j * R + 16 * b, _mm512_set1_ps(MASKED));
+        for (int b = 0; b < NB; ++b) {
+            __m512 x = _mm512_mul_ps(acc[j][b], s);
+            if constexpr (MASK) {
+                const __m512i rpos = _mm512_load_si512(qpos + 16 * (B0 + b));
+                x = _mm512_mask_mov_ps(x, _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(kpos + j), rpos), _mm512_set1_ps(MASKED));
+            }
+            mx[B0 + b] = _mm512_max_ps(mx[B0 + b], x);
+            _mm512_store_ps(st + j * R + 16 * (B0 + b), x);
+        }
+    }
+}
+
+// A block of keys on the diagonal: only the row registers from the first one
+// that reaches position kpos on are computed (rows are in position order).
+template <int D, int RB>
+inline void qk_diagonal_block(const uint32_t* qp, const uint16_t* const* keys, float* st, float scale, int kpos,
+                              const int32_t* qpos, __m512* mx) {
+    int b0 = 0;
+    while (b0 < RB - 1 && qpos[16 * b0 + 15] < kpos) ++b0;
+    switch (b0) {
+        case 0: return qk_block<D, RB, 0, true>(qp, keys, st, scale, kpos, qpos, mx);
+        case 1: if constexpr (RB > 1) return qk_block<D, RB, 1, true>(qp, keys, st, scale, kpos, qpos, mx); break;
+        case 2: if constexpr (RB > 2) return qk_block<D, RB, 2, true>(qp, keys, st, scale, kpos, qpos, mx); break;
+        default: if constexpr (RB > 3) return qk_block<D, RB, 3, true>(qp, keys, st, scale, kpos, qpos, mx); break;
+    }
+}
+
+// o[i] = o[i] * alpha[i] + sum_k p[k * R + i] * v[k], for NR rows and 64 of
+// the D columns (6 x 4 accumulators; wider rows go 64 columns at a time).
+template <int D, int NR>
+inline void pv_rows(float* o, const float* alpha, const float* p, int R, const float* v, int nk) {
+    constexpr int NV = 4;
+    __m512 acc[NR][NV];
+    for (int i = 0; i < NR; ++i) {
+        const __m512 a = _mm512_set1_ps(alpha[i]);
+        for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_mul_ps(_mm512_load_ps(o + i * D + 16 * j), a);
+    }
+    for (int k = 0; k < nk; ++k) {
+        __m512 vk[NV];
+        for (int j = 0; j < NV; ++j) vk[j] = in_register(_mm512_load_ps(v + k * D + 16 * j));
+        for (int i = 0; i < NR; ++i) {
+            const __m512 pk = _mm512_set1_ps(p[k * R + i]);
+            for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(pk, vk[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < NR; ++i)
+        for (int j = 0; j < NV; ++j) _mm512_store_ps(o + i * D + 16 * j, acc[i][j]);
+}
+
+// All `rows` rows, in blocks of 6 with shorter blocks at the end. A block
+// stops at its last row's position: the keys past it have probability 0.
+template <int D>
+inline void pv_tile(float* o, const float* alpha, const float* p, int R, const float* v, int nk, int rows,
+                    const int32_t* qpos, int k0) {
+    constexpr int NR = 6;
+    auto keys = [&](int r, int n) { return std::min(nk, qpos[r + n - 1] - k0 + 1); };
+    for (int c = 0; c < D; c += 64) {
+        int r = 0;
+        for (; r + NR <= rows; r += NR) pv_rows<D, NR>(o + r * D + c, alpha + r, p + r, R, v + c, keys(r, NR));
+        if (rows - r >= NR / 2) {
+            pv_rows<D, NR / 2>(o + r * D + c, alpha + r, p + r, R, v + c, keys(r, NR / 2));
+            r += NR / 2;
+        }
+        for (; r < rows; ++r) pv_rows<D, 1>(o + r * D + c, alpha + r, p + r, R, v + c, keys(r, 1));
+    }
+}
+
+struct Args {  // one call's inputs
+    const uint16_t* q;
+    int64_t q_stride;
+    const uint16_t *k_cache, *v_cache;
+    const int32_t* block_tables;
+    int64_t table_stride;
+    const int32_t *query_start_loc, *seq_lens;
+    uint16_t* out;
+    int num_heads, num_kv_heads, group, block_size;
+    float scale;  // in log2 units
+};
+
+struct Task {
+    int seq, kv_head, head0, heads, tok0, toks;  // heads head0.. of the KV head's group; tokens tok0.. of the chunk
+    int64_t cost;
+};
+
+// Where a task's row r (token r / heads, head r % heads) lives in q and in out.
+template <int D>
+inline int64_t q_offset(const Args& a, const Task& t, int r) {
+    return static_cast<int64_t>(a.query_start_loc[t.seq] + t.tok0 + r / t.heads) * a.q_stride + (t.kv_head * a.group + t.head0 + r % t.heads) * D;
+}
+template <int D>
+inline int64_t out_offset(const Args& a, const Task& t, int r) {
+    return (static_cast<int64_t>(a.query_start_loc[t.seq] + t.tok0 + r / t.heads) * a.num_heads + t.kv_head * a.group + t.head0 + r % t.heads) * D;
+}
+
+// A task's query rows (to read) and output rows (to write) are far from the
+// caches: ask for them while the task before it computes.
+template <int D>
+void prefetch_task(const Args& a, const Task& t) {
+    for (int tok = 0; tok < t.toks; ++tok) {
+        const char* src = reinterpret_cast<const char*>(a.q + q_offset<D>(a, t, tok * t.heads));
+        const char* dst = reinterpret_cast<const char*>(a.out + out_offset<D>(a, t, tok * t.heads));
+        for (int c = 0; c < t.heads * D * 2; c += 64) {
+            _mm_prefetch(src + c, _MM_HINT_T0);
+            __builtin_prefetch(dst + c, 1, 3);
+        }
+    }
+}
+
+struct Scratch {  // one thread's buffers, 64-byte aligned
+    uint32_t* qp;  // [D/2][R] query d-pairs
+    float* st;     // [TILE_KEYS][R] scores, then probabilities
+    float* vf;     // [TILE_KEYS][D] the tile's values in float32
+    float* o;      // [R][D] unnormalised outputs
+    float* alpha;  // [R] this tile's rescale of o
+    const uint16_t* keys[TILE_KEYS];
+    const uint16_t* values[TILE_KEYS];
+    void* mem;
+    explicit Scratch(int d) {
+        const size_t sizes[] = {sizeof(uint32_t) * d / 2 * MAX_ROWS, sizeof(float) * TILE_KEYS * MAX_ROWS,
+                                sizeof(float) * TILE_KEYS * d, sizeof(float) * MAX_ROWS * d, sizeof(float) * MAX_ROWS};
+        size_t total = 0;
+        for (size_t s : sizes) total += (s + 63) / 64 * 64;
+        mem = std::aligned_alloc(64, total);
+        char* p = static_cast<char*>(mem);
+        void** out[] = {reinterpret_cast<void**>(&qp), reinterpret_cast<void**>(&st), reinterpret_cast<void**>(&vf),
+                        reinterpret_cast<void**>(&o), reinterpret_cast<void**>(&alpha)};
+        for (int i = 0; i < 5; ++i) {
+            *out[i] = p;
+            p += (sizes[i] + 63) / 64 * 64;
+        }
+    }
+    ~Scratch() { std::free(mem); }
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+};
+
+alignas(64) const uint16_t zero_row[128] = {};  // stands in for the keys past a tile's end
+
+template <int D, int RB>
+void run_task(const Args& a, const Task& t, Scratch& w) {
+    constexpr int R = 16 * RB, NKB = keys_per_block<RB>();
+    const int rows = t.toks * t.heads;
+    const int64_t slot = static_cast<int64_t>(a.num_kv_heads) * D;  // one token's keys, all KV heads
+    const int32_t* table = a.block_tables + t.seq * a.table_stride;
+    const int chunk = a.query_start_loc[t.seq + 1] - a.query_start_loc[t.seq];
+    const int block_size = a.block_size;
+    const uint16_t *k_cache = a.k_cache, *v_cache = a.v_cache;
+    const int pos0 = a.seq_lens[t.seq] - chunk + t.tok0;  // position of the task's first query token
+    const int key_end = pos0 + t.toks;          // keys 0 .. key_end - 1 are seen by some row
+
+    alignas(64) int32_t qpos[R];
+    for (int r = 0; r < R; ++r) qpos[r] = r < rows ? pos0 + r / t.heads : INT_MAX;  // padding rows: never masked
+    for (int b = 0; b < RB; ++b) {  // 16 rows at a time, 16 d-pairs at a time: a 16 x 16 transpose of 32-bit pairs
+        const uint16_t* src[16];
+        for (int i = 0; i < 16; ++i) {
+            const int r = 16 * b + i;
+            src[i] = r < rows ? a.q + q_offset<D>(a, t, r) : nullptr;
+        }
+        for (int c = 0; c < D / 32; ++c) {
+            __m512i x[16];
+            for (int i = 0; i < 16; ++i) x[i] = src[i] ? _mm512_loadu_si512(src[i] + 32 * c) : _mm512_setzero_si512();
+            transpose16x16(x);
+            for (int i = 0; i < 16; ++i) _mm512_store_si512(w.qp + (16 * c + i) * R + 16 * b, x[i]);
+        }
+    }
+    std::memset(w.o, 0, sizeof(float) * rows * D);
+    __m512 m[RB], l[RB];
+    for (int b = 0; b < RB; ++b) {
+        m[b] = _mm512_set1_ps(MASKED);
+        l[b] = _mm512_setzero_ps();
+    }
+
+    for (int k0 = 0; k0 < key_end; k0 += TILE_KEYS) {
+        const int nk = std::min(TILE_KEYS, key_end - k0);
+        const int nkp = (nk + NKB - 1) / NKB * NKB;
+        for (int k = 0; k < nk; ++k) {
+            const int pos = k0 + k;
+            const int64_t off = (static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size) * slot + t.kv_head * D;
+            w.keys[k] = k_cache + off;
+            w.values[k] = v_cache + off;
+        }
+        for (int k = nk; k < nkp; ++k) w.keys[k] = zero_row;
+        // The next tile's rows come from blocks anywhere in the pool: fetch them while this one computes.
+        for (int pos = k0 + TILE_KEYS; pos < std::min(key_end, k0 + 2 * TILE_KEYS); ++pos) {
+            const int64_t off = (static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size) * slot + t.kv_head * D;
+            for (int c = 0; c < D * 2; c += 64) {
+                _mm_prefetch(reinterpret_cast<const char*>(k_cache + off) + c, _MM_HINT_T0);
+                _mm_prefetch(reinterpret_cast<const char*>(v_cache + off) + c, _MM_HINT_T0);
+            }
+        }
+        __m512 mx[RB];
+        for (int b = 0; b < RB; ++b) mx[b] = m[b];
+        if (k0 + nkp - 1 > pos0) {  // the tile reaches past the first row's position: mask key > row position
+            for (int k = 0; k < nkp; k += NKB) qk_diagonal_block<D, RB>(w.qp, w.keys + k, w.st + k * R, a.scale, k0 + k, qpos, mx);
+        } else {
+            for (int k = 0; k < nkp; k += NKB) qk_block<D, RB, 0, false>(w.qp, w.keys + k, w.st + k * R, a.scale, k0 + k, qpos, mx);
+        }
+        // Online softmax, lane = row: the rescale of what came before, probabilities
+        // (0 without computing them past the register's last row position).
+        for (int b = 0; b < RB; ++b) {
+            const __m512 alpha = exp2_512(_mm512_sub_ps(m[b], mx[b]));
+            __m512 sum = _mm512_setzero_ps();
+            const int last = qpos[16 * b + 15] - k0;  // INT_MAX - k0 for padding rows: no overflow
+            const int live = last >= nkp ? nkp : std::max(0, last + 1);
+            for (int k = 0; k < live; ++k) {
+                const __m512 p = exp2_512(_mm512_sub_ps(_mm512_load_ps(w.st + k * R + 16 * b), mx[b]));
+                _mm512_store_ps(w.st + k * R + 16 * b, p);
+                sum = _mm512_add_ps(sum, p);
+            }
+            for (int k = live; k < nkp; ++k) _mm512_store_ps(w.st + k * R + 16 * b, _mm512_setzero_ps());
+            l[b] = _mm512_fmadd_ps(l[b], alpha, sum);
+            m[b] = mx[b];
+            _mm512_store_ps(w.alpha + 16 * b, alpha);
+        }
+        for (int k = 0; k < nk; ++k)
+            for (int j = 0; j < D / 16; ++j) _mm512_store_ps(w.vf + k * D + 16 * j, widen(w.values[k] + 16 * j));
+        pv_tile<D>(w.o, w.alpha, w.st, R, w.vf, nk, rows, qpos, k0);
+    }
+
+    alignas(64) float inv[R];
+    for (int b = 0; b < RB; ++b) _mm512_store_ps(inv + 16 * b, _mm512_div_ps(_mm512_set1_ps(1.0f), l[b]));
+    for (int r = 0; r < rows; ++r) {
+        uint16_t* dst = a.out + out_offset<D>(a, t, r);
+        const __m512 s = _mm512_set1_ps(inv[r]);
+        for (int j = 0; j < D / 16; ++j) {
+            const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(w.o + r * D + 16 * j), s));  // round to nearest even
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * j), (__m256i)h);
+        }
+    }
+}
+
+template <int D>
+void prefill(Args a, int num_seqs) {
+    a.scale *= 1.44269504088896341f;  // scores in log2 units: the softmax takes 2^x
+    const int heads_per_task = std::min(a.group, MAX_ROWS);
+    const int toks_per_task = std::max(1, MAX_ROWS / heads_per_task);
+    std::vector<Task> tasks;
+    for (int s = 0; s < num_seqs; ++s) {
+        const int chunk = a.query_start_loc[s + 1] - a.query_start_loc[s];
+        for (int kvh = 0; kvh < a.num_kv_heads; ++kvh)
+            for (int h0 = 0; h0 < a.group; h0 += heads_per_task)
+                for (int t0 = 0; t0 < chunk; t0 += toks_per_task) {
+                    const int heads = std::min(heads_per_task, a.group - h0), toks = std::min(toks_per_task, chunk - t0);
+                    const int64_t keys = a.seq_lens[s] - chunk + t0 + toks;
+                    tasks.push_back({s, kvh, h0, heads, t0, toks, keys * ((toks * heads + 15) / 16)});
+                }
+    }
+    // Longest sequences first, and the longest tiles of each first, so that short
+    // ones fill the gaps at the end; a sequence's tasks run together, so its keys
+    // and values stay in the caches while all of them read them.
+    std::vector<int64_t> seq_cost(num_seqs, 0);
+    for (const Task& t : tasks) seq_cost[t.seq] += t.cost;
+    std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& x, const Task& y) {
+        if (x.seq != y.seq) return seq_cost[x.seq] != seq_cost[y.seq] ? seq_cost[x.seq] > seq_cost[y.seq] : x.seq < y.seq;
+        return x.cost > y.cost;
+    });
+    const int num_tasks = static_cast<int>(tasks.size());
+    // Each thread claims its next task before running the current one, so that
+    // it can prefetch that task's rows (a dynamic schedule of one task at a time).
+    std::atomic<int> next{0};
+#pragma omp parallel
+    {
+        Scratch w(D);
+        int i = next.fetch_add(1);
+        while (i < num_tasks) {
+            const int j = next.fetch_add(1);
+            if (j < num_tasks) prefetch_task<D>(a, tasks[j]);
+            const Task& t = tasks[i];
+            switch ((t.toks * t.heads + 15) / 16) {
+                case 1: run_task<D, 1>(a, t, w); break;
+                case 2: run_task<D, 2>(a, t, w); break;
+                case 3: run_task<D, 3>(a, t, w); break;
+                default: run_task<D, 4>(a, t, w); break;
+            }
+            i = j;
+        }
+    }
+}
+
+}  // namespace
+#define PAGEDLLM_PREFILL_AVX512_BF16 1
+#endif
+
+extern "C" {
+
+// 1 where paged_prefill_bf16 runs for this head size on this build, else 0.
+int paged_prefill_bf16_supported(int head_dim) {
+#ifdef PAGEDLLM_PREFILL_AVX512_BF16
+    return head_dim == 64 || head_dim == 128;
+#else
+    (void)head_dim;
+    return 0;
+#endif
+}
+
+// q: [T, num_heads, head_dim] with q_stride elements from one token to the next
+// (a view into the fused QKV projection); out: [T, num_heads, head_dim]. They hold
+// the prefill rows only: sequence s owns rows
+// query_start_loc[s] .. query_start_loc[s + 1] - 1, its last seq_lens[s] - 1.
+// k_cache, v_cache: [blocks, block_size, num_kv_heads, head_dim]. block_tables:
+// [num_seqs, table_stride]. Returns 0, or -1 (nothing written) where unsupported.
+int paged_prefill_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_cache, const uint16_t* v_cache,
+                       const int32_t* block_tables, int64_t table_stride, const int32_t* query_start_loc,
+                       const int32_t* seq_lens, uint16_t* out, int num_seqs, int num_heads, int num_kv_heads,
+                       int head_dim, int block_size, float scale) {
+    if (!paged_prefill_bf16_supported(head_dim) || num_kv_heads <= 0 || num_heads % num_kv_heads) return -1;
+#ifdef PAGEDLLM_PREFILL_AVX512_BF16
+    const Args a{q, q_stride, k_cache, v_cache, block_tables, table_stride, query_start_loc, seq_lens, out,
+                 num_heads, num_kv_heads, num_heads / num_kv_heads, block_size, scale};
+    if (head_dim == 64)
+        prefill<64>(a, num_seqs);
+    else
+        prefill<128>(a, num_seqs);
+    return 0;
+#else
+    (void)q, (void)q_stride, (void)k_cache, (void)v_cache, (void)block_tables, (void)table_stride, (void)query_start_loc;
+    (void)seq_lens, (void)out, (void)num_seqs, (void)block_size, (void)scale;
+    return -1;
+#endif
+}
+}
