@@ -89,3 +89,19 @@ def test_rope_and_store_equals_rotary_then_index_copy(tokens):
     assert torch.equal(k_slots[slots[stored]], expected[stored, heads * d :].view(-1, kv_heads, d))
     assert torch.equal(v_slots[slots[stored]], values[stored].view(-1, kv_heads, d))
     assert int((~torch.isnan(k_slots)).all(-1).all(-1).sum()) == int(stored.sum())  # nothing else was written
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 49152), (48, 49152), (3, 37), (2, 16), (1, 1)])
+def test_argmax_equals_torch_including_ties_nan_and_inf(rows, vocab):
+    g = torch.Generator().manual_seed(rows * vocab)
+    x = torch.randn(rows, vocab, generator=g)
+    assert torch.equal(cpu_ops.argmax(x), x.argmax(-1))
+    if vocab >= 37:
+        x[0, 5] = x[0, vocab - 3] = 1e4  # a tie: the first one wins
+        x[-1, :] = float("-inf")
+        assert torch.equal(cpu_ops.argmax(x), x.argmax(-1))
+        x[0, vocab - 1] = float("nan")  # NaN wins, as in torch
+        x[0, vocab // 2] = float("nan")
+        assert torch.equal(cpu_ops.argmax(x), x.argmax(-1))
+    wide = torch.randn(rows, vocab + 5, generator=g)
+    assert torch.equal(cpu_ops.argmax(wide[:, :vocab]), wide[:, :vocab].argmax(-1))  # rows with a stride

@@ -1,4 +1,5 @@
-"""Fused bfloat16 element-wise ops for the CPU (csrc/cpu_ops.cpp): residual + RMSNorm, SiLU-and-mul, rotary + KV store.
+"""Fused bfloat16 element-wise ops for the CPU (csrc/cpu_ops.cpp): residual + RMSNorm, SiLU-and-mul, rotary + KV store;
+and the greedy argmax over float32 logits.
 
 A decode step with 48 sequences spent about 30 ms of ~100 in torch's small
 ops (each costs 10-70 us of dispatch at these sizes, 15 of them per layer).
@@ -29,14 +30,15 @@ def _lib() -> ctypes.CDLL | None:
     lib.rms_norm_bf16.argtypes = [p, i64, p, p, p, i32, i32, f32]
     lib.silu_and_mul_bf16.argtypes = [p, p, i32, i32]
     lib.rope_store_bf16.argtypes = [p, i64, i32, p, p, p, i32, i32, i32, p, p, p]
-    for fn in (lib.rms_norm_bf16, lib.silu_and_mul_bf16, lib.rope_store_bf16):
+    lib.argmax_rows_f32.argtypes = [p, i64, i32, i32, p]
+    for fn in (lib.rms_norm_bf16, lib.silu_and_mul_bf16, lib.rope_store_bf16, lib.argmax_rows_f32):
         fn.restype = None
     return lib
 
 
 def available(t: torch.Tensor) -> bool:
-    """Whether the fused ops can run on tensors like t (bf16 on the CPU, with the library built)."""
-    return t.device.type == "cpu" and t.dtype == torch.bfloat16 and _lib() is not None
+    """Whether the kernels can run on tensors like t: on the CPU, with the library built (each op says its dtype)."""
+    return t.device.type == "cpu" and _lib() is not None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,6 +59,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     inter = x.shape[-1] // 2
     out = torch.empty((x.shape[0], inter), dtype=x.dtype)
     _lib().silu_and_mul_bf16(x.data_ptr(), out.data_ptr(), x.shape[0], inter)
+    return out
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits, dim=-1) for float32 CPU logits [rows, vocab], in one pass; the library must be built."""
+    assert logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(-1) == 1 and logits.shape[1] > 0
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    _lib().argmax_rows_f32(logits.data_ptr(), logits.stride(0), logits.shape[0], logits.shape[1], out.data_ptr())
     return out
 
 

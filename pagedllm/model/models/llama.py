@@ -126,7 +126,7 @@ class LlamaForCausalLM(nn.Module):
         """Lay out bf16 projection weights once for oneDNN (see model/packed_linear.py), and switch
         the element-wise steps to the fused CPU kernels where they built; returns how many weights were packed."""
         weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        if cpu_ops.available(weight):
+        if weight.dtype == torch.bfloat16 and cpu_ops.available(weight):
             self.use_native_ops()
         if not can_pack(weight):
             return 0
