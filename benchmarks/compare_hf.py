@@ -38,6 +38,12 @@ requests/s; the ratios pagedllm/static and pagedllm/cb of output tokens/s; and,
 for information, how many greedy outputs of each HF side equal pagedllm's
 (bfloat16 rounding differs between implementations, so a near-tie may go
 another way; float32 should agree).
+
+--repeat N runs the sides in turn N times (pagedllm, static, cb, pagedllm, ...)
+and reports each side's median run, with every run's elapsed time beside it.
+On a shared machine one run of a side can be 20% off its median: transformers'
+continuous batching measured anywhere from 33 to 44 output tok/s in one hour
+here, so the ratios are only worth quoting over repeats.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import argparse
 import gc
 import json
 import random
+import statistics
 import time
 
 from pagedllm.entrypoints.bench.workload import make_workload, parse_range
@@ -190,7 +197,7 @@ def run_cb(path, arch, prompts, out_lens, dtype, device, kv_cache_bytes, max_bat
 
 def compare(model=None, *, sides=SIDES, num_requests=48, input_len=(32, 384), output_len=(32, 192),
             dtype="bfloat16", device="cpu", batch_size=16, kv_cache_memory="2GiB", max_num_batched_tokens=2048, seed=0,
-            use_tqdm=True) -> dict:
+            repeat=1, use_tqdm=True) -> dict:
     """Run the chosen sides on one workload; returns the figures (see the module docstring)."""
     import torch
 
@@ -200,6 +207,8 @@ def compare(model=None, *, sides=SIDES, num_requests=48, input_len=(32, 384), ou
     unknown = set(sides) - set(SIDES)
     if unknown or not sides:
         raise ValueError(f"sides must be some of {', '.join(SIDES)}, got {', '.join(sides)}")
+    if repeat < 1:
+        raise ValueError(f"repeat must be at least 1, got {repeat}")
     if "cb" in sides and device == "cpu":
         from transformers.utils import is_psutil_available
 
@@ -221,16 +230,23 @@ def compare(model=None, *, sides=SIDES, num_requests=48, input_len=(32, 384), ou
     }
     result = {"model": source.path, "dtype": dtype, "device": device, "torch_threads": torch.get_num_threads(),
               "num_requests": num_requests, "input_tokens": in_tokens, "output_tokens": out_tokens,
-              "workload": {"input_len": list(input_len), "output_len": list(output_len), "seed": seed}, "sides": {}}
-    outputs = {}
-    for side in (s for s in SIDES if s in sides):
-        elapsed, outputs[side], settings = runs[side]()
-        gc.collect()  # the side's model and caches are gone before the next one loads
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        got = [len(o) for o in outputs[side]]
-        assert got == out_lens, f"{side}: output lengths {got} differ from the requested {out_lens}"
-        figures = {"elapsed_s": round(elapsed, 6), "output_tokens": sum(got),
+              "workload": {"input_len": list(input_len), "output_len": list(output_len), "seed": seed},
+              "repeat": repeat, "sides": {}}
+    order = [s for s in SIDES if s in sides]
+    outputs, times, settings_of = {}, {s: [] for s in order}, {}
+    for _ in range(repeat):
+        for side in order:
+            elapsed, outputs[side], settings_of[side] = runs[side]()
+            gc.collect()  # the side's model and caches are gone before the next one loads
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            got = [len(o) for o in outputs[side]]
+            assert got == out_lens, f"{side}: output lengths {got} differ from the requested {out_lens}"
+            times[side].append(elapsed)
+    for side in order:
+        elapsed, settings = statistics.median(times[side]), settings_of[side]
+        figures = {"elapsed_s": round(elapsed, 6), "runs_elapsed_s": [round(t, 3) for t in times[side]],
+                   "output_tokens": out_tokens,
                    "output_tokens_per_s": round(out_tokens / elapsed, 2),
                    "total_tokens_per_s": round((in_tokens + out_tokens) / elapsed, 2),
                    "requests_per_s": round(num_requests / elapsed, 3), "settings": settings}
@@ -255,6 +271,9 @@ def table(result: dict) -> str:
     lines.append(f"{result['num_requests']} requests, {result['input_tokens']} prompt + {result['output_tokens']} output "
                  f"tokens (each request's own length; static batches compute more), {result['dtype']} on {result['device']}, "
                  f"{result['torch_threads']} torch threads")
+    if result["repeat"] > 1:
+        lines.append(f"median of {result['repeat']} runs per side, run in turn; every run's elapsed s: "
+                     + "; ".join(f"{side} {', '.join(f'{t:.2f}' for t in f['runs_elapsed_s'])}" for side, f in result["sides"].items()))
     lines += [f"{name} (output tok/s): {r:.2f}x" for name, r in result["ratios"].items()]
     lines += [f"{side} settings: {json.dumps(f['settings'])}" for side, f in result["sides"].items()]
     return "\n".join(lines)
@@ -274,13 +293,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048,
                     help="tokens per step of pagedllm and of HF continuous batching (its max_batch_tokens)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=1, help="run the sides in turn this many times; report each side's median")
     ap.add_argument("--json", default=None, help="write all figures to this file")
     args = ap.parse_args(argv)
     result = compare(args.model, sides=[s for s in args.sides.split(",") if s], num_requests=args.num_requests,
                      input_len=args.input_len, output_len=args.output_len, dtype=args.dtype, device=args.device,
                      batch_size=args.batch_size,
                      kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=args.max_num_batched_tokens,
-                     seed=args.seed)
+                     seed=args.seed, repeat=args.repeat)
     print(table(result))
     if args.json:
         with open(args.json, "w") as f:

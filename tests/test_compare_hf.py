@@ -39,3 +39,16 @@ def test_three_sides_agree_in_float32(tiny_model_dir, tmp_path):
 def test_unknown_side_is_refused():
     with pytest.raises(ValueError, match="sides must be some of"):
         compare_hf.compare(sides=["pagedllm", "vllm"])
+
+
+def test_repeated_runs_report_each_sides_median(tiny_model_dir):
+    r = compare_hf.compare(tiny_model_dir, sides=["pagedllm", "static"], num_requests=2, input_len=(8, 12),
+                           output_len=(3, 5), dtype="float32", batch_size=2, kv_cache_memory="4MiB",
+                           max_num_batched_tokens=256, repeat=3, use_tqdm=False)
+    assert r["repeat"] == 3
+    for f in r["sides"].values():
+        runs = f["runs_elapsed_s"]
+        assert len(runs) == 3 and f["elapsed_s"] == pytest.approx(sorted(runs)[1], abs=1e-3)
+    assert "median of 3 runs" in compare_hf.table(r)
+    with pytest.raises(ValueError, match="repeat must be at least 1"):
+        compare_hf.compare(tiny_model_dir, sides=["pagedllm"], repeat=0)
