@@ -41,8 +41,13 @@ _FAST_MATH = "-ffast-math"
 _LINK_FLAGS = ["-shared", "-fopenmp", "-lm"]
 
 
+@lru_cache(maxsize=None)
+def _compiler_version(compiler: str) -> str:
+    return subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+
+
 def _build(compiler: str, source: Path, fast_math: bool) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    version = _compiler_version(compiler)
     compile_flags = _COMPILE_FLAGS + [_FAST_MATH] * fast_math
     flags = " ".join(compile_flags + _LINK_FLAGS)
     key = hashlib.sha256("\0".join([source.read_text(), version, flags, platform.machine(), " ".join(sorted(cpu_flags()))]).encode()).hexdigest()[:16]
