@@ -129,6 +129,25 @@ def test_fused_cpu_ops_give_the_logits_of_torch_ops_in_bf16(arch):
     assert (runs[0] != runs[1]).float().mean() < 0.1
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_torch_rms_norm_rounds_as_transformers_does(dtype):
+    from pagedllm.model.layers import RMSNorm
+
+    def hf_rms_norm(x, weight, eps):  # transformers' LlamaRMSNorm
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h.to(x.dtype)
+
+    norm = RMSNorm(72, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(72))  # a weight of ones would hide where the rounding happens
+    x = torch.randn(200, 72).to(dtype)
+    with torch.inference_mode():
+        assert torch.equal(norm(x), hf_rms_norm(x, norm.weight, 1e-5))
+        out, residual = norm(x, x)
+    assert torch.equal(residual, x + x) and torch.equal(out, hf_rms_norm(x + x, norm.weight, 1e-5))
+
+
 def test_missing_weight_is_a_clear_error():
     cfg = CONFIGS["llama2"]()
     sd = {k: v for k, v in hf_model(cfg).state_dict().items() if "layers.1.mlp.up_proj" not in k}
