@@ -194,7 +194,7 @@ def test_common_prefix_blocks_stops_where_tables_differ_and_before_the_last_toke
 def test_cpu_decode_kernel_pads_with_zeros_and_matches_the_reference(dtype, heads, head_dim, block_size):
     """Uneven lengths over scattered blocks; rows with seq_len 0 (padding) give zeros and leave their neighbours alone.
 
-    Covers both the AVX-512 BF16 path (head sizes 64 and 128, query groups of 1 to 6
+    Covers both the AVX-512 path (head sizes 64 and 128, query groups of 1 to 6
     heads, so passes over the values of one and of several heads) and the generic one.
     """
     from pagedllm.model.attention import cpu_kernels
@@ -282,7 +282,7 @@ def _assert_close_to_bf16_rounding(out, ref):
 
 
 needs_prefill_kernel = pytest.mark.skipif(
-    not cpu_kernels.supports_prefill(torch.bfloat16, 64), reason="the native prefill kernel needs AVX-512 BF16 and a C++ compiler"
+    not cpu_kernels.supports_prefill(torch.bfloat16, 64), reason="the native prefill kernel needs AVX-512 and a C++ compiler"
 )
 
 

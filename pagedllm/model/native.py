@@ -50,7 +50,9 @@ def _build(compiler: str, source: Path, fast_math: bool) -> Path:
     version = _compiler_version(compiler)
     compile_flags = _COMPILE_FLAGS + [_FAST_MATH] * fast_math
     flags = " ".join(compile_flags + _LINK_FLAGS)
-    key = hashlib.sha256("\0".join([source.read_text(), version, flags, platform.machine(), " ".join(sorted(cpu_flags()))]).encode()).hexdigest()[:16]
+    # The headers beside a source may be included by it: a change to one rebuilds it too.
+    texts = [source.read_text()] + [h.read_text() for h in sorted(source.parent.glob("*.h"))]
+    key = hashlib.sha256("\0".join([*texts, version, flags, platform.machine(), " ".join(sorted(cpu_flags()))]).encode()).hexdigest()[:16]
     target = Path(cache_root()) / "kernels" / f"{source.stem}-{key}.so"
     if target.exists():
         return target

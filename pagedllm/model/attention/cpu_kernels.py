@@ -75,7 +75,7 @@ def load_prefill() -> ctypes.CDLL | None:
 
 @lru_cache(maxsize=None)
 def supports_prefill(dtype: torch.dtype, head_dim: int) -> bool:
-    """Only bf16 with AVX-512 BF16 and head sizes 64 or 128: elsewhere torch's fp32 SDPA is as good as we would do."""
+    """Only bf16 on AVX-512 CPUs (with or without its BF16 instructions) and head sizes 64 or 128: elsewhere torch's fp32 SDPA."""
     lib = load_prefill() if dtype == torch.bfloat16 else None
     return lib is not None and bool(lib.paged_prefill_bf16_supported(head_dim))
 

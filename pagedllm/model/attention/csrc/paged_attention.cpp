@@ -130,13 +130,13 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int32_t* block
 }
 
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
-// bf16 with AVX-512 BF16 instructions, for head sizes 64 and 128. The generic
-// loops above spend most of their time widening bf16 and reducing each dot
-// product; here keys are multiplied as bf16 pairs straight from the pool
-// (vdpbf16ps: exact products, float32 sums), and each pass over the values
-// keeps up to four heads' output rows in registers.
+#if defined(__AVX512F__)
+#include "bf16_simd.h"
+// bf16 on AVX-512, for head sizes 64 and 128. The generic loops above spend
+// most of their time widening bf16 and reducing each dot product; here keys
+// are multiplied as bf16 pairs straight from the pool (vdpbf16ps where the CPU
+// has AVX-512 BF16, two FMAs elsewhere: exact products, float32 sums), and
+// each pass over the values keeps up to four heads' output rows in registers.
 inline __m512 widen(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
@@ -152,7 +152,7 @@ inline __m512 dot16(const uint16_t* qh, const uint16_t* k0, int64_t stride) {
         const uint16_t* kt = k0 + t * stride;
         __m512 a = _mm512_setzero_ps();
         for (int d = 0; d < D; d += 32)
-            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qh + d), (__m512bh)_mm512_loadu_si512(kt + d));
+            a = dot_bf16_pairs(a, _mm512_loadu_si512(qh + d), _mm512_loadu_si512(kt + d));
         acc[t] = a;
     }
     // Keys in pairs: per 128-bit lane, [a0+a2, b0+b2, a1+a3, b1+b3].
@@ -218,7 +218,7 @@ void decode_bf16_avx512(const uint16_t* q, const uint16_t* k_cache, const uint16
                         const uint16_t* qh = qs + h * D;
                         __m512 acc = _mm512_setzero_ps();
                         for (int d = 0; d < D; d += 32)
-                            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qh + d), (__m512bh)_mm512_loadu_si512(kh + d));
+                            acc = dot_bf16_pairs(acc, _mm512_loadu_si512(qh + d), _mm512_loadu_si512(kh + d));
                         scores[static_cast<size_t>(h) * len + t] = _mm512_reduce_add_ps(acc) * scale;
                     }
                 }
@@ -257,7 +257,7 @@ void decode_bf16_avx512(const uint16_t* q, const uint16_t* k_cache, const uint16
         }
     }
 }
-#define PAGEDLLM_AVX512_BF16 1
+#define PAGEDLLM_AVX512_BF16_PATH 1
 #endif
 
 }  // namespace
@@ -274,7 +274,7 @@ void paged_decode_f32(const float* q, const float* k_cache, const float* v_cache
 void paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
                        const int32_t* block_tables, int64_t table_stride, const int32_t* seq_lens, uint16_t* out,
                        int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale) {
-#ifdef PAGEDLLM_AVX512_BF16
+#ifdef PAGEDLLM_AVX512_BF16_PATH
     if (head_dim == 64)
         return decode_bf16_avx512<64>(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs,
                                       num_heads, num_kv_heads, block_size, scale);

@@ -10,7 +10,8 @@
 // in the lanes of a register, 16 rows each, so that
 //  - Q.K needs no transposes or horizontal sums: Q is repacked once per task
 //    into d-pairs ([D/2][rows][2]) and each key's d-pair is broadcast straight
-//    from the pool into vdpbf16ps (exact bf16 products, float32 sums);
+//    from the pool into vdpbf16ps (exact bf16 products, float32 sums; two
+//    FMAs on CPUs without AVX-512 BF16, see bf16_simd.h);
 //  - the softmax of a tile is element-wise across registers (lane = row);
 //  - P.V is done in float32 (P is never rounded to bf16), on value rows
 //    widened once per tile for all the rows of the task.
@@ -22,8 +23,8 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
+#if defined(__AVX512F__)
+#include "bf16_simd.h"
 
 namespace {
 
@@ -32,8 +33,13 @@ constexpr int TILE_KEYS = 48;   // keys per softmax tile; a multiple of every ke
 constexpr float MASKED = -1e30f;  // finite: -ffast-math assumes no infinities
 
 // Keys per Q.K register block: keys x row registers = 24 accumulators (8 for one
-// register: enough independent sums to hide the latency).
-template <int RB> constexpr int keys_per_block() { return RB == 4 ? 6 : RB == 3 ? 8 : RB == 2 ? 12 : 8; }
+// register: enough independent sums to hide the latency). Without AVX-512 BF16
+// each query and key register splits into two (even and odd halves), so fewer
+// accumulators leave room for them among the 32 registers.
+template <int RB> constexpr int keys_per_block() {
+    if constexpr (kNativeBf16) return RB == 4 ? 6 : RB == 3 ? 8 : RB == 2 ? 12 : 8;
+    return RB == 4 ? 4 : RB == 3 ? 6 : RB == 2 ? 8 : 8;
+}
 
 // 2^x for x <= 0, to about 2 ulp (degree-6 Taylor polynomial of 2^f on
 // |f| <= 1/2), and exactly 0 below -126 (masked scores; the first tile's
@@ -112,7 +118,7 @@ inline void qk_block(const uint32_t* qp, const uint16_t* const* keys, float* st,
             int32_t pair;
             std::memcpy(&pair, k[j] + 2 * p, sizeof pair);
             const __m512i kb = _mm512_set1_epi32(pair);
-            for (int b = 0; b < NB; ++b) acc[j][b] = _mm512_dpbf16_ps(acc[j][b], (__m512bh)qv[b], (__m512bh)kb);
+            for (int b = 0; b < NB; ++b) acc[j][b] = dot_bf16_pairs(acc[j][b], qv[b], kb);
         }
     }
     const __m512 s = _mm512_set1_ps(scale);
@@ -343,8 +349,7 @@ void run_task(const Args& a, const Task& t, Scratch& w) {
         uint16_t* dst = a.out + out_offset<D>(a, t, r);
         const __m512 s = _mm512_set1_ps(inv[r]);
         for (int j = 0; j < D / 16; ++j) {
-            const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(w.o + r * D + 16 * j), s));  // round to nearest even
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * j), (__m256i)h);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16 * j), to_bf16x16(_mm512_mul_ps(_mm512_load_ps(w.o + r * D + 16 * j), s)));
         }
     }
 }
