@@ -14,3 +14,9 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         return frozenset()
     return frozenset(line.partition(":")[2].split())
+
+
+def native_bf16() -> bool:
+    """True where the CPU has bf16 matrix instructions (avx512_bf16 or AMX): bf16 matmuls run ~4x faster than fp32
+    there, and ~5x slower elsewhere, where oneDNN emulates them."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())

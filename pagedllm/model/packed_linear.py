@@ -4,15 +4,27 @@ torch's bf16 matmul on the CPU hands a plain weight to oneDNN, which
 re-lays it out into its blocked format on every call. At decode batch sizes
 (1..64 rows) that re-layout is a large share of each projection: packing once
 at load time is 1.3-2.3x faster there and gives the same bits (checked by
-tests/test_packed_linear.py). float32 stays on torch's own path: oneDNN's
-fp32 kernels round differently, and fp32 is the precision in which outputs
-must match transformers token for token.
+tests/test_packed_linear.py).
+
+On a CPU without bf16 matrix instructions (AVX-512 BF16 or AMX), oneDNN and
+torch emulate bf16 products and run about 5x slower than float32. There the
+weight is widened to float32 once (exactly: every bf16 value is a float32),
+each input is widened, the product runs in float32 and the output is rounded
+back to bf16. That is what a bf16 kernel computes (exact products, float32
+sums, one rounding at the end), up to the order of the sums; the weight takes
+twice the memory.
+
+float32 models stay on torch's own path: oneDNN's fp32 kernels round
+differently, and fp32 is the precision in which outputs must match
+transformers token for token.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from pagedllm.model.cpu_info import native_bf16
 
 _BATCH_HINT = 64  # oneDNN picks its blocking for about this many rows; other sizes run fine
 
@@ -27,14 +39,21 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, upcast: bool | None = None) -> None:
+        """upcast: compute in float32 from a widened weight (default: where the CPU has no native bf16)."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _BATCH_HINT)
-        self.bias = None if bias is None else bias.detach()
+        self.dtype = weight.dtype
+        self.upcast = not native_bf16() if upcast is None else upcast
+        compute = torch.float32 if self.upcast else weight.dtype
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(compute), _BATCH_HINT)
+        self.bias = None if bias is None else bias.detach().to(compute)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if not self.upcast:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        y = torch.ops.mkldnn._linear_pointwise(x.float(), self.packed, self.bias, "none", [], "")
+        return y.to(self.dtype)
 
 
 def pack_linears(model: nn.Module) -> int:

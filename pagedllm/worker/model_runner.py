@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm.model.arch_config import ArchConfig
-from pagedllm.model.cpu_info import cpu_flags
+from pagedllm.model.cpu_info import native_bf16
 from pagedllm.model.attention.metadata import AttentionMetadata, common_prefix_blocks
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
 from pagedllm.model.models.llama import LlamaForCausalLM
@@ -27,11 +27,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU has bf16 matrix instructions (avx512_bf16 or AMX), which make bf16 matmuls ~4x faster than fp32."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,7 +42,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return _DTYPES[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.bfloat16 if native_bf16() else torch.float32
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
