@@ -79,5 +79,16 @@ def test_a_packed_model_gives_the_same_logits(tied):
         assert all((a == b).float().mean() >= 0.98 for a, b in zip(after, projections))
 
 
-def test_float32_weights_are_left_alone():
-    assert not can_pack(torch.empty(4, 4))
+@pytest.mark.parametrize("rows", [1, 7, 48, 300])
+def test_packed_float32_linear_differs_from_torch_only_in_the_order_of_sums(rows):
+    g = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(160, 96, generator=g), torch.randn(160, generator=g)
+    x = torch.randn(rows, 96, generator=g)
+    with torch.inference_mode():
+        y = PackedLinear(w, b)(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+def test_other_dtypes_are_left_alone():
+    assert not can_pack(torch.empty(4, 4, dtype=torch.float16))

@@ -123,7 +123,7 @@ class LlamaForCausalLM(nn.Module):
         return torch.nn.functional.linear(hidden, weight).float()
 
     def pack_for_cpu(self) -> int:
-        """Lay out bf16 projection weights once for oneDNN (see model/packed_linear.py), and switch
+        """Lay out bf16 and fp32 projection weights once for oneDNN (see model/packed_linear.py), and switch
         the element-wise steps to the fused CPU kernels where they built; returns how many weights were packed."""
         weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
         if weight.dtype == torch.bfloat16 and cpu_ops.available(weight):

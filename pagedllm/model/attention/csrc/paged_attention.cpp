@@ -132,29 +132,39 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int32_t* block
 
 #if defined(__AVX512F__)
 #include "bf16_simd.h"
-// bf16 on AVX-512, for head sizes 64 and 128. The generic loops above spend
-// most of their time widening bf16 and reducing each dot product; here keys
-// are multiplied as bf16 pairs straight from the pool (vdpbf16ps where the CPU
-// has AVX-512 BF16, two FMAs elsewhere: exact products, float32 sums), and
-// each pass over the values keeps up to four heads' output rows in registers.
+// AVX-512, bf16 or float32, for head sizes 64 and 128. The generic loops above
+// spend most of their time widening bf16 and reducing each dot product; here
+// bf16 keys are multiplied as pairs straight from the pool (vdpbf16ps where the
+// CPU has AVX-512 BF16, two FMAs elsewhere: exact products, float32 sums),
+// float32 keys by FMAs, and each pass over the values keeps up to four heads'
+// output rows in registers.
 inline __m512 widen(const uint16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline __m512 widen(const float* p) { return _mm512_loadu_ps(p); }
+
+// One query row's dot product with one key row, in 16 float32 partial sums.
+template <int D>
+inline __m512 dot_row(const uint16_t* qh, const uint16_t* kh) {
+    __m512 a = _mm512_setzero_ps();
+    for (int d = 0; d < D; d += 32) a = dot_bf16_pairs(a, _mm512_loadu_si512(qh + d), _mm512_loadu_si512(kh + d));
+    return a;
+}
+template <int D>
+inline __m512 dot_row(const float* qh, const float* kh) {
+    __m512 a = _mm512_setzero_ps();
+    for (int d = 0; d < D; d += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), _mm512_loadu_ps(kh + d), a);
+    return a;
 }
 
 // Dot products of one query row with 16 key rows (`stride` elements apart),
 // returned as one register: lane t holds key t's score. Each key's 16 partial
 // sums are folded together with the other keys' in a transpose-and-add tree,
 // three operations per key instead of a full horizontal reduction each.
-template <int D>
-inline __m512 dot16(const uint16_t* qh, const uint16_t* k0, int64_t stride) {
+template <int D, typename T>
+inline __m512 dot16(const T* qh, const T* k0, int64_t stride) {
     __m512 acc[16];
-    for (int t = 0; t < 16; ++t) {
-        const uint16_t* kt = k0 + t * stride;
-        __m512 a = _mm512_setzero_ps();
-        for (int d = 0; d < D; d += 32)
-            a = dot_bf16_pairs(a, _mm512_loadu_si512(qh + d), _mm512_loadu_si512(kt + d));
-        acc[t] = a;
-    }
+    for (int t = 0; t < 16; ++t) acc[t] = dot_row<D>(qh, k0 + t * stride);
     // Keys in pairs: per 128-bit lane, [a0+a2, b0+b2, a1+a3, b1+b3].
     __m512 s1[8];
     for (int i = 0; i < 8; ++i)
@@ -174,10 +184,10 @@ inline __m512 dot16(const uint16_t* qh, const uint16_t* k0, int64_t stride) {
                          _mm512_shuffle_f32x4(uv, wx, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-template <int D>
-void decode_bf16_avx512(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const int32_t* block_tables,
-                        int64_t table_stride, const int32_t* seq_lens, uint16_t* out, int num_seqs, int num_heads,
-                        int num_kv_heads, int block_size, float scale) {
+template <int D, typename T>
+void decode_avx512(const T* q, const T* k_cache, const T* v_cache, const int32_t* block_tables,
+                   int64_t table_stride, const int32_t* seq_lens, T* out, int num_seqs, int num_heads,
+                   int num_kv_heads, int block_size, float scale) {
     constexpr int NV = D / 16;     // float32 registers per head row
     constexpr int MAXH = 256 / D;  // heads per pass over the values: 16 accumulators
     const int group = num_heads / num_kv_heads;
@@ -190,37 +200,31 @@ void decode_bf16_avx512(const uint16_t* q, const uint16_t* k_cache, const uint16
 #pragma omp for schedule(dynamic, 1)
         for (int s = 0; s < num_seqs; ++s) {
             const int len = seq_lens[s];
-            uint16_t* o = out + static_cast<int64_t>(s) * num_heads * D;
+            T* o = out + static_cast<int64_t>(s) * num_heads * D;
             if (len <= 0) {
-                std::memset(o, 0, sizeof(uint16_t) * num_heads * D);
+                std::memset(o, 0, sizeof(T) * num_heads * D);
                 continue;
             }
             const int32_t* table = block_tables + s * table_stride;
             const int num_blocks = (len + block_size - 1) / block_size;
             scores.resize(static_cast<size_t>(num_heads) * len);
-            const uint16_t* qs = q + static_cast<int64_t>(s) * num_heads * D;
+            const T* qs = q + static_cast<int64_t>(s) * num_heads * D;
             prefetch_block(k_cache + table[0] * block_elems, block_elems);
             for (int b = 0; b < num_blocks; ++b) {
                 if (b + 1 < num_blocks) prefetch_block(k_cache + table[b + 1] * block_elems, block_elems);
-                const uint16_t* blk = k_cache + table[b] * block_elems;
+                const T* blk = k_cache + table[b] * block_elems;
                 const int t_end = (b + 1) * block_size < len ? (b + 1) * block_size : len;
                 int t = b * block_size;
                 for (; t + 16 <= t_end; t += 16) {  // 16 keys at a time: one reduction for all
-                    const uint16_t* k = blk + (t - b * block_size) * row;
+                    const T* k = blk + (t - b * block_size) * row;
                     for (int h = 0; h < num_heads; ++h)
                         _mm512_storeu_ps(scores.data() + static_cast<size_t>(h) * len + t,
                                          _mm512_mul_ps(dot16<D>(qs + h * D, k + (h / group) * D, row), _mm512_set1_ps(scale)));
                 }
                 for (; t < t_end; ++t) {
-                    const uint16_t* k = blk + (t - b * block_size) * row;
-                    for (int h = 0; h < num_heads; ++h) {
-                        const uint16_t* kh = k + (h / group) * D;
-                        const uint16_t* qh = qs + h * D;
-                        __m512 acc = _mm512_setzero_ps();
-                        for (int d = 0; d < D; d += 32)
-                            acc = dot_bf16_pairs(acc, _mm512_loadu_si512(qh + d), _mm512_loadu_si512(kh + d));
-                        scores[static_cast<size_t>(h) * len + t] = _mm512_reduce_add_ps(acc) * scale;
-                    }
+                    const T* k = blk + (t - b * block_size) * row;
+                    for (int h = 0; h < num_heads; ++h)
+                        scores[static_cast<size_t>(h) * len + t] = _mm512_reduce_add_ps(dot_row<D>(qs + h * D, k + (h / group) * D)) * scale;
                 }
             }
             prefetch_block(v_cache + table[0] * block_elems, block_elems);
@@ -234,10 +238,10 @@ void decode_bf16_avx512(const uint16_t* q, const uint16_t* k_cache, const uint16
                     for (int b = 0; b < num_blocks; ++b) {
                         // The first pass brings each block in for all heads; later passes find it in L2.
                         if (b + 1 < num_blocks && h0 == 0) prefetch_block(v_cache + table[b + 1] * block_elems, block_elems);
-                        const uint16_t* blk = v_cache + table[b] * block_elems + kvh * D;
+                        const T* blk = v_cache + table[b] * block_elems + kvh * D;
                         const int t_end = (b + 1) * block_size < len ? (b + 1) * block_size : len;
                         for (int t = b * block_size; t < t_end; ++t) {
-                            const uint16_t* v = blk + (t - b * block_size) * row;
+                            const T* v = blk + (t - b * block_size) * row;
                             __m512 vf[NV];
                             for (int i = 0; i < NV; ++i) vf[i] = widen(v + 16 * i);
                             for (int j = 0; j < MAXH; ++j) {
@@ -257,7 +261,7 @@ void decode_bf16_avx512(const uint16_t* q, const uint16_t* k_cache, const uint16
         }
     }
 }
-#define PAGEDLLM_AVX512_BF16_PATH 1
+#define PAGEDLLM_AVX512_PATH 1
 #endif
 
 }  // namespace
@@ -267,6 +271,14 @@ extern "C" {
 void paged_decode_f32(const float* q, const float* k_cache, const float* v_cache, const int32_t* block_tables,
                       int64_t table_stride, const int32_t* seq_lens, float* out, int num_seqs, int num_heads,
                       int num_kv_heads, int head_dim, int block_size, float scale) {
+#ifdef PAGEDLLM_AVX512_PATH
+    if (head_dim == 64)
+        return decode_avx512<64>(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs,
+                                 num_heads, num_kv_heads, block_size, scale);
+    if (head_dim == 128)
+        return decode_avx512<128>(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs,
+                                  num_heads, num_kv_heads, block_size, scale);
+#endif
     decode(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs, num_heads, num_kv_heads,
            head_dim, block_size, scale);
 }
@@ -274,13 +286,13 @@ void paged_decode_f32(const float* q, const float* k_cache, const float* v_cache
 void paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
                        const int32_t* block_tables, int64_t table_stride, const int32_t* seq_lens, uint16_t* out,
                        int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale) {
-#ifdef PAGEDLLM_AVX512_BF16_PATH
+#ifdef PAGEDLLM_AVX512_PATH
     if (head_dim == 64)
-        return decode_bf16_avx512<64>(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs,
-                                      num_heads, num_kv_heads, block_size, scale);
+        return decode_avx512<64>(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs,
+                                 num_heads, num_kv_heads, block_size, scale);
     if (head_dim == 128)
-        return decode_bf16_avx512<128>(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs,
-                                       num_heads, num_kv_heads, block_size, scale);
+        return decode_avx512<128>(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs,
+                                  num_heads, num_kv_heads, block_size, scale);
 #endif
     decode(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs, num_heads, num_kv_heads,
            head_dim, block_size, scale);
