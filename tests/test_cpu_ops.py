@@ -1,4 +1,5 @@
-"""The fused bf16 CPU kernels must round where torch's ops round: same bits, or (the norm's sum) within one bf16 step."""
+"""The fused CPU kernels must round where torch's ops round: same bits, or (the norm's sum) within one bf16 step;
+in float32, within a few float32 steps."""
 
 from __future__ import annotations
 
@@ -53,18 +54,51 @@ def test_silu_and_mul_is_bit_identical_to_torch(rows, inter):
     torch.testing.assert_close(cpu_ops.silu_and_mul(x), F.silu(gate) * up, atol=0, rtol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("rows", [1, 7, 48, 300])
+def test_float32_rms_norm_with_and_without_residual(rows):
+    g = torch.Generator().manual_seed(rows)
+    x, res = torch.randn(rows, 576, generator=g) * 3, torch.randn(rows, 576, generator=g)
+    w = torch.rand(576, generator=g) + 0.5
+    tight = dict(atol=1e-6, rtol=1e-6)  # the order of the sum of squares
+    torch.testing.assert_close(cpu_ops.rms_norm(x, w, 1e-5), hf_rms_norm(x, w, 1e-5), **tight)
+    residual = res.clone()
+    out = cpu_ops.rms_norm(x, w, 1e-5, residual)
+    assert torch.equal(residual, x + res)
+    torch.testing.assert_close(out, hf_rms_norm(x + res, w, 1e-5), **tight)
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 1536), (48, 1536), (3, 7)])
+def test_float32_silu_and_mul(rows, inter):
+    g = torch.Generator().manual_seed(rows + inter)
+    x = torch.randn(rows, 2 * inter, generator=g) * 4
+    x[0, : min(inter, 4)] = torch.tensor([-100.0, 100.0, 0.0, -0.0])[: min(inter, 4)]
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(cpu_ops.silu_and_mul(x), F.silu(gate) * up, atol=1e-7, rtol=2e-7)
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 1536), (48, 1536), (3, 7)])
+def test_silu_and_mul_of_bf16_values_carried_in_float32_rounds_as_bf16(rows, inter):
+    """A widened bf16 projection's unrounded float32 output gives the bf16 kernel's result on its rounding."""
+    g = torch.Generator().manual_seed(rows * inter)
+    x = torch.randn(rows, 2 * inter, generator=g) * 4
+    out = cpu_ops.silu_and_mul(x, bf16_in_float=True)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, cpu_ops.silu_and_mul(x.bfloat16()).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("tokens", [1, 5, 300])
-def test_rope_and_store_equals_rotary_then_index_copy(tokens):
+def test_rope_and_store_equals_rotary_then_index_copy(tokens, dtype):
     heads, kv_heads, d, block_size = 9, 3, 64, 16
     rot = RotaryEmbedding(d, 4096, {"rope_type": "default", "rope_theta": 100000.0})
-    rot.build(torch.device("cpu"), torch.bfloat16)
+    rot.build(torch.device("cpu"), dtype)
     g = torch.Generator().manual_seed(tokens)
-    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, generator=g).bfloat16()
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, generator=g).to(dtype)
     positions = torch.randint(0, 4096, (tokens,), generator=g)
     num_blocks = tokens // block_size + 4
     slots = torch.randperm(num_blocks * block_size, generator=g)[:tokens]
     slots[0] = -1  # a padding row stores nothing
-    cache = torch.full((2, num_blocks, block_size, kv_heads, d), float("nan"), dtype=torch.bfloat16)
+    cache = torch.full((2, num_blocks, block_size, kv_heads, d), float("nan"), dtype=dtype)
     expected = rot.rotate(positions, qkv[:, : (heads + kv_heads) * d].view(tokens, heads + kv_heads, d)).reshape(tokens, -1)
     values = qkv[:, (heads + kv_heads) * d :].clone()
     cpu_ops.rope_and_store(qkv, positions, rot.cos, rot.sin, heads, kv_heads, d, slots, cache)

@@ -108,11 +108,12 @@ def test_logits_match_transformers(arch, block_size):
         torch.testing.assert_close(o, ref, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("arch", ["smollm2", "llama3", "qwen2", "qwen3"])
-def test_fused_cpu_ops_give_the_logits_of_torch_ops_in_bf16(arch):
+def test_fused_cpu_ops_give_the_logits_of_torch_ops(arch, dtype):
     from pagedllm.model import cpu_ops
 
-    if not cpu_ops.available(torch.empty(1, dtype=torch.bfloat16)):
+    if not cpu_ops.available(torch.empty(1, dtype=dtype)):
         pytest.skip("CPU kernels did not build")
     cfg = CONFIGS[arch]()
     weights = hf_model(cfg).state_dict()
@@ -120,10 +121,13 @@ def test_fused_cpu_ops_give_the_logits_of_torch_ops_in_bf16(arch):
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in [23, 7, 41, 2]]
     runs = []
     for native in (True, False):
-        runner = ModelRunner(cfg, weights.items(), device=torch.device("cpu"), dtype=torch.bfloat16, block_size=16)
-        assert runner.model.norm.native  # switched on at load time, bf16 on the CPU
+        runner = ModelRunner(cfg, weights.items(), device=torch.device("cpu"), dtype=dtype, block_size=16)
+        assert runner.model.norm.native  # switched on at load time on the CPU
         runner.model.use_native_ops(native)
         runs.append(torch.cat(paged_logits(runner, prompts, 16)))
+    if dtype == torch.float32:
+        torch.testing.assert_close(runs[0], runs[1], atol=1e-5, rtol=1e-5)
+        return
     # The norm sums its squares in another order than torch: now and then a value moves by one bf16 step.
     torch.testing.assert_close(runs[0], runs[1], atol=0.01, rtol=0.01)
     assert (runs[0] != runs[1]).float().mean() < 0.1

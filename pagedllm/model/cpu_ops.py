@@ -1,11 +1,12 @@
-"""Fused bfloat16 element-wise ops for the CPU (csrc/cpu_ops.cpp): residual + RMSNorm, SiLU-and-mul, rotary + KV store;
-and the greedy argmax over float32 logits.
+"""Fused bfloat16 and float32 element-wise ops for the CPU (csrc/cpu_ops.cpp): residual + RMSNorm, SiLU-and-mul,
+rotary + KV store; and the greedy argmax over float32 logits.
 
 A decode step with 48 sequences spent about 30 ms of ~100 in torch's small
 ops (each costs 10-70 us of dispatch at these sizes, 15 of them per layer).
-One native pass per fused step removes most of that. Only bf16 CPU tensors
-take this path; float32 stays on torch's ops, in which outputs must match
-transformers token for token.
+One native pass per fused step removes most of that. bf16 rounds where
+transformers' bf16 code rounds; float32 computes each value as torch's float32
+ops do, up to the order of the norm's sum of squares and the last bit of exp,
+so that greedy outputs stay token-identical to transformers.
 """
 
 from __future__ import annotations
@@ -27,13 +28,19 @@ def _lib() -> ctypes.CDLL | None:
     if lib is None:
         return None
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.rms_norm_bf16.argtypes = [p, i64, p, p, p, i32, i32, f32]
+    for suffix in ("bf16", "f32"):
+        getattr(lib, f"rms_norm_{suffix}").argtypes = [p, i64, p, p, p, i32, i32, f32]
+        getattr(lib, f"rope_store_{suffix}").argtypes = [p, i64, i32, p, p, p, i32, i32, i32, p, p, p]
     lib.silu_and_mul_bf16.argtypes = [p, p, i32, i32]
-    lib.rope_store_bf16.argtypes = [p, i64, i32, p, p, p, i32, i32, i32, p, p, p]
+    lib.silu_and_mul_f32.argtypes = [p, p, i32, i32, i32]
     lib.argmax_rows_f32.argtypes = [p, i64, i32, i32, p]
-    for fn in (lib.rms_norm_bf16, lib.silu_and_mul_bf16, lib.rope_store_bf16, lib.argmax_rows_f32):
-        fn.restype = None
+    for name in ("rms_norm_bf16", "rms_norm_f32", "rope_store_bf16", "rope_store_f32", "silu_and_mul_bf16",
+                 "silu_and_mul_f32", "argmax_rows_f32"):
+        getattr(lib, name).restype = None
     return lib
+
+
+_SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
 def available(t: torch.Tensor) -> bool:
@@ -41,24 +48,42 @@ def available(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and _lib() is not None
 
 
+def supports(dtype: torch.dtype) -> bool:
+    """The dtypes of the element-wise kernels: bf16 and float32."""
+    return dtype in _SUFFIX
+
+
+def _fn(name: str, dtype: torch.dtype):
+    return getattr(_lib(), f"{name}_{_SUFFIX[dtype]}")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm of x [T, dim]; with a residual, of x + residual, which is also written into residual."""
-    assert x.stride(-1) == 1 and weight.is_contiguous()
+    assert x.stride(-1) == 1 and weight.is_contiguous() and weight.dtype == x.dtype
     out = torch.empty(x.shape, dtype=x.dtype)
     res = 0
     if residual is not None:
-        assert residual.is_contiguous() and residual.shape == x.shape
+        assert residual.is_contiguous() and residual.shape == x.shape and residual.dtype == x.dtype
         res = residual.data_ptr()
-    _lib().rms_norm_bf16(x.data_ptr(), x.stride(0), res, weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
+    _fn("rms_norm", x.dtype)(x.data_ptr(), x.stride(0), res, weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
     return out
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, where x [T, 2 * inter] holds gate then up."""
+def silu_and_mul(x: torch.Tensor, bf16_in_float: bool = False) -> torch.Tensor:
+    """silu(gate) * up, where x [T, 2 * inter] holds gate then up.
+
+    bf16_in_float: x is a bf16 model's activations carried in float32 (a projection
+    computed in float32, not yet rounded: model/packed_linear.py); they are rounded
+    as bf16 code rounds them, and the result is bf16 values in float32.
+    """
     x = x.contiguous()
     inter = x.shape[-1] // 2
     out = torch.empty((x.shape[0], inter), dtype=x.dtype)
-    _lib().silu_and_mul_bf16(x.data_ptr(), out.data_ptr(), x.shape[0], inter)
+    if x.dtype == torch.float32:
+        _lib().silu_and_mul_f32(x.data_ptr(), out.data_ptr(), x.shape[0], inter, int(bf16_in_float))
+    else:
+        assert x.dtype == torch.bfloat16 and not bf16_in_float
+        _lib().silu_and_mul_bf16(x.data_ptr(), out.data_ptr(), x.shape[0], inter)
     return out
 
 
@@ -79,6 +104,6 @@ def rope_and_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
     assert qkv.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous() and kv_cache.is_contiguous()
     assert positions.dtype == torch.int64 and slot_mapping.dtype == torch.int64 and kv_cache.dtype == qkv.dtype
     positions, slots = positions.contiguous(), slot_mapping.contiguous()
-    _lib().rope_store_bf16(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], positions.data_ptr(), cos.data_ptr(),
-                           sin.data_ptr(), num_heads + num_kv_heads, num_kv_heads, head_dim, slots.data_ptr(),
-                           kv_cache[0].data_ptr(), kv_cache[1].data_ptr())
+    _fn("rope_store", qkv.dtype)(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], positions.data_ptr(), cos.data_ptr(),
+                                 sin.data_ptr(), num_heads + num_kv_heads, num_kv_heads, head_dim, slots.data_ptr(),
+                                 kv_cache[0].data_ptr(), kv_cache[1].data_ptr())

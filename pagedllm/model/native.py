@@ -38,6 +38,9 @@ _COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c++17"]
 # would pull in crtfastmath, which switches on flush-to-zero for the whole process when
 # loaded and so changes what every other float operation computes.
 _FAST_MATH = "-ffast-math"
+# Without -ffast-math, no FMA contraction either: a * b + c rounds twice, as torch's
+# element-wise ops do (GCC fuses it by default). Explicit FMA intrinsics stay FMAs.
+_NO_CONTRACT = "-ffp-contract=off"
 _LINK_FLAGS = ["-shared", "-fopenmp", "-lm"]
 
 
@@ -48,7 +51,7 @@ def _compiler_version(compiler: str) -> str:
 
 def _build(compiler: str, source: Path, fast_math: bool) -> Path:
     version = _compiler_version(compiler)
-    compile_flags = _COMPILE_FLAGS + [_FAST_MATH] * fast_math
+    compile_flags = _COMPILE_FLAGS + ([_FAST_MATH] if fast_math else [_NO_CONTRACT])
     flags = " ".join(compile_flags + _LINK_FLAGS)
     # The headers beside a source may be included by it: a change to one rebuilds it too.
     texts = [source.read_text()] + [h.read_text() for h in sorted(source.parent.glob("*.h"))]

@@ -52,11 +52,13 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(compute), _BATCH_HINT)
         self.bias = None if bias is None else bias.detach().to(compute)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, round_output: bool = True) -> torch.Tensor:
+        """Widened (upcast): x may come in float32 already (bf16 values), and with round_output=False the
+        float32 product goes out unrounded, for a consumer that rounds it as it reads (cpu_ops.silu_and_mul)."""
         if not self.upcast:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        y = torch.ops.mkldnn._linear_pointwise(x.float(), self.packed, self.bias, "none", [], "")
-        return y.to(self.dtype)
+        y = torch.ops.mkldnn._linear_pointwise(x if x.dtype == torch.float32 else x.float(), self.packed, self.bias, "none", [], "")
+        return y.to(self.dtype) if round_output else y
 
 
 def pack_linears(model: nn.Module) -> int:

@@ -1,13 +1,15 @@
-// Fused element-wise steps of a Llama decoder layer in bfloat16, for the CPU.
+// Fused element-wise steps of a Llama decoder layer in bfloat16 and float32, for the CPU.
 // torch runs each of these as several ops, and at decode batch sizes each op
 // costs more in dispatch than in arithmetic: a layer spent ~1 ms in them per
 // step. Each kernel here is one pass over its rows and rounds to bfloat16
-// wherever transformers' bf16 code rounds, so results match torch's bits
-// (up to the order of a sum of squares in the norm).
+// wherever transformers' bf16 code rounds (float32: where its float32 code
+// rounds), so results match torch's bits (up to the order of a sum of squares
+// in the norm).
 // Built at first use by model/native.py; called through ctypes (model/cpu_ops.py).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -75,102 +77,161 @@ inline __m512 exp16(__m512 x) {
 }
 #endif
 
-}  // namespace
+// Element access for both storage types: bf16 (uint16_t) rounds wherever
+// transformers' bf16 code rounds; float32 never rounds but where torch's float32
+// ops do (each product and sum: the library is built without FMA contraction).
+inline float ld(uint16_t x) { return bf16_to_float(x); }
+inline float ld(float x) { return x; }
+template <typename T> inline float rnd(float x) { return std::is_same_v<T, uint16_t> ? round_bf16(x) : x; }
+template <typename T> inline T put(float x) {
+    if constexpr (std::is_same_v<T, uint16_t>) return float_to_bf16(x); else return x;
+}
 
-extern "C" {
-
-// out = weight * bf16(h * rsqrt(mean(h^2) + eps)), where h = x, or, with a residual,
-// h = bf16(x + residual), which is also written back to residual (the stream that
+// out = weight * T(h * rsqrt(mean(h^2) + eps)), where h = x, or, with a residual,
+// h = T(x + residual), which is also written back to residual (the stream that
 // the next layer adds to). As transformers' LlamaRMSNorm: h in float32, the
-// normalised row rounded to bf16 before the scale.
-void rms_norm_bf16(const uint16_t* x, int64_t x_stride, uint16_t* residual, const uint16_t* weight, uint16_t* out,
-                   int rows, int dim, float eps) {
+// normalised row rounded to the model's dtype before the scale.
+template <typename T>
+void rms_norm(const T* x, int64_t x_stride, T* residual, const T* weight, T* out, int rows, int dim, float eps) {
 #pragma omp parallel for schedule(static) if (static_cast<int64_t>(rows) * dim >= kParallelElems)
     for (int r = 0; r < rows; ++r) {
-        const uint16_t* xr = x + static_cast<int64_t>(r) * x_stride;
-        uint16_t* o = out + static_cast<int64_t>(r) * dim;
+        const T* xr = x + static_cast<int64_t>(r) * x_stride;
+        T* o = out + static_cast<int64_t>(r) * dim;
         // h goes into out first: out is ours, and the row is read twice.
         float sum = 0.0f;
         if (residual != nullptr) {
-            uint16_t* res = residual + static_cast<int64_t>(r) * dim;
+            T* res = residual + static_cast<int64_t>(r) * dim;
 #pragma omp simd reduction(+ : sum)
             for (int i = 0; i < dim; ++i) {
-                const uint16_t h = float_to_bf16(bf16_to_float(xr[i]) + bf16_to_float(res[i]));
+                const T h = put<T>(ld(xr[i]) + ld(res[i]));
                 res[i] = h;
                 o[i] = h;
-                const float f = bf16_to_float(h);
+                const float f = ld(h);
                 sum += f * f;
             }
         } else {
 #pragma omp simd reduction(+ : sum)
             for (int i = 0; i < dim; ++i) {
                 o[i] = xr[i];
-                const float f = bf16_to_float(xr[i]);
+                const float f = ld(xr[i]);
                 sum += f * f;
             }
         }
         const float inv = 1.0f / std::sqrt(sum / static_cast<float>(dim) + eps);
 #pragma omp simd
-        for (int i = 0; i < dim; ++i)
-            o[i] = float_to_bf16(bf16_to_float(weight[i]) * round_bf16(bf16_to_float(o[i]) * inv));
+        for (int i = 0; i < dim; ++i) o[i] = put<T>(ld(weight[i]) * rnd<T>(ld(o[i]) * inv));
     }
 }
 
-// out[r] = bf16(bf16(silu(gate)) * up), with gate and up the two halves of row r of x.
-void silu_and_mul_bf16(const uint16_t* x, uint16_t* out, int rows, int inter) {
+#ifdef __AVX512F__
+inline __m512 load16(const uint16_t* p) { return load_bf16x16(p); }
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline void store16(uint16_t* p, __m512 v) { store_bf16x16(p, v); }
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+#endif
+
+// out[r] = silu(gate) * up, with gate and up the two halves of row r of x. Bf16
+// (as bf16 storage, or as float32 values still to be rounded: the output of a
+// projection computed in float32, packed_linear.py) rounds gate, up, silu(gate)
+// and the product to bf16, as transformers' bf16 code does; float32 rounds none.
+template <typename In, typename Out, bool Bf16>
+void silu_and_mul(const In* x, Out* out, int rows, int inter) {
 #pragma omp parallel for schedule(static) if (static_cast<int64_t>(rows) * inter >= kParallelElems)
     for (int r = 0; r < rows; ++r) {
-        const uint16_t* gate = x + static_cast<int64_t>(r) * 2 * inter;
-        const uint16_t* up = gate + inter;
-        uint16_t* o = out + static_cast<int64_t>(r) * inter;
+        const In* gate = x + static_cast<int64_t>(r) * 2 * inter;
+        const In* up = gate + inter;
+        Out* o = out + static_cast<int64_t>(r) * inter;
         int i = 0;
 #ifdef __AVX512F__
         for (; i + 16 <= inter; i += 16) {
-            const __m512 g = load_bf16x16(gate + i);
-            const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-            store_bf16x16(o + i, _mm512_mul_ps(round_bf16x16(s), load_bf16x16(up + i)));
+            __m512 g = load16(gate + i), u = load16(up + i);
+            if constexpr (Bf16 && std::is_same_v<In, float>) g = round_bf16x16(g), u = round_bf16x16(u);
+            __m512 sg = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            if constexpr (Bf16) sg = round_bf16x16(sg);
+            __m512 y = _mm512_mul_ps(sg, u);
+            if constexpr (Bf16 && std::is_same_v<Out, float>) y = round_bf16x16(y);
+            store16(o + i, y);
         }
 #endif
         for (; i < inter; ++i) {
-            const float g = bf16_to_float(gate[i]);
-            o[i] = float_to_bf16(round_bf16(g / (1.0f + std::exp(-g))) * bf16_to_float(up[i]));
+            float g = ld(gate[i]), u = ld(up[i]);
+            if constexpr (Bf16) g = round_bf16(g), u = round_bf16(u);
+            float sg = g / (1.0f + std::exp(-g));
+            if constexpr (Bf16) sg = round_bf16(sg);
+            const float y = sg * u;
+            o[i] = put<Out>(Bf16 ? round_bf16(y) : y);
         }
     }
 }
 
 // Rotary embedding (rotate-half) on the first `rot_heads` heads of each row of
-// qkv, in place: bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)), as torch
-// computes it in bf16. cos/sin are [positions, head_dim] tables. Then, where
+// qkv, in place: T(T(x * cos) + T(rotate_half(x) * sin)), as torch computes it
+// in the model's dtype. cos/sin are [positions, head_dim] tables. Then, where
 // k_cache is given, the row's keys (the last `num_kv_heads` rotated heads) and
 // values (the `num_kv_heads` heads after them) are stored at the token's slot
 // of the pool; slot -1 (a padding row) stores nothing.
-void rope_store_bf16(uint16_t* qkv, int64_t row_stride, int tokens, const int64_t* positions, const uint16_t* cos,
-                     const uint16_t* sin, int rot_heads, int num_kv_heads, int head_dim, const int64_t* slots,
-                     uint16_t* k_cache, uint16_t* v_cache) {
+template <typename T>
+void rope_store(T* qkv, int64_t row_stride, int tokens, const int64_t* positions, const T* cos, const T* sin,
+                int rot_heads, int num_kv_heads, int head_dim, const int64_t* slots, T* k_cache, T* v_cache) {
     const int half = head_dim / 2;
     const int64_t kv_row = static_cast<int64_t>(num_kv_heads) * head_dim;
 #pragma omp parallel for schedule(static) if (static_cast<int64_t>(tokens) * rot_heads * head_dim >= kParallelElems)
     for (int t = 0; t < tokens; ++t) {
-        uint16_t* row = qkv + static_cast<int64_t>(t) * row_stride;
-        const uint16_t* c = cos + positions[t] * head_dim;
-        const uint16_t* s = sin + positions[t] * head_dim;
+        T* row = qkv + static_cast<int64_t>(t) * row_stride;
+        const T* c = cos + positions[t] * head_dim;
+        const T* s = sin + positions[t] * head_dim;
         for (int h = 0; h < rot_heads; ++h) {
-            uint16_t* x = row + static_cast<int64_t>(h) * head_dim;
+            T* x = row + static_cast<int64_t>(h) * head_dim;
 #pragma omp simd
             for (int i = 0; i < half; ++i) {
-                const float x1 = bf16_to_float(x[i]), x2 = bf16_to_float(x[i + half]);
-                const float lo = round_bf16(x1 * bf16_to_float(c[i])) + round_bf16(-x2 * bf16_to_float(s[i]));
-                const float hi = round_bf16(x2 * bf16_to_float(c[i + half])) + round_bf16(x1 * bf16_to_float(s[i + half]));
-                x[i] = float_to_bf16(lo);
-                x[i + half] = float_to_bf16(hi);
+                const float x1 = ld(x[i]), x2 = ld(x[i + half]);
+                const float lo = rnd<T>(x1 * ld(c[i])) + rnd<T>(-x2 * ld(s[i]));
+                const float hi = rnd<T>(x2 * ld(c[i + half])) + rnd<T>(x1 * ld(s[i + half]));
+                x[i] = put<T>(lo);
+                x[i + half] = put<T>(hi);
             }
         }
         if (k_cache != nullptr && slots[t] >= 0) {
-            const uint16_t* k = row + static_cast<int64_t>(rot_heads - num_kv_heads) * head_dim;
-            std::memcpy(k_cache + slots[t] * kv_row, k, sizeof(uint16_t) * kv_row);
-            std::memcpy(v_cache + slots[t] * kv_row, k + kv_row, sizeof(uint16_t) * kv_row);
+            const T* k = row + static_cast<int64_t>(rot_heads - num_kv_heads) * head_dim;
+            std::memcpy(k_cache + slots[t] * kv_row, k, sizeof(T) * kv_row);
+            std::memcpy(v_cache + slots[t] * kv_row, k + kv_row, sizeof(T) * kv_row);
         }
     }
+}
+
+}  // namespace
+
+extern "C" {
+
+void rms_norm_bf16(const uint16_t* x, int64_t x_stride, uint16_t* residual, const uint16_t* weight, uint16_t* out,
+                   int rows, int dim, float eps) {
+    rms_norm(x, x_stride, residual, weight, out, rows, dim, eps);
+}
+void rms_norm_f32(const float* x, int64_t x_stride, float* residual, const float* weight, float* out, int rows, int dim,
+                  float eps) {
+    rms_norm(x, x_stride, residual, weight, out, rows, dim, eps);
+}
+
+void silu_and_mul_bf16(const uint16_t* x, uint16_t* out, int rows, int inter) {
+    silu_and_mul<uint16_t, uint16_t, true>(x, out, rows, inter);
+}
+// bf16 != 0: x holds a bf16 model's activations as float32 (not yet rounded), and so will out (rounded).
+void silu_and_mul_f32(const float* x, float* out, int rows, int inter, int bf16) {
+    if (bf16)
+        silu_and_mul<float, float, true>(x, out, rows, inter);
+    else
+        silu_and_mul<float, float, false>(x, out, rows, inter);
+}
+
+void rope_store_bf16(uint16_t* qkv, int64_t row_stride, int tokens, const int64_t* positions, const uint16_t* cos,
+                     const uint16_t* sin, int rot_heads, int num_kv_heads, int head_dim, const int64_t* slots,
+                     uint16_t* k_cache, uint16_t* v_cache) {
+    rope_store(qkv, row_stride, tokens, positions, cos, sin, rot_heads, num_kv_heads, head_dim, slots, k_cache, v_cache);
+}
+void rope_store_f32(float* qkv, int64_t row_stride, int tokens, const int64_t* positions, const float* cos,
+                    const float* sin, int rot_heads, int num_kv_heads, int head_dim, const int64_t* slots,
+                    float* k_cache, float* v_cache) {
+    rope_store(qkv, row_stride, tokens, positions, cos, sin, rot_heads, num_kv_heads, head_dim, slots, k_cache, v_cache);
 }
 
 // out[r] = the index of the largest value of row r (the first one on ties; the first NaN

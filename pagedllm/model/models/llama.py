@@ -68,8 +68,13 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.native = False  # SiLU-and-mul in one CPU kernel (model/cpu_ops.py)
+        # bf16 projections widened to float32 (model/packed_linear.py): the activations between
+        # them stay in float32, rounded by the kernel, instead of being converted twice.
+        self.widened = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.widened:
+            return self.down_proj(cpu_ops.silu_and_mul(self.gate_up_proj(x, round_output=False), bf16_in_float=True))
         return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.native))
 
 
@@ -126,21 +131,24 @@ class LlamaForCausalLM(nn.Module):
         """Lay out bf16 and fp32 projection weights once for oneDNN (see model/packed_linear.py), and switch
         the element-wise steps to the fused CPU kernels where they built; returns how many weights were packed."""
         weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        if weight.dtype == torch.bfloat16 and cpu_ops.available(weight):
+        packed = 0
+        if can_pack(weight):
+            # A tied head keeps its table for the embedding lookup and gets a packed copy.
+            self.packed_lm_head = PackedLinear(weight, None)
+            if not self.tie_word_embeddings:
+                del self.lm_head
+            packed = 1 + pack_linears(self.layers)
+        if cpu_ops.supports(weight.dtype) and cpu_ops.available(weight):
             self.use_native_ops()
-        if not can_pack(weight):
-            return 0
-        # A tied head keeps its table for the embedding lookup and gets a packed copy.
-        self.packed_lm_head = PackedLinear(weight, None)
-        if not self.tie_word_embeddings:
-            del self.lm_head
-        return 1 + pack_linears(self.layers)
+        return packed
 
     def use_native_ops(self, enabled: bool = True) -> None:
-        """Run norms, SiLU-and-mul and rotary + KV store through model/cpu_ops.py (bf16 on the CPU), or not."""
+        """Run norms, SiLU-and-mul and rotary + KV store through model/cpu_ops.py (bf16 or fp32 on the CPU), or not."""
         for m in self.modules():
             if isinstance(m, (RMSNorm, LlamaMLP)):
                 m.native = enabled
+            if isinstance(m, LlamaMLP):
+                m.widened = enabled and all(isinstance(p, PackedLinear) and p.upcast for p in (m.gate_up_proj, m.down_proj))
             elif isinstance(m, LlamaAttention):
                 m.native_rope = enabled and not m.qk_norm
 
