@@ -58,6 +58,7 @@ def tiny_config() -> transformers.LlamaConfig:
 def runner() -> ModelRunner:
     r = ModelRunner(tiny_config(), None, device=torch.device("cpu"), dtype=torch.float32, block_size=BLOCK,
                     attn_backend=SkippingStore)
+    r.model.use_native_ops(False)  # as on CUDA: torch ops, and the backend stores the keys and values
     r.allocate_kv_cache(NUM_BLOCKS)
     return r
 
