@@ -264,13 +264,11 @@ void decode_avx512(const T* q, const T* k_cache, const T* v_cache, const int32_t
 #define PAGEDLLM_AVX512_PATH 1
 #endif
 
-}  // namespace
-
-extern "C" {
-
-void paged_decode_f32(const float* q, const float* k_cache, const float* v_cache, const int32_t* block_tables,
-                      int64_t table_stride, const int32_t* seq_lens, float* out, int num_seqs, int num_heads,
-                      int num_kv_heads, int head_dim, int block_size, float scale) {
+// The AVX-512 kernel for the head sizes it is built for, the generic loops for the rest.
+template <typename T>
+void paged_decode(const T* q, const T* k_cache, const T* v_cache, const int32_t* block_tables, int64_t table_stride,
+                  const int32_t* seq_lens, T* out, int num_seqs, int num_heads, int num_kv_heads, int head_dim,
+                  int block_size, float scale) {
 #ifdef PAGEDLLM_AVX512_PATH
     if (head_dim == 64)
         return decode_avx512<64>(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs,
@@ -283,18 +281,21 @@ void paged_decode_f32(const float* q, const float* k_cache, const float* v_cache
            head_dim, block_size, scale);
 }
 
+}  // namespace
+
+extern "C" {
+
+void paged_decode_f32(const float* q, const float* k_cache, const float* v_cache, const int32_t* block_tables,
+                      int64_t table_stride, const int32_t* seq_lens, float* out, int num_seqs, int num_heads,
+                      int num_kv_heads, int head_dim, int block_size, float scale) {
+    paged_decode(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs, num_heads, num_kv_heads,
+                 head_dim, block_size, scale);
+}
+
 void paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
                        const int32_t* block_tables, int64_t table_stride, const int32_t* seq_lens, uint16_t* out,
                        int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale) {
-#ifdef PAGEDLLM_AVX512_PATH
-    if (head_dim == 64)
-        return decode_avx512<64>(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs,
-                                 num_heads, num_kv_heads, block_size, scale);
-    if (head_dim == 128)
-        return decode_avx512<128>(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs,
-                                  num_heads, num_kv_heads, block_size, scale);
-#endif
-    decode(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs, num_heads, num_kv_heads,
-           head_dim, block_size, scale);
+    paged_decode(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs, num_heads, num_kv_heads,
+                 head_dim, block_size, scale);
 }
 }
