@@ -87,6 +87,16 @@ template <typename T> inline T put(float x) {
     if constexpr (std::is_same_v<T, uint16_t>) return float_to_bf16(x); else return x;
 }
 
+#ifdef __AVX512F__
+inline __m512 load16(const uint16_t* p) { return load_bf16x16(p); }
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline void store16(uint16_t* p, __m512 v) { store_bf16x16(p, v); }
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+template <typename T> inline __m512 rnd16(__m512 v) {
+    if constexpr (std::is_same_v<T, uint16_t>) return round_bf16x16(v); else return v;
+}
+#endif
+
 // out = weight * T(h * rsqrt(mean(h^2) + eps)), where h = x, or, with a residual,
 // h = T(x + residual), which is also written back to residual (the stream that
 // the next layer adds to). As transformers' LlamaRMSNorm: h in float32, the
@@ -98,11 +108,25 @@ void rms_norm(const T* x, int64_t x_stride, T* residual, const T* weight, T* out
         const T* xr = x + static_cast<int64_t>(r) * x_stride;
         T* o = out + static_cast<int64_t>(r) * dim;
         // h goes into out first: out is ours, and the row is read twice.
+        T* res = residual != nullptr ? residual + static_cast<int64_t>(r) * dim : nullptr;
         float sum = 0.0f;
-        if (residual != nullptr) {
-            T* res = residual + static_cast<int64_t>(r) * dim;
+        int i0 = 0;
+#ifdef __AVX512F__
+        __m512 acc = _mm512_setzero_ps();
+        for (; i0 + 16 <= dim; i0 += 16) {
+            __m512 h = load16(xr + i0);
+            if (res != nullptr) {
+                h = rnd16<T>(_mm512_add_ps(h, load16(res + i0)));
+                store16(res + i0, h);
+            }
+            store16(o + i0, h);
+            acc = _mm512_fmadd_ps(h, h, acc);
+        }
+        sum = _mm512_reduce_add_ps(acc);
+#endif
+        if (res != nullptr) {
 #pragma omp simd reduction(+ : sum)
-            for (int i = 0; i < dim; ++i) {
+            for (int i = i0; i < dim; ++i) {
                 const T h = put<T>(ld(xr[i]) + ld(res[i]));
                 res[i] = h;
                 o[i] = h;
@@ -111,24 +135,22 @@ void rms_norm(const T* x, int64_t x_stride, T* residual, const T* weight, T* out
             }
         } else {
 #pragma omp simd reduction(+ : sum)
-            for (int i = 0; i < dim; ++i) {
+            for (int i = i0; i < dim; ++i) {
                 o[i] = xr[i];
                 const float f = ld(xr[i]);
                 sum += f * f;
             }
         }
         const float inv = 1.0f / std::sqrt(sum / static_cast<float>(dim) + eps);
-#pragma omp simd
-        for (int i = 0; i < dim; ++i) o[i] = put<T>(ld(weight[i]) * rnd<T>(ld(o[i]) * inv));
+        int i = 0;
+#ifdef __AVX512F__
+        const __m512 vinv = _mm512_set1_ps(inv);
+        for (; i + 16 <= dim; i += 16)
+            store16(o + i, _mm512_mul_ps(load16(weight + i), rnd16<T>(_mm512_mul_ps(load16(o + i), vinv))));
+#endif
+        for (; i < dim; ++i) o[i] = put<T>(ld(weight[i]) * rnd<T>(ld(o[i]) * inv));
     }
 }
-
-#ifdef __AVX512F__
-inline __m512 load16(const uint16_t* p) { return load_bf16x16(p); }
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline void store16(uint16_t* p, __m512 v) { store_bf16x16(p, v); }
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-#endif
 
 // out[r] = silu(gate) * up, with gate and up the two halves of row r of x. Bf16
 // (as bf16 storage, or as float32 values still to be rounded: the output of a
@@ -182,8 +204,20 @@ void rope_store(T* qkv, int64_t row_stride, int tokens, const int64_t* positions
         const T* s = sin + positions[t] * head_dim;
         for (int h = 0; h < rot_heads; ++h) {
             T* x = row + static_cast<int64_t>(h) * head_dim;
+            int i0 = 0;
+#ifdef __AVX512F__
+            for (; i0 + 16 <= half; i0 += 16) {
+                const __m512 x1 = load16(x + i0), x2 = load16(x + i0 + half);
+                const __m512 lo = _mm512_add_ps(rnd16<T>(_mm512_mul_ps(x1, load16(c + i0))),
+                                                rnd16<T>(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2), load16(s + i0))));
+                const __m512 hi = _mm512_add_ps(rnd16<T>(_mm512_mul_ps(x2, load16(c + i0 + half))),
+                                                rnd16<T>(_mm512_mul_ps(x1, load16(s + i0 + half))));
+                store16(x + i0, lo);
+                store16(x + i0 + half, hi);
+            }
+#endif
 #pragma omp simd
-            for (int i = 0; i < half; ++i) {
+            for (int i = i0; i < half; ++i) {
                 const float x1 = ld(x[i]), x2 = ld(x[i + half]);
                 const float lo = rnd<T>(x1 * ld(c[i])) + rnd<T>(-x2 * ld(s[i]));
                 const float hi = rnd<T>(x2 * ld(c[i + half])) + rnd<T>(x1 * ld(s[i + half]));
