@@ -53,7 +53,9 @@ def supports(dtype: torch.dtype) -> bool:
     return dtype in _SUFFIX
 
 
+@lru_cache(maxsize=None)
 def _fn(name: str, dtype: torch.dtype):
+    """The kernel `name` for dtype, looked up once: it is called several times per layer and step."""
     return getattr(_lib(), f"{name}_{_SUFFIX[dtype]}")
 
 
