@@ -18,12 +18,13 @@ torch emulate bf16 products and run about 5x slower than float32. There the
 weight is widened to float32 once (exactly: every bf16 value is a float32),
 each input is widened, the product runs in float32 and the output is rounded
 back to bf16. That is what a bf16 kernel computes (exact products, float32
-sums, one rounding at the end), up to the order of the sums. One row at a
-time (a decode step of one sequence) is bound by reading the weight, which
-bf16 halves: there the emulated bf16 product is 1.7x faster (30 layers and
-the LM head of SmolLM2-135M: 22.7 against 39.4 ms; even at 2 rows, and the
-widened one ahead from 4 rows: 1.9x at 48). So a widened layer keeps its bf16
-weight packed too, for single rows: three times the bf16 weight's memory.
+sums, one rounding at the end), up to the order of the sums. Decode steps
+(up to 64 rows) instead go to csrc/skinny_gemm.cpp, which reads the bf16
+weight itself (half the bytes), widens it in registers and computes the same
+float32 sums: 1.2-4x faster than oneDNN's float32 there, most at the fewest
+rows, where a step is bound by reading the weights (benchmarks/skinny_gemm.py).
+So a widened layer holds its weight twice, packed in float32 for oneDNN and in
+bf16 for the skinny kernel: three times the bf16 weight's memory.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pagedllm.model import skinny_gemm
 from pagedllm.model.cpu_info import native_bf16
 
 _BATCH_HINT = 64  # oneDNN picks its blocking for about this many rows; other sizes run fine
-_BF16_ROWS = 1  # widened layers multiply up to this many rows on their bf16 weight (see above)
+_SKINNY_ROWS = 64  # widened layers multiply up to this many rows in the skinny kernel (oneDNN is ahead from ~96)
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -56,18 +58,16 @@ class PackedLinear(nn.Module):
         compute = torch.float32 if self.upcast else weight.dtype
         self.packed = _pack(weight.detach().to(compute))
         self.bias = None if bias is None else bias.detach().to(compute)
-        if self.upcast:  # single rows run faster on the bf16 weight
-            self.packed_bf16 = _pack(weight.detach())
-            self.bias_bf16 = None if bias is None else bias.detach()
+        # Decode-sized inputs of a widened layer: the bf16 weight itself, in the skinny kernel's layout.
+        self.skinny = skinny_gemm.pack(weight) if self.upcast and skinny_gemm.available() else None
 
     def forward(self, x: torch.Tensor, round_output: bool = True) -> torch.Tensor:
         """Widened (upcast): x may come in float32 already (bf16 values), and with round_output=False the
         float32 product goes out unrounded, for a consumer that rounds it as it reads (cpu_ops.silu_and_mul)."""
         if not self.upcast:
             return _linear(x, self.packed, self.bias)
-        if x.shape[0] <= _BF16_ROWS:
-            y = _linear(x.to(self.dtype), self.packed_bf16, self.bias_bf16)
-            return y if round_output else y.float()
+        if self.skinny is not None and x.shape[0] <= _SKINNY_ROWS and x.stride(-1) == 1:
+            return skinny_gemm.linear(x, self.skinny, self.out_features, self.bias, self.dtype if round_output else torch.float32)
         y = _linear(x if x.dtype == torch.float32 else x.float(), self.packed, self.bias)
         return y.to(self.dtype) if round_output else y
 

@@ -1,0 +1,68 @@
+"""Products of a few rows by a packed weight on the CPU, in float32 arithmetic (csrc/skinny_gemm.cpp).
+
+For decode steps (1..64 rows) on CPUs with AVX-512 but no bf16 matrix
+instructions, where oneDNN is slow at few rows and emulates bf16: see the
+source for why and by how much. model/packed_linear.py picks it by row count.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from pagedllm.model.native import load_library
+
+_SOURCE = Path(__file__).with_name("csrc") / "skinny_gemm.cpp"
+_PANEL = 32  # output columns per packed panel (kPanel in the source)
+
+
+@lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL | None:
+    lib = load_library(_SOURCE)
+    if lib is None or not lib.skinny_gemm_available():
+        return None
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.skinny_gemm.argtypes = [p, i32, i64, i32, i32, p, i32, i32, p, p, i32, i64]
+    lib.skinny_gemm.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernel built here: it needs AVX-512 and a C++ compiler."""
+    return _lib() is not None
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] (bf16 or float32) as panels of 32 output columns, k-major; the layout the kernel reads.
+
+    A bf16 panel row interleaves columns j and j + 16 in one 32-bit word (low, high half).
+    """
+    assert weight.dim() == 2 and weight.dtype in (torch.bfloat16, torch.float32)
+    n, k = weight.shape
+    panels = -(-n // _PANEL)
+    w = torch.zeros(panels * _PANEL, k, dtype=weight.dtype)
+    w[:n] = weight.detach()
+    if weight.dtype == torch.bfloat16:
+        # [panel, half, j, k] -> [panel, k, j, half]: word j of row k = (column j, column j + 16)
+        return w.view(panels, 2, 16, k).permute(0, 3, 2, 1).contiguous()
+    return w.view(panels, _PANEL, k).permute(0, 2, 1).contiguous()
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [M, K] (bf16 or float32, rows contiguous) times the packed weight, plus a float32 bias: [M, out_features].
+
+    out_dtype bf16 rounds each float32 sum once; float32 (the default for float32 weights) keeps it.
+    """
+    assert x.dim() == 2 and x.stride(-1) == 1 and x.dtype in (torch.bfloat16, torch.float32)
+    assert x.shape[1] == packed.shape[1], f"x has {x.shape[1]} features, the weight {packed.shape[1]}"
+    assert bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
+    out_dtype = out_dtype or packed.dtype
+    y = torch.empty(x.shape[0], out_features, dtype=out_dtype)
+    _lib().skinny_gemm(x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), x.shape[0], x.shape[1], packed.data_ptr(),
+                       int(packed.dtype == torch.bfloat16), out_features, 0 if bias is None else bias.data_ptr(),
+                       y.data_ptr(), int(out_dtype == torch.bfloat16), out_features)
+    return y

@@ -1,0 +1,81 @@
+"""The skinny kernel (decode-sized products in float32 arithmetic) against a float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedllm.model import skinny_gemm
+from pagedllm.model.packed_linear import _SKINNY_ROWS, PackedLinear, can_pack
+
+pytestmark = pytest.mark.skipif(not skinny_gemm.available(), reason="the skinny kernel needs AVX-512 and a C++ compiler")
+
+
+def float32_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """How far a float32 sum over K may stray from the exact one: K ulps of the sum of |products|."""
+    return (x.double().abs() @ w.double().abs().t()) * x.shape[1] * 2.0**-24 + 1e-30
+
+
+@pytest.mark.parametrize("rows", [1, 5, 12, 13, 30, 64])
+@pytest.mark.parametrize("n,k", [(50, 37), (96, 576), (577, 64)])
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32])
+def test_float32_product_within_the_float32_bound(rows, n, k, w_dtype):
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    w = torch.randn(n, k, generator=g).to(w_dtype)
+    bias = torch.randn(n, generator=g)
+    x = torch.randn(rows, k + 5, generator=g).to(w_dtype)[:, :k]  # rows further apart than K: a strided input
+    exact = x.double() @ w.double().t() + bias.double()
+    y = skinny_gemm.linear(x, skinny_gemm.pack(w), n, bias, torch.float32)
+    assert y.shape == (rows, n) and y.dtype == torch.float32
+    assert ((y.double() - exact).abs() <= float32_bound(x, w) + bias.double().abs() * 2.0**-23).all()
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_bf16_output_is_the_float32_output_rounded_once(x_dtype):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(70, 96, generator=g).to(torch.bfloat16)
+    x = torch.randn(9, 96, generator=g).to(torch.bfloat16).to(x_dtype)
+    packed = skinny_gemm.pack(w)
+    y32 = skinny_gemm.linear(x, packed, 70, None, torch.float32)
+    y16 = skinny_gemm.linear(x, packed, 70, None, torch.bfloat16)
+    assert y16.dtype == torch.bfloat16 and torch.equal(y16, y32.to(torch.bfloat16))
+
+
+def test_a_row_gives_the_same_bits_alone_or_in_any_batch():
+    """One sum per output in k order, whatever the tile: batch composition never changes a sequence's result."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(100, 200, generator=g).to(torch.bfloat16)
+    x = torch.randn(40, 200, generator=g).to(torch.bfloat16)
+    packed = skinny_gemm.pack(w)
+    full = skinny_gemm.linear(x, packed, 100)
+    for lo, hi in [(0, 1), (7, 8), (3, 16), (13, 40)]:
+        assert torch.equal(skinny_gemm.linear(x[lo:hi], packed, 100), full[lo:hi])
+
+
+def test_zero_rows_and_a_mismatched_input():
+    w = torch.randn(32, 16).to(torch.bfloat16)
+    packed = skinny_gemm.pack(w)
+    assert skinny_gemm.linear(torch.empty(0, 16, dtype=torch.bfloat16), packed, 32).shape == (0, 32)
+    with pytest.raises(AssertionError, match="features"):
+        skinny_gemm.linear(torch.zeros(2, 17, dtype=torch.bfloat16), packed, 32)
+
+
+@pytest.mark.skipif(not can_pack(torch.empty(1, dtype=torch.bfloat16)), reason="torch has no oneDNN here")
+@pytest.mark.parametrize("round_output", [True, False])
+def test_widened_linear_uses_it_up_to_its_row_limit_and_agrees_with_onednn(round_output):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(160, 96, generator=g).to(torch.bfloat16)
+    b = torch.randn(160, generator=g).to(torch.bfloat16)
+    lin = PackedLinear(w, b, upcast=True)
+    assert lin.skinny is not None
+    x = torch.randn(_SKINNY_ROWS + 1, 96, generator=g).to(torch.bfloat16)
+    with torch.inference_mode():
+        big = lin(x, round_output=round_output)  # one row too many: oneDNN on the float32 copy
+        small = lin(x[:_SKINNY_ROWS], round_output=round_output)
+    assert big.dtype == small.dtype == (torch.bfloat16 if round_output else torch.float32)
+    exact = torch.nn.functional.linear(x.double(), w.double(), b.double())[:_SKINNY_ROWS]
+    bound = float32_bound(x[:_SKINNY_ROWS], w) + b.double().abs() * 2.0**-23
+    if round_output:
+        bound = bound + exact.abs() * 2.0**-8  # and one bf16 rounding
+    assert ((small.double() - exact).abs() <= bound).all()
+    assert (small == big[:_SKINNY_ROWS]).float().mean() >= 0.98  # the two paths differ in the order of the sums only
