@@ -4,8 +4,8 @@
 
 The projections of SmolLM2-135M (fused qkv 576->960, o 576->576, fused
 gate/up 576->3072, down 1536->576, the tied LM head 576->49152) at decode
-batch sizes. Each weight is copied until the copies fill ~400 MB, and the
-calls cycle through them, so that weights come from memory as in a real
+batch sizes. Each weight is copied until the copies fill --memory-mb (400),
+and the calls cycle through them, so that weights come from memory as in a real
 step (the model's 30 layers do not fit in cache), not from L2. Both kernels
 run on the same copies, alternated, each taking its best of --reps passes.
 
@@ -38,21 +38,24 @@ def best_of(fn, calls: int, reps: int) -> float:
     return min(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[tuple[int, str, float, float]]:
+    """Prints the table; returns (rows, shape, oneDNN s, skinny s) per cell."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1,4,8,16,32,48,64")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--reps", type=int, default=3)
-    args = ap.parse_args()
+    ap.add_argument("--memory-mb", type=int, default=400, help="weights cycled through per shape (float32 bytes)")
+    args = ap.parse_args(argv)
     if not skinny_gemm.available():
         raise SystemExit("the skinny kernel did not build here (it needs AVX-512 and g++)")
     dtype = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(0)
+    results = []
     print(f"{'rows':>4} " + " ".join(f"{name:>22}" for name, _, _ in SHAPES) + "   (oneDNN ms / skinny ms = speed-up)")
     for rows in (int(r) for r in args.rows.split(",")):
         cells = []
-        for _, k, n in SHAPES:
-            copies = max(1, min(30, 400_000_000 // (n * k * 4)))
+        for shape, k, n in SHAPES:
+            copies = max(1, min(30, args.memory_mb * 1_000_000 // (n * k * 4)))
             weights = [torch.randn(n, k, generator=g).mul_(0.05).to(dtype) for _ in range(copies)]
             onednn = [_pack(w.float()) for w in weights]
             skinny = [skinny_gemm.pack(w) for w in weights]
@@ -68,7 +71,9 @@ def main() -> None:
             t_dnn = best_of(run(onednn, lambda p: _linear(x.float(), p, None).to(dtype)), 3 * copies, args.reps)
             t_sk = best_of(run(skinny, lambda p: skinny_gemm.linear(x, p, n, None, dtype)), 3 * copies, args.reps)
             cells.append(f"{1e3 * t_dnn:6.3f}/{1e3 * t_sk:6.3f}={t_dnn / t_sk:4.2f}x")
+            results.append((rows, shape, t_dnn, t_sk))
         print(f"{rows:4d} " + " ".join(f"{c:>22}" for c in cells), flush=True)
+    return results
 
 
 if __name__ == "__main__":
