@@ -44,6 +44,25 @@ def test_rms_norm_reads_a_strided_input():
     torch.testing.assert_close(cpu_ops.rms_norm(x[:, :64], w, 1e-6), hf_rms_norm(x[:, :64], w, 1e-6), atol=0, rtol=2**-7)
 
 
+@pytest.mark.parametrize("rows,dim", [(1, 576), (48, 576), (300, 72), (3, 20)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_widened_rms_norm_gives_the_bf16_norm_of_the_rounded_input(rows, dim, with_residual):
+    """Between widened projections: x comes in float32 unrounded, out goes in float32; the bf16 norm's values, bit for bit."""
+    g = torch.Generator().manual_seed(rows + dim)
+    x32 = torch.randn(rows, dim, generator=g) * 3  # a float32 product, not yet rounded to bf16
+    res = torch.randn(rows, dim, generator=g).bfloat16() if with_residual else None
+    w = (torch.rand(dim, generator=g) + 0.5).bfloat16()
+    res_ref = None if res is None else res.clone()
+    ref = cpu_ops.rms_norm(x32.bfloat16(), w, 1e-5, res_ref)
+    for x_in, out_dtype in [(x32, torch.float32), (x32, None), (x32.bfloat16(), torch.float32)]:
+        residual = None if res is None else res.clone()
+        out = cpu_ops.rms_norm(x_in, w, 1e-5, residual, out_dtype)
+        assert out.dtype == (out_dtype or torch.bfloat16)
+        assert torch.equal(out.bfloat16(), ref) and torch.equal(out.bfloat16().float(), out.float())
+        if res is not None:
+            assert torch.equal(residual, res_ref)
+
+
 @pytest.mark.parametrize("rows,inter", [(1, 1536), (48, 1536), (300, 100), (3, 7)])
 def test_silu_and_mul_is_bit_identical_to_torch(rows, inter):
     g = torch.Generator().manual_seed(rows + inter)

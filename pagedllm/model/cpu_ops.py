@@ -34,7 +34,8 @@ def _lib() -> ctypes.CDLL | None:
     lib.silu_and_mul_bf16.argtypes = [p, p, i32, i32]
     lib.silu_and_mul_f32.argtypes = [p, p, i32, i32, i32]
     lib.argmax_rows_f32.argtypes = [p, i64, i32, i32, p]
-    for name in ("rms_norm_bf16", "rms_norm_f32", "rope_store_bf16", "rope_store_f32", "silu_and_mul_bf16",
+    lib.rms_norm_bf16_widened.argtypes = [p, i32, i64, p, p, p, i32, i32, i32, f32]
+    for name in ("rms_norm_bf16", "rms_norm_f32", "rms_norm_bf16_widened", "rope_store_bf16", "rope_store_f32", "silu_and_mul_bf16",
                  "silu_and_mul_f32", "argmax_rows_f32"):
         getattr(lib, name).restype = None
     return lib
@@ -59,15 +60,25 @@ def _fn(name: str, dtype: torch.dtype):
     return getattr(_lib(), f"{name}_{_SUFFIX[dtype]}")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """RMSNorm of x [T, dim]; with a residual, of x + residual, which is also written into residual."""
-    assert x.stride(-1) == 1 and weight.is_contiguous() and weight.dtype == x.dtype
-    out = torch.empty(x.shape, dtype=x.dtype)
-    res = 0
-    if residual is not None:
-        assert residual.is_contiguous() and residual.shape == x.shape and residual.dtype == x.dtype
-        res = residual.data_ptr()
-    _fn("rms_norm", x.dtype)(x.data_ptr(), x.stride(0), res, weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """RMSNorm of x [T, dim]; with a residual, of x + residual, which is also written into residual.
+
+    A bf16 model (weight and residual bf16) may take x in float32, a widened projection's
+    unrounded output, rounded to bf16 as it is read; and out_dtype float32 gives the bf16
+    result's values in float32, for a widened projection to read (model/packed_linear.py).
+    """
+    out_dtype = out_dtype or weight.dtype
+    assert x.stride(-1) == 1 and weight.is_contiguous()
+    assert residual is None or (residual.is_contiguous() and residual.shape == x.shape and residual.dtype == weight.dtype)
+    out = torch.empty(x.shape, dtype=out_dtype)
+    res = 0 if residual is None else residual.data_ptr()
+    if x.dtype == out_dtype == weight.dtype:
+        _fn("rms_norm", x.dtype)(x.data_ptr(), x.stride(0), res, weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
+    else:
+        assert weight.dtype == torch.bfloat16 and {x.dtype, out_dtype} <= {torch.bfloat16, torch.float32}
+        _lib().rms_norm_bf16_widened(x.data_ptr(), int(x.dtype == torch.float32), x.stride(0), res, weight.data_ptr(),
+                                     out.data_ptr(), int(out_dtype == torch.float32), x.shape[0], x.shape[1], eps)
     return out
 
 

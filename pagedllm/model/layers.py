@@ -21,6 +21,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.native = False  # the fused CPU kernel of model/cpu_ops.py (bf16 on the CPU only)
+        # bf16 output values in float32, for a widened projection to read (native only; model/packed_linear.py)
+        self.float_out = False
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); or, given the residual stream, (norm(x + residual), x + residual).
@@ -29,7 +31,7 @@ class RMSNorm(nn.Module):
         native kernel add and normalise in one pass (and write the sum over residual).
         """
         if self.native and x.dim() == 2:
-            out = cpu_ops.rms_norm(x, self.weight, self.eps, residual)
+            out = cpu_ops.rms_norm(x, self.weight, self.eps, residual, torch.float32 if self.float_out else None)
             return out if residual is None else (out, residual)
         if residual is not None:
             residual = x + residual

@@ -68,12 +68,15 @@ template <typename T> inline __m512 rnd16(__m512 v) {
 // h = T(x + residual), which is also written back to residual (the stream that
 // the next layer adds to). As transformers' LlamaRMSNorm: h in float32, the
 // normalised row rounded to the model's dtype before the scale.
-template <typename T>
-void rms_norm(const T* x, int64_t x_stride, T* residual, const T* weight, T* out, int rows, int dim, float eps) {
+// In and Out are T, or float for a bf16 model whose neighbours compute in float32
+// (widened projections, packed_linear.py): x then comes unrounded and is rounded
+// to T as it is read, and out holds T's values in float32; the same values either way.
+template <typename T, typename In, typename Out>
+void rms_norm(const In* x, int64_t x_stride, T* residual, const T* weight, Out* out, int rows, int dim, float eps) {
 #pragma omp parallel for schedule(static) if (static_cast<int64_t>(rows) * dim >= kParallelElems)
     for (int r = 0; r < rows; ++r) {
-        const T* xr = x + static_cast<int64_t>(r) * x_stride;
-        T* o = out + static_cast<int64_t>(r) * dim;
+        const In* xr = x + static_cast<int64_t>(r) * x_stride;
+        Out* o = out + static_cast<int64_t>(r) * dim;
         // h goes into out first: out is ours, and the row is read twice.
         T* res = residual != nullptr ? residual + static_cast<int64_t>(r) * dim : nullptr;
         float sum = 0.0f;
@@ -81,7 +84,7 @@ void rms_norm(const T* x, int64_t x_stride, T* residual, const T* weight, T* out
 #ifdef __AVX512F__
         __m512 acc = _mm512_setzero_ps();
         for (; i0 + 16 <= dim; i0 += 16) {
-            __m512 h = load16(xr + i0);
+            __m512 h = rnd16<T>(load16(xr + i0));
             if (res != nullptr) {
                 h = rnd16<T>(_mm512_add_ps(h, load16(res + i0)));
                 store16(res + i0, h);
@@ -91,31 +94,24 @@ void rms_norm(const T* x, int64_t x_stride, T* residual, const T* weight, T* out
         }
         sum = _mm512_reduce_add_ps(acc);
 #endif
-        if (res != nullptr) {
 #pragma omp simd reduction(+ : sum)
-            for (int i = i0; i < dim; ++i) {
-                const T h = put<T>(ld(xr[i]) + ld(res[i]));
-                res[i] = h;
-                o[i] = h;
-                const float f = ld(h);
-                sum += f * f;
+        for (int i = i0; i < dim; ++i) {
+            float h = rnd<T>(ld(xr[i]));
+            if (res != nullptr) {
+                h = rnd<T>(h + ld(res[i]));
+                res[i] = put<T>(h);
             }
-        } else {
-#pragma omp simd reduction(+ : sum)
-            for (int i = i0; i < dim; ++i) {
-                o[i] = xr[i];
-                const float f = ld(xr[i]);
-                sum += f * f;
-            }
+            o[i] = put<Out>(h);
+            sum += h * h;
         }
         const float inv = 1.0f / std::sqrt(sum / static_cast<float>(dim) + eps);
         int i = 0;
 #ifdef __AVX512F__
         const __m512 vinv = _mm512_set1_ps(inv);
         for (; i + 16 <= dim; i += 16)
-            store16(o + i, _mm512_mul_ps(load16(weight + i), rnd16<T>(_mm512_mul_ps(load16(o + i), vinv))));
+            store16(o + i, rnd16<T>(_mm512_mul_ps(load16(weight + i), rnd16<T>(_mm512_mul_ps(load16(o + i), vinv)))));
 #endif
-        for (; i < dim; ++i) o[i] = put<T>(ld(weight[i]) * rnd<T>(ld(o[i]) * inv));
+        for (; i < dim; ++i) o[i] = put<Out>(rnd<T>(ld(weight[i]) * rnd<T>(ld(o[i]) * inv)));
     }
 }
 
@@ -211,6 +207,21 @@ void rms_norm_bf16(const uint16_t* x, int64_t x_stride, uint16_t* residual, cons
 void rms_norm_f32(const float* x, int64_t x_stride, float* residual, const float* weight, float* out, int rows, int dim,
                   float eps) {
     rms_norm(x, x_stride, residual, weight, out, rows, dim, eps);
+}
+// A bf16 model's norm between widened projections: x_f32 != 0: x is float32 (to be rounded
+// to bf16 as read); out_f32 != 0: out is float32 (bf16 values). Residual and weight are bf16.
+void rms_norm_bf16_widened(const void* x, int x_f32, int64_t x_stride, uint16_t* residual, const uint16_t* weight,
+                           void* out, int out_f32, int rows, int dim, float eps) {
+    const auto* xb = static_cast<const uint16_t*>(x);
+    const auto* xf = static_cast<const float*>(x);
+    auto* ob = static_cast<uint16_t*>(out);
+    auto* of = static_cast<float*>(out);
+    if (x_f32)
+        out_f32 ? rms_norm(xf, x_stride, residual, weight, of, rows, dim, eps)
+                : rms_norm(xf, x_stride, residual, weight, ob, rows, dim, eps);
+    else
+        out_f32 ? rms_norm(xb, x_stride, residual, weight, of, rows, dim, eps)
+                : rms_norm(xb, x_stride, residual, weight, ob, rows, dim, eps);
 }
 
 void silu_and_mul_bf16(const uint16_t* x, uint16_t* out, int rows, int inter) {

@@ -38,6 +38,7 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         self.attn = attn_backend(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5)
         self.native_rope = False  # rotary + KV store in one CPU kernel (model/cpu_ops.py)
+        self.float_out = False  # a widened o_proj hands its float32 product unrounded to the next norm, which rounds it
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
@@ -48,7 +49,8 @@ class LlamaAttention(nn.Module):
                                    self.head_dim, meta.slot_mapping, kv_cache)
             q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)
             k = qkv[:, self.q_size : self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
-            return self.o_proj(self.attn.forward(q, k, v, kv_cache, meta, kv_stored=True))
+            out = self.attn.forward(q, k, v, kv_cache, meta, kv_stored=True)
+            return self.o_proj(out, round_output=False) if self.float_out else self.o_proj(out)
         if self.qk_norm:
             q, k = qkv[:, : self.q_size], qkv[:, self.q_size : self.q_size + self.kv_size]
             q = self.q_norm(q.view(t, self.num_heads, self.head_dim))
@@ -68,13 +70,15 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.native = False  # SiLU-and-mul in one CPU kernel (model/cpu_ops.py)
-        # bf16 projections widened to float32 (model/packed_linear.py): the activations between
-        # them stay in float32, rounded by the kernel, instead of being converted twice.
+        # bf16 projections widened to float32 (model/packed_linear.py): the activations around
+        # them stay in float32, rounded where bf16 code rounds by the kernels that read them
+        # (SiLU-and-mul, the next norm), instead of being converted on every side.
         self.widened = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.widened:
-            return self.down_proj(cpu_ops.silu_and_mul(self.gate_up_proj(x, round_output=False), bf16_in_float=True))
+            h = cpu_ops.silu_and_mul(self.gate_up_proj(x, round_output=False), bf16_in_float=True)
+            return self.down_proj(h, round_output=False)
         return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.native))
 
 
@@ -144,13 +148,22 @@ class LlamaForCausalLM(nn.Module):
 
     def use_native_ops(self, enabled: bool = True) -> None:
         """Run norms, SiLU-and-mul and rotary + KV store through model/cpu_ops.py (bf16 or fp32 on the CPU), or not."""
+        def widened(*linears) -> bool:
+            return enabled and all(isinstance(p, PackedLinear) and p.upcast for p in linears)
+
         for m in self.modules():
             if isinstance(m, (RMSNorm, LlamaMLP)):
                 m.native = enabled
             if isinstance(m, LlamaMLP):
-                m.widened = enabled and all(isinstance(p, PackedLinear) and p.upcast for p in (m.gate_up_proj, m.down_proj))
+                m.widened = widened(m.gate_up_proj, m.down_proj)
             elif isinstance(m, LlamaAttention):
                 m.native_rope = enabled and not m.qk_norm
+                m.float_out = m.native_rope and widened(m.o_proj)
+            elif isinstance(m, LlamaDecoderLayer):
+                # Every norm of the stream reads float32 outputs then (the next layer's, the final one);
+                # a norm in front of a widened projection hands it float32 too.
+                m.input_layernorm.float_out = widened(m.self_attn.qkv_proj)
+                m.post_attention_layernorm.float_out = widened(m.mlp.gate_up_proj)
 
     # --- weights ----------------------------------------------------------
     def _fused_slices(self) -> dict[str, tuple[str, int, int]]:
