@@ -41,9 +41,9 @@ inline __m512i bf16_bits(__m512 v) {  // float_to_bf16 on 16 lanes, in the high 
 
 inline __m512 round_bf16x16(__m512 v) { return _mm512_castsi512_ps(bf16_bits(v)); }
 
-inline void store_bf16x16(uint16_t* p, __m512 v) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(v), 16)));
-}
+inline __m256i to_bf16x16(__m512 v) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(v), 16)); }
+
+inline void store_bf16x16(uint16_t* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16x16(v)); }
 #endif
 
 }  // namespace

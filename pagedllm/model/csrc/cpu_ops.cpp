@@ -84,7 +84,8 @@ void rms_norm(const In* x, int64_t x_stride, T* residual, const T* weight, Out* 
 #ifdef __AVX512F__
         __m512 acc = _mm512_setzero_ps();
         for (; i0 + 16 <= dim; i0 += 16) {
-            __m512 h = rnd16<T>(load16(xr + i0));
+            __m512 h = load16(xr + i0);
+            if constexpr (!std::is_same_v<In, T>) h = rnd16<T>(h);  // only float32 input needs rounding
             if (res != nullptr) {
                 h = rnd16<T>(_mm512_add_ps(h, load16(res + i0)));
                 store16(res + i0, h);
@@ -96,7 +97,8 @@ void rms_norm(const In* x, int64_t x_stride, T* residual, const T* weight, Out* 
 #endif
 #pragma omp simd reduction(+ : sum)
         for (int i = i0; i < dim; ++i) {
-            float h = rnd<T>(ld(xr[i]));
+            float h = ld(xr[i]);
+            if constexpr (!std::is_same_v<In, T>) h = rnd<T>(h);
             if (res != nullptr) {
                 h = rnd<T>(h + ld(res[i]));
                 res[i] = put<T>(h);
@@ -108,10 +110,17 @@ void rms_norm(const In* x, int64_t x_stride, T* residual, const T* weight, Out* 
         int i = 0;
 #ifdef __AVX512F__
         const __m512 vinv = _mm512_set1_ps(inv);
-        for (; i + 16 <= dim; i += 16)
-            store16(o + i, rnd16<T>(_mm512_mul_ps(load16(weight + i), rnd16<T>(_mm512_mul_ps(load16(o + i), vinv)))));
+        for (; i + 16 <= dim; i += 16) {
+            __m512 y = _mm512_mul_ps(load16(weight + i), rnd16<T>(_mm512_mul_ps(load16(o + i), vinv)));
+            if constexpr (!std::is_same_v<Out, T>) y = rnd16<T>(y);  // a T store rounds by itself
+            store16(o + i, y);
+        }
 #endif
-        for (; i < dim; ++i) o[i] = put<Out>(rnd<T>(ld(weight[i]) * rnd<T>(ld(o[i]) * inv)));
+        for (; i < dim; ++i) {
+            float y = ld(weight[i]) * rnd<T>(ld(o[i]) * inv);
+            if constexpr (!std::is_same_v<Out, T>) y = rnd<T>(y);
+            o[i] = put<Out>(y);
+        }
     }
 }
 

@@ -79,8 +79,8 @@ void tile(const float* a, const uint32_t* panel, int K, const float* bias, void*
         if (bias) lo = _mm512_add_ps(lo, lo_bias), hi = _mm512_add_ps(hi, hi_bias);
         if constexpr (Bf16C) {
             uint16_t* out = static_cast<uint16_t*>(c) + m * ldc;
-            _mm256_mask_storeu_epi16(out, lo_mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(lo), 16)));
-            _mm256_mask_storeu_epi16(out + 16, hi_mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(hi), 16)));
+            _mm256_mask_storeu_epi16(out, lo_mask, to_bf16x16(lo));
+            _mm256_mask_storeu_epi16(out + 16, hi_mask, to_bf16x16(hi));
         } else {
             float* out = static_cast<float*>(c) + m * ldc;
             _mm512_mask_storeu_ps(out, lo_mask, lo);
