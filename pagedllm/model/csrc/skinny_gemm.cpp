@@ -6,8 +6,8 @@
 // slower still). A decode step reads every weight once: with few rows it is
 // bound by those reads, and it pays for each oneDNN call's own set-up. This
 // kernel reads bf16 weights (half the bytes of float32) or float32 ones, widens
-// each in registers (exact) and multiplies in float32: 1.5-2.5x oneDNN's float32
-// from 1 to 64 rows there (benchmarks/skinny_gemm.py).
+// each in registers (exact) and multiplies in float32: 1.2-4.3x oneDNN's float32
+// from 1 to 64 rows there, most at the fewest rows (benchmarks/skinny_gemm.py).
 //
 // Each output is one float32 sum over k = 0..K-1 in order, with FMA, whatever
 // the number of rows: a row's result does not depend on the rest of the batch.
