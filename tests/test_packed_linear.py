@@ -9,6 +9,7 @@ import torch
 from pagedllm.model.arch_config import ArchConfig
 from pagedllm.model.models.llama import LlamaForCausalLM
 from pagedllm.model.cpu_info import native_bf16
+from pagedllm.model import packed_linear
 from pagedllm.model.packed_linear import PackedLinear, can_pack
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.empty(1, dtype=torch.bfloat16)), reason="torch has no oneDNN here")
@@ -16,7 +17,8 @@ pytestmark = pytest.mark.skipif(not can_pack(torch.empty(1, dtype=torch.bfloat16
 
 @pytest.mark.parametrize("rows", [0, 1, 7, 48, 300])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_equals_linear_bitwise(rows, bias):
+def test_packed_linear_equals_linear_bitwise(rows, bias, monkeypatch):
+    monkeypatch.setattr(packed_linear, "_PAIR_ROWS", 0)  # oneDNN at every size (the pair kernel: test_skinny_gemm.py)
     g = torch.Generator().manual_seed(rows)
     lin = torch.nn.Linear(96, 160, bias=bias).to(torch.bfloat16)
     with torch.no_grad():

@@ -1,4 +1,6 @@
-"""The skinny kernel (decode-sized products in float32 arithmetic) against a float64 reference."""
+"""The skinny kernels (decode-sized products: float32 FMAs on widened weights, and bf16 pair dot products) against
+a float64 reference. The pair kernel runs on vdpbf16ps where the CPU has AVX-512 BF16 and emulates it elsewhere,
+so both are tested on every AVX-512 machine."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import pytest
 import torch
 
 from pagedllm.model import skinny_gemm
-from pagedllm.model.packed_linear import _SKINNY_ROWS, PackedLinear, can_pack
+from pagedllm.model.packed_linear import _PAIR_ROWS, _SKINNY_ROWS, PackedLinear, can_pack
 
 pytestmark = pytest.mark.skipif(not skinny_gemm.available(), reason="the skinny kernel needs AVX-512 and a C++ compiler")
 
@@ -16,40 +18,72 @@ def float32_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x.double().abs() @ w.double().abs().t()) * x.shape[1] * 2.0**-24 + 1e-30
 
 
+class Kernel:
+    """One of the two kernels behind one call: pack a weight, multiply by it."""
+
+    def __init__(self, pairs: bool) -> None:
+        self.pairs = pairs
+
+    def pack(self, w: torch.Tensor) -> torch.Tensor:
+        return skinny_gemm.pack_pairs(w) if self.pairs else skinny_gemm.pack(w)
+
+    def linear(self, x, packed, n, k, bias=None, out_dtype=torch.bfloat16):
+        if self.pairs:
+            return skinny_gemm.linear_pairs(x, packed, n, k, bias, out_dtype)
+        return skinny_gemm.linear(x, packed, n, bias, out_dtype)
+
+
+KERNELS = {"widen": Kernel(False), "pairs": Kernel(True)}
+
+
 @pytest.mark.parametrize("rows", [1, 5, 12, 13, 30, 64])
 @pytest.mark.parametrize("n,k", [(50, 37), (96, 576), (577, 64)])
-@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32])
-def test_float32_product_within_the_float32_bound(rows, n, k, w_dtype):
+@pytest.mark.parametrize("kernel,w_dtype", [("widen", torch.bfloat16), ("widen", torch.float32), ("pairs", torch.bfloat16)])
+def test_float32_product_within_the_float32_bound(rows, n, k, kernel, w_dtype):
     g = torch.Generator().manual_seed(rows * 1000 + n)
     w = torch.randn(n, k, generator=g).to(w_dtype)
     bias = torch.randn(n, generator=g)
     x = torch.randn(rows, k + 5, generator=g).to(w_dtype)[:, :k]  # rows further apart than K: a strided input
     exact = x.double() @ w.double().t() + bias.double()
-    y = skinny_gemm.linear(x, skinny_gemm.pack(w), n, bias, torch.float32)
+    kern = KERNELS[kernel]
+    y = kern.linear(x, kern.pack(w), n, k, bias, torch.float32)
     assert y.shape == (rows, n) and y.dtype == torch.float32
     assert ((y.double() - exact).abs() <= float32_bound(x, w) + bias.double().abs() * 2.0**-23).all()
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
-def test_bf16_output_is_the_float32_output_rounded_once(x_dtype):
+def test_bf16_output_is_the_float32_output_rounded_once(kernel, x_dtype):
     g = torch.Generator().manual_seed(1)
     w = torch.randn(70, 96, generator=g).to(torch.bfloat16)
     x = torch.randn(9, 96, generator=g).to(torch.bfloat16).to(x_dtype)
-    packed = skinny_gemm.pack(w)
-    y32 = skinny_gemm.linear(x, packed, 70, None, torch.float32)
-    y16 = skinny_gemm.linear(x, packed, 70, None, torch.bfloat16)
+    kern = KERNELS[kernel]
+    packed = kern.pack(w)
+    y32 = kern.linear(x, packed, 70, 96, None, torch.float32)
+    y16 = kern.linear(x, packed, 70, 96, None, torch.bfloat16)
     assert y16.dtype == torch.bfloat16 and torch.equal(y16, y32.to(torch.bfloat16))
 
 
-def test_a_row_gives_the_same_bits_alone_or_in_any_batch():
+def test_the_pair_kernel_rounds_a_float32_input_to_bf16():
+    """A bf16 layer's input is bf16: float32 rows are rounded first, and give what their bf16 rounding gives."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(40, 33, generator=g).to(torch.bfloat16)
+    x = torch.randn(3, 33, generator=g)
+    packed = skinny_gemm.pack_pairs(w)
+    assert torch.equal(skinny_gemm.linear_pairs(x, packed, 40, 33), skinny_gemm.linear_pairs(x.to(torch.bfloat16), packed, 40, 33))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_row_gives_the_same_bits_alone_or_in_any_batch(kernel):
     """One sum per output in k order, whatever the tile: batch composition never changes a sequence's result."""
     g = torch.Generator().manual_seed(2)
     w = torch.randn(100, 200, generator=g).to(torch.bfloat16)
     x = torch.randn(40, 200, generator=g).to(torch.bfloat16)
-    packed = skinny_gemm.pack(w)
-    full = skinny_gemm.linear(x, packed, 100)
+    kern = KERNELS[kernel]
+    packed = kern.pack(w)
+    full = kern.linear(x, packed, 100, 200)
     for lo, hi in [(0, 1), (7, 8), (3, 16), (13, 40)]:
-        assert torch.equal(skinny_gemm.linear(x[lo:hi], packed, 100), full[lo:hi])
+        assert torch.equal(kern.linear(x[lo:hi], packed, 100, 200), full[lo:hi])
 
 
 def test_zero_rows_and_a_mismatched_input():
@@ -58,6 +92,10 @@ def test_zero_rows_and_a_mismatched_input():
     assert skinny_gemm.linear(torch.empty(0, 16, dtype=torch.bfloat16), packed, 32).shape == (0, 32)
     with pytest.raises(AssertionError, match="features"):
         skinny_gemm.linear(torch.zeros(2, 17, dtype=torch.bfloat16), packed, 32)
+    pairs = skinny_gemm.pack_pairs(w)
+    assert skinny_gemm.linear_pairs(torch.empty(0, 16, dtype=torch.bfloat16), pairs, 32, 16).shape == (0, 32)
+    with pytest.raises(AssertionError, match="features"):
+        skinny_gemm.linear_pairs(torch.zeros(2, 18, dtype=torch.bfloat16), pairs, 32, 18)
 
 
 @pytest.mark.skipif(not can_pack(torch.empty(1, dtype=torch.bfloat16)), reason="torch has no oneDNN here")
@@ -79,3 +117,23 @@ def test_widened_linear_uses_it_up_to_its_row_limit_and_agrees_with_onednn(round
         bound = bound + exact.abs() * 2.0**-8  # and one bf16 rounding
     assert ((small.double() - exact).abs() <= bound).all()
     assert (small == big[:_SKINNY_ROWS]).float().mean() >= 0.98  # the two paths differ in the order of the sums only
+
+
+@pytest.mark.skipif(not skinny_gemm.pairs_native(), reason="decode layers use the pair kernel only with AVX-512 BF16")
+@pytest.mark.skipif(not can_pack(torch.empty(1, dtype=torch.bfloat16)), reason="torch has no oneDNN here")
+def test_native_bf16_linear_uses_pairs_up_to_its_row_limit_and_agrees_with_onednn():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(160, 576, generator=g).to(torch.bfloat16)
+    b = torch.randn(160, generator=g).to(torch.bfloat16)
+    lin = PackedLinear(w, b, upcast=False)
+    assert lin.pairs is not None
+    x = torch.randn(_PAIR_ROWS + 1, 576, generator=g).to(torch.bfloat16)
+    with torch.inference_mode():
+        big = lin(x)  # one row too many: oneDNN
+        small = lin(x[:_PAIR_ROWS])
+    assert small.dtype == torch.bfloat16 and torch.equal(
+        small, skinny_gemm.linear_pairs(x[:_PAIR_ROWS], lin.pairs, 160, 576, b.float()))
+    exact = torch.nn.functional.linear(x.double(), w.double(), b.double())[:_PAIR_ROWS]
+    bound = float32_bound(x[:_PAIR_ROWS], w) + b.double().abs() * 2.0**-23 + exact.abs() * 2.0**-8
+    assert ((small.double() - exact).abs() <= bound).all()
+    assert (small == big[:_PAIR_ROWS]).float().mean() >= 0.98  # the two kernels differ in the order of the sums only

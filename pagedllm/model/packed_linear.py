@@ -25,6 +25,13 @@ float32 sums: 1.2-4x faster than oneDNN's float32 there, most at the fewest
 rows, where a step is bound by reading the weights (benchmarks/skinny_gemm.py).
 So a widened layer holds its weight twice, packed in float32 for oneDNN and in
 bf16 for the skinny kernel: three times the bf16 weight's memory.
+
+Where the CPU has AVX-512 BF16, decode steps go to the skinny kernel's bf16
+pair form instead (vdpbf16ps on the weight in its operand layout, the input
+rows broadcast from memory): 1.1-1.6x oneDNN's packed bf16 from 1 to 64 rows
+on a 2-core Zen 4, most at the fewest rows (benchmarks/skinny_gemm.py), with
+each output one float32 sum, as oneDNN's. Such a layer holds its bf16 weight
+twice (oneDNN's layout for prefill, pairs for decode).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from pagedllm.model.cpu_info import native_bf16
 
 _BATCH_HINT = 64  # oneDNN picks its blocking for about this many rows; other sizes run fine
 _SKINNY_ROWS = 64  # widened layers multiply up to this many rows in the skinny kernel (oneDNN is ahead from ~96)
+_PAIR_ROWS = 64  # bf16 layers with AVX-512 BF16: up to this many rows in the pair kernel (even with oneDNN from ~128)
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -60,11 +68,17 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else bias.detach().to(compute)
         # Decode-sized inputs of a widened layer: the bf16 weight itself, in the skinny kernel's layout.
         self.skinny = skinny_gemm.pack(weight) if self.upcast and skinny_gemm.available() else None
+        # Decode-sized inputs of a native bf16 layer: the weight in vdpbf16ps's operand layout.
+        native = weight.dtype == torch.bfloat16 and not self.upcast and skinny_gemm.pairs_native()
+        self.pairs = skinny_gemm.pack_pairs(weight) if native else None
+        self.pair_bias = None if bias is None or not native else bias.detach().float()
 
     def forward(self, x: torch.Tensor, round_output: bool = True) -> torch.Tensor:
         """Widened (upcast): x may come in float32 already (bf16 values), and with round_output=False the
         float32 product goes out unrounded, for a consumer that rounds it as it reads (cpu_ops.silu_and_mul)."""
         if not self.upcast:
+            if self.pairs is not None and x.shape[0] <= _PAIR_ROWS and x.stride(-1) == 1:
+                return skinny_gemm.linear_pairs(x, self.pairs, self.out_features, self.in_features, self.pair_bias)
             return _linear(x, self.packed, self.bias)
         if self.skinny is not None and x.shape[0] <= _SKINNY_ROWS and x.stride(-1) == 1:
             return skinny_gemm.linear(x, self.skinny, self.out_features, self.bias, self.dtype if round_output else torch.float32)

@@ -27,12 +27,20 @@ def _lib() -> ctypes.CDLL | None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.skinny_gemm.argtypes = [p, i32, i64, i32, i32, p, i32, i32, p, p, i32, i64]
     lib.skinny_gemm.restype = None
+    lib.skinny_gemm_pairs.argtypes = [p, i32, i64, i32, i32, p, i32, p, p, i32, i64]
+    lib.skinny_gemm_pairs.restype = None
+    lib.skinny_gemm_pairs_native.restype = i32
     return lib
 
 
 def available() -> bool:
     """Whether the kernel built here: it needs AVX-512 and a C++ compiler."""
     return _lib() is not None
+
+
+def pairs_native() -> bool:
+    """Whether the pair kernel runs on vdpbf16ps here (AVX-512 BF16); elsewhere it emulates it, slower."""
+    return available() and bool(_lib().skinny_gemm_pairs_native())
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -65,4 +73,30 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
     _lib().skinny_gemm(x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), x.shape[0], x.shape[1], packed.data_ptr(),
                        int(packed.dtype == torch.bfloat16), out_features, 0 if bias is None else bias.data_ptr(),
                        y.data_ptr(), int(out_dtype == torch.bfloat16), out_features)
+    return y
+
+
+def pack_pairs(weight: torch.Tensor) -> torch.Tensor:
+    """bf16 weight [N, K] as panels of 32 output columns by k pairs: [panels, ceil(K / 2), 32, 2], the operand layout
+    of vdpbf16ps (word j of pair row kp = column j at k = 2kp, 2kp + 1). An odd K is padded with zeros."""
+    assert weight.dim() == 2 and weight.dtype == torch.bfloat16
+    n, k = weight.shape
+    panels, pairs = -(-n // _PANEL), -(-k // 2)
+    w = torch.zeros(panels * _PANEL, 2 * pairs, dtype=torch.bfloat16)
+    w[:n, :k] = weight.detach()
+    return w.view(panels, _PANEL, pairs, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def linear_pairs(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_features: int,
+                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x [M, in_features] (bf16, or float32 rounded to bf16; rows contiguous) times a pack_pairs weight, plus a
+    float32 bias: [M, out_features], each output a float32 sum of bf16 products, rounded once for bf16 out_dtype."""
+    assert x.dim() == 2 and x.stride(-1) == 1 and x.dtype in (torch.bfloat16, torch.float32)
+    assert x.shape[1] == in_features and packed.shape[1] == -(-in_features // 2), (
+        f"x has {x.shape[1]} features, the weight {in_features}")
+    assert bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
+    y = torch.empty(x.shape[0], out_features, dtype=out_dtype)
+    _lib().skinny_gemm_pairs(x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), x.shape[0], in_features,
+                             packed.data_ptr(), out_features, 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+                             int(out_dtype == torch.bfloat16), out_features)
     return y

@@ -44,6 +44,27 @@ inline __m512 round_bf16x16(__m512 v) { return _mm512_castsi512_ps(bf16_bits(v))
 inline __m256i to_bf16x16(__m512 v) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(v), 16)); }
 
 inline void store_bf16x16(uint16_t* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16x16(v)); }
+
+#if defined(__AVX512BF16__)
+constexpr bool kNativeBf16 = true;
+#else
+constexpr bool kNativeBf16 = false;
+#endif
+
+// acc + a[2i] * b[2i] + a[2i+1] * b[2i+1] in each float32 lane i, where a and b hold
+// 32 bf16 values (pairs per lane, the even one in the low half): vdpbf16ps where the
+// CPU has AVX-512 BF16, two FMAs elsewhere. A bf16 product is exact in float32, so the
+// emulation differs from the instruction only in the rounding of the two additions
+// (and in keeping subnormals), and the same kernels run on both kinds of CPU.
+inline __m512 dot_bf16_pairs(__m512 acc, __m512i a, __m512i b) {
+#if defined(__AVX512BF16__)
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+#else
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)), acc);
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, high)), _mm512_castsi512_ps(_mm512_and_si512(b, high)), acc);
+#endif
+}
 #endif
 
 }  // namespace
