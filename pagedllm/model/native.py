@@ -42,6 +42,8 @@ _FAST_MATH = "-ffast-math"
 # element-wise ops do (GCC fuses it by default). Explicit FMA intrinsics stay FMAs.
 _NO_CONTRACT = "-ffp-contract=off"
 _LINK_FLAGS = ["-shared", "-fopenmp", "-lm"]
+# The headers the sources share (csrc/bf16.h) and their own, in model/ and model/attention/.
+_HEADERS = sorted(Path(__file__).parent.glob("**/csrc/*.h"))
 
 
 @lru_cache(maxsize=None)
@@ -53,8 +55,8 @@ def _build(compiler: str, source: Path, fast_math: bool) -> Path:
     version = _compiler_version(compiler)
     compile_flags = _COMPILE_FLAGS + ([_FAST_MATH] if fast_math else [_NO_CONTRACT])
     flags = " ".join(compile_flags + _LINK_FLAGS)
-    # The headers beside a source may be included by it: a change to one rebuilds it too.
-    texts = [source.read_text()] + [h.read_text() for h in sorted(source.parent.glob("*.h"))]
+    # Any header of the package's kernel folders may be included by it: a change to one rebuilds it too.
+    texts = [source.read_text()] + [h.read_text() for h in _HEADERS]
     key = hashlib.sha256("\0".join([*texts, version, flags, platform.machine(), " ".join(sorted(cpu_flags()))]).encode()).hexdigest()[:16]
     target = Path(cache_root()) / "kernels" / f"{source.stem}-{key}.so"
     if target.exists():

@@ -9,23 +9,15 @@
 #include <algorithm>
 #include <vector>
 
+#include "../../csrc/bf16.h"
+
 namespace {
 
+// The kernels below are templates over the element type: float32 or bf16 (uint16_t).
 inline float to_float(float x) { return x; }
-inline float to_float(uint16_t x) {  // bfloat16 -> float32 is a 16-bit shift
-    uint32_t bits = static_cast<uint32_t>(x) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
+inline float to_float(uint16_t x) { return bf16_to_float(x); }
 inline void from_float(float x, float* out) { *out = x; }
-inline void from_float(float x, uint16_t* out) {  // round to nearest even, as torch does
-    uint32_t bits;
-    std::memcpy(&bits, &x, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) { *out = 0x7fc0; return; }  // NaN
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    *out = static_cast<uint16_t>(bits >> 16);
-}
+inline void from_float(float x, uint16_t* out) { *out = float_to_bf16(x); }
 
 // Each of `rows` rows of `len` scores becomes exp(score - row max), in place;
 // inv_sum[row] gets 1 / the row's sum, applied once to the weighted values.
@@ -131,16 +123,13 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int32_t* block
 
 
 #if defined(__AVX512F__)
-#include "bf16_simd.h"
 // AVX-512, bf16 or float32, for head sizes 64 and 128. The generic loops above
 // spend most of their time widening bf16 and reducing each dot product; here
 // bf16 keys are multiplied as pairs straight from the pool (vdpbf16ps where the
 // CPU has AVX-512 BF16, two FMAs elsewhere: exact products, float32 sums),
 // float32 keys by FMAs, and each pass over the values keeps up to four heads'
 // output rows in registers.
-inline __m512 widen(const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
+inline __m512 widen(const uint16_t* p) { return load_bf16x16(p); }
 inline __m512 widen(const float* p) { return _mm512_loadu_ps(p); }
 
 // One query row's dot product with one key row, in 16 float32 partial sums.

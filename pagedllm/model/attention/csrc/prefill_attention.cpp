@@ -11,7 +11,7 @@
 //  - Q.K needs no transposes or horizontal sums: Q is repacked once per task
 //    into d-pairs ([D/2][rows][2]) and each key's d-pair is broadcast straight
 //    from the pool into vdpbf16ps (exact bf16 products, float32 sums; two
-//    FMAs on CPUs without AVX-512 BF16, see bf16_simd.h);
+//    FMAs on CPUs without AVX-512 BF16, see model/csrc/bf16.h);
 //  - the softmax of a tile is element-wise across registers (lane = row);
 //  - P.V is done in float32 (P is never rounded to bf16), on value rows
 //    widened once per tile for all the rows of the task.
@@ -24,7 +24,7 @@
 #include <vector>
 
 #if defined(__AVX512F__)
-#include "bf16_simd.h"
+#include "../../csrc/bf16.h"
 
 namespace {
 
@@ -57,10 +57,6 @@ inline __m512 exp2_512(__m512 x) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718056e-1f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_maskz_scalef_ps(live, p, n);
-}
-
-inline __m512 widen(const uint16_t* p) {  // 16 bf16 -> float32: a 16-bit shift each
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
 
 // Keeps a loaded vector in a register: otherwise GCC folds the load into every
@@ -339,7 +335,7 @@ void run_task(const Args& a, const Task& t, Scratch& w) {
             _mm512_store_ps(w.alpha + 16 * b, alpha);
         }
         for (int k = 0; k < nk; ++k)
-            for (int j = 0; j < D / 16; ++j) _mm512_store_ps(w.vf + k * D + 16 * j, widen(w.values[k] + 16 * j));
+            for (int j = 0; j < D / 16; ++j) _mm512_store_ps(w.vf + k * D + 16 * j, load_bf16x16(w.values[k] + 16 * j));
         pv_tile<D>(w.o, w.alpha, w.st, R, w.vf, nk, rows, qpos, k0);
     }
 
