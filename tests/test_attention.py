@@ -217,6 +217,11 @@ def test_cpu_decode_kernel_pads_with_zeros_and_matches_the_reference(dtype, head
     )
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out[live].float(), ref, **tol)
+    # The queries as the model hands them over: a slice of each row of the fused qkv projection, read in place.
+    qkv = torch.cat([q.reshape(len(lens), -1), torch.randn(len(lens), 2 * kvh * head_dim, generator=g).to(dtype)], 1)
+    strided = qkv[:, : h * head_dim].view(len(lens), h, head_dim)
+    assert strided.stride(0) != h * head_dim
+    assert torch.equal(cpu_kernels.paged_decode(strided, cache, tables, torch.tensor(lens, dtype=torch.int32), scale), out)
 
 
 @pytest.mark.skipif(not CpuPagedAttention.available(), reason="CPU kernels did not build")

@@ -137,3 +137,17 @@ def test_native_bf16_linear_uses_pairs_up_to_its_row_limit_and_agrees_with_onedn
     bound = float32_bound(x[:_PAIR_ROWS], w) + b.double().abs() * 2.0**-23 + exact.abs() * 2.0**-8
     assert ((small.double() - exact).abs() <= bound).all()
     assert (small == big[:_PAIR_ROWS]).float().mean() >= 0.98  # the two kernels differ in the order of the sums only
+
+
+@pytest.mark.skipif(not can_pack(torch.empty(1, dtype=torch.bfloat16)), reason="torch has no oneDNN here")
+@pytest.mark.parametrize("upcast", [True, False])
+@pytest.mark.parametrize("rows", [1, 7, 64, 65])
+def test_logits_in_float32_are_the_bf16_output_widened(upcast, rows):
+    """An LM head's float32 logits straight from the kernel: the same values as its bf16 output, widened."""
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(300, 96, generator=g).to(torch.bfloat16)
+    lin = PackedLinear(w, None, upcast=upcast)
+    x = torch.randn(rows, 96, generator=g).to(torch.bfloat16)
+    with torch.inference_mode():
+        logits = lin.logits(x)
+        assert logits.dtype == torch.float32 and torch.equal(logits, lin(x).float())

@@ -86,6 +86,18 @@ class PackedLinear(nn.Module):
         return y.to(self.dtype) if round_output else y
 
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """self(x).float() (an LM head's logits, which the sampler reads in float32), in one pass where a skinny
+        kernel takes x: it stores the bf16-rounded sums as float32 instead of bf16 for a conversion to widen."""
+        if self.dtype == torch.bfloat16 and x.stride(-1) == 1:
+            if self.pairs is not None and x.shape[0] <= _PAIR_ROWS:
+                return skinny_gemm.linear_pairs(x, self.pairs, self.out_features, self.in_features, self.pair_bias,
+                                                torch.float32, bf16_in_float=True)
+            if self.skinny is not None and x.shape[0] <= _SKINNY_ROWS:
+                return skinny_gemm.linear(x, self.skinny, self.out_features, self.bias, torch.float32, bf16_in_float=True)
+        return self(x).float()
+
+
 def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, _BATCH_HINT)
 

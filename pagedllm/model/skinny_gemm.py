@@ -59,11 +59,20 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return w.view(panels, _PANEL, k).permute(0, 2, 1).contiguous()
 
 
+def _out_mode(out_dtype: torch.dtype, bf16_in_float: bool) -> int:
+    """The kernels' y_mode: 0 float32, 1 bf16, 2 float32 holding bf16 values."""
+    if bf16_in_float:
+        assert out_dtype == torch.float32, "bf16_in_float is a float32 output"
+        return 2
+    return int(out_dtype == torch.bfloat16)
+
+
 def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
-           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+           out_dtype: torch.dtype | None = None, bf16_in_float: bool = False) -> torch.Tensor:
     """x [M, K] (bf16 or float32, rows contiguous) times the packed weight, plus a float32 bias: [M, out_features].
 
-    out_dtype bf16 rounds each float32 sum once; float32 (the default for float32 weights) keeps it.
+    out_dtype bf16 rounds each float32 sum once; float32 (the default for float32 weights) keeps it, or with
+    bf16_in_float holds it rounded to bf16 (what .float() of the bf16 output gives, in one pass).
     """
     assert x.dim() == 2 and x.stride(-1) == 1 and x.dtype in (torch.bfloat16, torch.float32)
     assert x.shape[1] == packed.shape[1], f"x has {x.shape[1]} features, the weight {packed.shape[1]}"
@@ -72,7 +81,7 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
     y = torch.empty(x.shape[0], out_features, dtype=out_dtype)
     _lib().skinny_gemm(x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), x.shape[0], x.shape[1], packed.data_ptr(),
                        int(packed.dtype == torch.bfloat16), out_features, 0 if bias is None else bias.data_ptr(),
-                       y.data_ptr(), int(out_dtype == torch.bfloat16), out_features)
+                       y.data_ptr(), _out_mode(out_dtype, bf16_in_float), out_features)
     return y
 
 
@@ -88,9 +97,11 @@ def pack_pairs(weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear_pairs(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_features: int,
-                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                 bf16_in_float: bool = False) -> torch.Tensor:
     """x [M, in_features] (bf16, or float32 rounded to bf16; rows contiguous) times a pack_pairs weight, plus a
-    float32 bias: [M, out_features], each output a float32 sum of bf16 products, rounded once for bf16 out_dtype."""
+    float32 bias: [M, out_features], each output a float32 sum of bf16 products, rounded once for bf16 out_dtype
+    (or kept in float32, and with bf16_in_float rounded to bf16 values, as for linear)."""
     assert x.dim() == 2 and x.stride(-1) == 1 and x.dtype in (torch.bfloat16, torch.float32)
     assert x.shape[1] == in_features and packed.shape[1] == -(-in_features // 2), (
         f"x has {x.shape[1]} features, the weight {in_features}")
@@ -98,5 +109,5 @@ def linear_pairs(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_fe
     y = torch.empty(x.shape[0], out_features, dtype=out_dtype)
     _lib().skinny_gemm_pairs(x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), x.shape[0], in_features,
                              packed.data_ptr(), out_features, 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-                             int(out_dtype == torch.bfloat16), out_features)
+                             _out_mode(out_dtype, bf16_in_float), out_features)
     return y

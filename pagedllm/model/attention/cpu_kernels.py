@@ -29,7 +29,7 @@ def load() -> ctypes.CDLL | None:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     for name in _ENTRY_POINTS.values():
         fn = getattr(lib, name)
-        fn.argtypes = [p, p, p, p, i64, p, p, i32, i32, i32, i32, i32, f32]
+        fn.argtypes = [p, i64, p, p, p, i64, p, p, i32, i32, i32, i32, i32, f32]
         fn.restype = None
     return lib
 
@@ -41,21 +41,24 @@ def supports(dtype: torch.dtype) -> bool:
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token per sequence against its cached keys/values, read through its block table.
 
-    q [B, heads, head_dim]; kv_cache [2, blocks, block_size, kv_heads, head_dim];
-    block_tables [B, max_blocks] int32; seq_lens [B] int32 (0 = a padding row,
-    whose output is zeros). Returns [B, heads, head_dim] in q's dtype.
+    q [B, heads, head_dim], each sequence's heads contiguous (sequences may lie
+    further apart: a slice of the fused qkv projection is read in place);
+    kv_cache [2, blocks, block_size, kv_heads, head_dim]; block_tables
+    [B, max_blocks] int32; seq_lens [B] int32 (0 = a padding row, whose output
+    is zeros). Returns [B, heads, head_dim] in q's dtype.
     """
     lib = load()
     fn = getattr(lib, _ENTRY_POINTS[q.dtype])
-    q = q.contiguous()
+    num_seqs, num_heads, head_dim = q.shape
+    if q.stride(2) != 1 or q.stride(1) != head_dim:
+        q = q.contiguous()
     tables = block_tables if block_tables.stride(-1) == 1 else block_tables.contiguous()
     lens = seq_lens.contiguous()
-    num_seqs, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     assert kv_cache.is_contiguous() and kv_cache.dtype == q.dtype and tables.dtype == torch.int32 and lens.dtype == torch.int32
-    out = torch.empty_like(q)
-    fn(q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr(),
-       out.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim, block_size, scale)
+    out = torch.empty(q.shape, dtype=q.dtype)
+    fn(q.data_ptr(), q.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), tables.data_ptr(), tables.stride(0),
+       lens.data_ptr(), out.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim, block_size, scale)
     return out
 
 

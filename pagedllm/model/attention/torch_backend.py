@@ -65,8 +65,10 @@ class TorchPagedAttention(PagedAttentionBackend):
     ) -> torch.Tensor:  # [T, num_heads * head_dim]
         if not kv_stored:
             write_kv(kv_cache, k, v, meta.slot_mapping)
-        out = torch.empty_like(q)
         nd = meta.num_decodes
+        if nd == meta.num_seqs == q.shape[0]:  # a decode step: its output needs no copy into a shared one
+            return self._decode_batch(q, kv_cache, meta).reshape(nd, -1)
+        out = torch.empty_like(q)
         if nd:
             out[:nd] = self._decode_batch(q[:nd], kv_cache, meta)
         if nd < meta.num_seqs:

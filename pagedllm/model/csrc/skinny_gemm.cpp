@@ -27,6 +27,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -58,9 +59,13 @@ template <> struct PanelRow<false> {
     }
 };
 
+// What a product stores: float32 sums, bf16 (each sum rounded once), or float32 holding
+// those bf16 values (logits, which the sampler reads in float32).
+constexpr int kOutF32 = 0, kOutBf16 = 1, kOutBf16InF32 = 2;
+
 // Adds the bias to a tile's accumulators (columns j and j + 16 of each row) and stores its
-// first `cols` columns, rounded once to bf16 or as float32.
-template <int MR, bool Bf16C>
+// first `cols` columns as `Out` says.
+template <int MR, int Out>
 inline void store_tile(const __m512* lo_acc, const __m512* hi_acc, const float* bias, void* c, int64_t ldc, int cols) {
     const __mmask16 lo_mask = cols >= 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
     const __mmask16 hi_mask = cols >= 32 ? 0xffff : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
@@ -69,12 +74,13 @@ inline void store_tile(const __m512* lo_acc, const __m512* hi_acc, const float* 
     for (int m = 0; m < MR; ++m) {
         __m512 lo = lo_acc[m], hi = hi_acc[m];
         if (bias) lo = _mm512_add_ps(lo, lo_bias), hi = _mm512_add_ps(hi, hi_bias);
-        if constexpr (Bf16C) {
+        if constexpr (Out == kOutBf16) {
             uint16_t* out = static_cast<uint16_t*>(c) + m * ldc;
             _mm256_mask_storeu_epi16(out, lo_mask, to_bf16x16(lo));
             _mm256_mask_storeu_epi16(out + 16, hi_mask, to_bf16x16(hi));
         } else {
             float* out = static_cast<float*>(c) + m * ldc;
+            if constexpr (Out == kOutBf16InF32) lo = round_bf16x16(lo), hi = round_bf16x16(hi);
             _mm512_mask_storeu_ps(out, lo_mask, lo);
             _mm512_mask_storeu_ps(out + 16, hi_mask, hi);
         }
@@ -82,7 +88,7 @@ inline void store_tile(const __m512* lo_acc, const __m512* hi_acc, const float* 
 }
 
 // C[MR, cols] = A[MR, K] x panel, where a holds the tile's rows k-major: a[k * MR + m].
-template <int MR, bool Bf16W, bool Bf16C>
+template <int MR, bool Bf16W, int Out>
 void tile(const float* a, const uint32_t* panel, int K, const float* bias, void* c, int64_t ldc, int cols) {
     constexpr int W = PanelRow<Bf16W>::kWords;
     __m512 lo_acc[MR], hi_acc[MR];
@@ -102,16 +108,16 @@ void tile(const float* a, const uint32_t* panel, int K, const float* bias, void*
             hi_acc[m] = _mm512_fmadd_ps(av, hi, hi_acc[m]);
         }
     }
-    store_tile<MR, Bf16C>(lo_acc, hi_acc, bias, c, ldc, cols);
+    store_tile<MR, Out>(lo_acc, hi_acc, bias, c, ldc, cols);
 }
 
 using Tile = void (*)(const float*, const uint32_t*, int, const float*, void*, int64_t, int);
-template <bool Bf16W, bool Bf16C, int... I>
+template <bool Bf16W, int Out, int... I>
 constexpr std::array<Tile, sizeof...(I)> tiles(std::integer_sequence<int, I...>) {
-    return {tile<I + 1, Bf16W, Bf16C>...};
+    return {tile<I + 1, Bf16W, Out>...};
 }
-template <bool Bf16W, bool Bf16C>
-const std::array<Tile, kMaxRows> kTiles = tiles<Bf16W, Bf16C>(std::make_integer_sequence<int, kMaxRows>{});
+template <bool Bf16W, int Out>
+const std::array<Tile, kMaxRows> kTiles = tiles<Bf16W, Out>(std::make_integer_sequence<int, kMaxRows>{});
 
 // The input rows, widened to float32 and laid out tile by tile, k-major. Per calling
 // thread, and kept: a fresh buffer of this size would be page-faulted in on every call.
@@ -133,10 +139,10 @@ const float* pack_rows(const void* x, int64_t ldx, int M, int K) {
     return buf.data();
 }
 
-template <bool Bf16W, bool Bf16C>
+template <bool Bf16W, int Out>
 void gemm(const float* a, int M, int K, const uint32_t* w, int N, const float* bias, void* c, int64_t ldc) {
     constexpr int W = PanelRow<Bf16W>::kWords;
-    constexpr int kOutBytes = Bf16C ? 2 : 4;
+    constexpr int kOutBytes = Out == kOutBf16 ? 2 : 4;
     const int panels = (N + kPanel - 1) / kPanel;
 #pragma omp parallel for schedule(static) if (panels > 1)
     for (int p = 0; p < panels; ++p) {
@@ -145,7 +151,7 @@ void gemm(const float* a, int M, int K, const uint32_t* w, int N, const float* b
         for (int m0 = 0; m0 < M; m0 += kMaxRows) {
             const int mr = std::min(kMaxRows, M - m0);
             char* out = static_cast<char*>(c) + (static_cast<int64_t>(m0) * ldc + static_cast<int64_t>(p) * kPanel) * kOutBytes;
-            kTiles<Bf16W, Bf16C>[mr - 1](a + static_cast<int64_t>(m0) * K, panel, K, bias ? bias + p * kPanel : nullptr,
+            kTiles<Bf16W, Out>[mr - 1](a + static_cast<int64_t>(m0) * K, panel, K, bias ? bias + p * kPanel : nullptr,
                                          out, ldc, cols);
         }
     }
@@ -159,7 +165,7 @@ void gemm(const float* a, int M, int K, const uint32_t* w, int N, const float* b
 // step, as oneDNN's bf16 kernels compute it; a row's result does not depend on the batch.
 
 // C[MR, cols] = A[MR, 2 KP] x pair panel, where a holds the tile's rows pair-major: a[kp * MR + m].
-template <int MR, bool Bf16C>
+template <int MR, int Out>
 void pair_tile(const uint32_t* a, const uint32_t* panel, int KP, const float* bias, void* c, int64_t ldc, int cols) {
     __m512 lo_acc[MR], hi_acc[MR];
     for (int m = 0; m < MR; ++m) lo_acc[m] = hi_acc[m] = _mm512_setzero_ps();
@@ -177,16 +183,16 @@ void pair_tile(const uint32_t* a, const uint32_t* panel, int KP, const float* bi
             hi_acc[m] = dot_bf16_pairs(hi_acc[m], av, hi);
         }
     }
-    store_tile<MR, Bf16C>(lo_acc, hi_acc, bias, c, ldc, cols);
+    store_tile<MR, Out>(lo_acc, hi_acc, bias, c, ldc, cols);
 }
 
 using PairTile = void (*)(const uint32_t*, const uint32_t*, int, const float*, void*, int64_t, int);
-template <bool Bf16C, int... I>
+template <int Out, int... I>
 constexpr std::array<PairTile, sizeof...(I)> pair_tiles(std::integer_sequence<int, I...>) {
-    return {pair_tile<I + 1, Bf16C>...};
+    return {pair_tile<I + 1, Out>...};
 }
-template <bool Bf16C>
-const std::array<PairTile, kMaxRows> kPairTiles = pair_tiles<Bf16C>(std::make_integer_sequence<int, kMaxRows>{});
+template <int Out>
+const std::array<PairTile, kMaxRows> kPairTiles = pair_tiles<Out>(std::make_integer_sequence<int, kMaxRows>{});
 
 // The input rows as bf16 pairs, tile by tile, pair-major (float32 input is rounded to bf16,
 // as a bf16 layer's input is); an odd K is padded with a zero. Per thread, kept, as above.
@@ -219,9 +225,9 @@ const uint32_t* pack_pair_rows(const void* x, int64_t ldx, int M, int K) {
     return buf.data();
 }
 
-template <bool Bf16C>
+template <int Out>
 void gemm_pairs(const uint32_t* a, int M, int K, const uint32_t* w, int N, const float* bias, void* c, int64_t ldc) {
-    constexpr int kOutBytes = Bf16C ? 2 : 4;
+    constexpr int kOutBytes = Out == kOutBf16 ? 2 : 4;
     const int KP = (K + 1) / 2;
     const int panels = (N + kPanel - 1) / kPanel;
 #pragma omp parallel for schedule(static) if (panels > 1)
@@ -231,10 +237,18 @@ void gemm_pairs(const uint32_t* a, int M, int K, const uint32_t* w, int N, const
         for (int m0 = 0; m0 < M; m0 += kMaxRows) {
             const int mr = std::min(kMaxRows, M - m0);
             char* out = static_cast<char*>(c) + (static_cast<int64_t>(m0) * ldc + static_cast<int64_t>(p) * kPanel) * kOutBytes;
-            kPairTiles<Bf16C>[mr - 1](a + static_cast<int64_t>(m0) * KP, panel, KP, bias ? bias + p * kPanel : nullptr, out,
+            kPairTiles<Out>[mr - 1](a + static_cast<int64_t>(m0) * KP, panel, KP, bias ? bias + p * kPanel : nullptr, out,
                                       ldc, cols);
         }
     }
+}
+
+// Calls f with the output mode as a compile-time constant.
+template <typename F>
+void by_out_mode(int mode, F f) {
+    if (mode == kOutBf16) f(std::integral_constant<int, kOutBf16>{});
+    else if (mode == kOutBf16InF32) f(std::integral_constant<int, kOutBf16InF32>{});
+    else f(std::integral_constant<int, kOutF32>{});
 }
 
 }  // namespace
@@ -251,16 +265,17 @@ int skinny_gemm_available() {
 }
 
 // y[M, N] = x[M, K] w^T (+ bias): x bf16 or float32 (row stride ldx), w packed as above
-// (bf16 or float32), bias float32 or null, y bf16 (rounded once) or float32 (row stride ldy).
+// (bf16 or float32), bias float32 or null, y (row stride ldy) as y_mode says: 0 float32,
+// 1 bf16 (rounded once), 2 float32 holding the bf16 values.
 void skinny_gemm(const void* x, int x_bf16, int64_t ldx, int M, int K, const uint32_t* w, int w_bf16, int N,
-                 const float* bias, void* y, int y_bf16, int64_t ldy) {
+                 const float* bias, void* y, int y_mode, int64_t ldy) {
 #ifdef __AVX512F__
     if (M <= 0 || N <= 0) return;
     const float* a = x_bf16 ? pack_rows<true>(x, ldx, M, K) : pack_rows<false>(x, ldx, M, K);
     if (w_bf16)
-        y_bf16 ? gemm<true, true>(a, M, K, w, N, bias, y, ldy) : gemm<true, false>(a, M, K, w, N, bias, y, ldy);
+        by_out_mode(y_mode, [&](auto out) { gemm<true, decltype(out)::value>(a, M, K, w, N, bias, y, ldy); });
     else
-        y_bf16 ? gemm<false, true>(a, M, K, w, N, bias, y, ldy) : gemm<false, false>(a, M, K, w, N, bias, y, ldy);
+        by_out_mode(y_mode, [&](auto out) { gemm<false, decltype(out)::value>(a, M, K, w, N, bias, y, ldy); });
 #endif
 }
 
@@ -274,13 +289,14 @@ int skinny_gemm_pairs_native() {
 #endif
 }
 
-// y[M, N] = x[M, K] w^T (+ bias) on a pair-packed bf16 w: x bf16 or float32 (rounded to bf16).
+// y[M, N] = x[M, K] w^T (+ bias) on a pair-packed bf16 w: x bf16 or float32 (rounded to bf16);
+// y_mode as for skinny_gemm.
 void skinny_gemm_pairs(const void* x, int x_bf16, int64_t ldx, int M, int K, const uint32_t* w, int N,
-                       const float* bias, void* y, int y_bf16, int64_t ldy) {
+                       const float* bias, void* y, int y_mode, int64_t ldy) {
 #ifdef __AVX512F__
     if (M <= 0 || N <= 0) return;
     const uint32_t* a = x_bf16 ? pack_pair_rows<true>(x, ldx, M, K) : pack_pair_rows<false>(x, ldx, M, K);
-    y_bf16 ? gemm_pairs<true>(a, M, K, w, N, bias, y, ldy) : gemm_pairs<false>(a, M, K, w, N, bias, y, ldy);
+    by_out_mode(y_mode, [&](auto out) { gemm_pairs<decltype(out)::value>(a, M, K, w, N, bias, y, ldy); });
 #endif
 }
 

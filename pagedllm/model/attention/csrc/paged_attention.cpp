@@ -49,7 +49,7 @@ inline void prefetch_block(const T* base, int64_t elems) {
 }
 
 template <typename T>
-void decode(const T* q, const T* k_cache, const T* v_cache, const int32_t* block_tables,
+void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int32_t* block_tables,
             int64_t table_stride, const int32_t* seq_lens, T* out, int num_seqs, int num_heads,
             int num_kv_heads, int head_dim, int block_size, float scale) {
     // One task per sequence, all heads: a block's slots for every KV head are
@@ -71,7 +71,7 @@ void decode(const T* q, const T* k_cache, const T* v_cache, const int32_t* block
             const int32_t* table = block_tables + s * table_stride;
             const int num_blocks = (len + block_size - 1) / block_size;
             scores.resize(static_cast<size_t>(num_heads) * len);
-            const T* qs = q + static_cast<int64_t>(s) * num_heads * head_dim;
+            const T* qs = q + static_cast<int64_t>(s) * q_stride;
             for (int i = 0; i < num_heads * head_dim; ++i) qf[i] = to_float(qs[i]) * scale;
             float* kr = kv_row.data();
             // Scores of every query head against each key.
@@ -174,7 +174,7 @@ inline __m512 dot16(const T* qh, const T* k0, int64_t stride) {
 }
 
 template <int D, typename T>
-void decode_avx512(const T* q, const T* k_cache, const T* v_cache, const int32_t* block_tables,
+void decode_avx512(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int32_t* block_tables,
                    int64_t table_stride, const int32_t* seq_lens, T* out, int num_seqs, int num_heads,
                    int num_kv_heads, int block_size, float scale) {
     constexpr int NV = D / 16;     // float32 registers per head row
@@ -197,7 +197,7 @@ void decode_avx512(const T* q, const T* k_cache, const T* v_cache, const int32_t
             const int32_t* table = block_tables + s * table_stride;
             const int num_blocks = (len + block_size - 1) / block_size;
             scores.resize(static_cast<size_t>(num_heads) * len);
-            const T* qs = q + static_cast<int64_t>(s) * num_heads * D;
+            const T* qs = q + static_cast<int64_t>(s) * q_stride;
             prefetch_block(k_cache + table[0] * block_elems, block_elems);
             for (int b = 0; b < num_blocks; ++b) {
                 if (b + 1 < num_blocks) prefetch_block(k_cache + table[b + 1] * block_elems, block_elems);
@@ -255,18 +255,18 @@ void decode_avx512(const T* q, const T* k_cache, const T* v_cache, const int32_t
 
 // The AVX-512 kernel for the head sizes it is built for, the generic loops for the rest.
 template <typename T>
-void paged_decode(const T* q, const T* k_cache, const T* v_cache, const int32_t* block_tables, int64_t table_stride,
+void paged_decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int32_t* block_tables, int64_t table_stride,
                   const int32_t* seq_lens, T* out, int num_seqs, int num_heads, int num_kv_heads, int head_dim,
                   int block_size, float scale) {
 #ifdef PAGEDLLM_AVX512_PATH
     if (head_dim == 64)
-        return decode_avx512<64>(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs,
+        return decode_avx512<64>(q, q_stride, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs,
                                  num_heads, num_kv_heads, block_size, scale);
     if (head_dim == 128)
-        return decode_avx512<128>(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs,
+        return decode_avx512<128>(q, q_stride, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs,
                                   num_heads, num_kv_heads, block_size, scale);
 #endif
-    decode(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs, num_heads, num_kv_heads,
+    decode(q, q_stride, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs, num_heads, num_kv_heads,
            head_dim, block_size, scale);
 }
 
@@ -274,17 +274,17 @@ void paged_decode(const T* q, const T* k_cache, const T* v_cache, const int32_t*
 
 extern "C" {
 
-void paged_decode_f32(const float* q, const float* k_cache, const float* v_cache, const int32_t* block_tables,
+void paged_decode_f32(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache, const int32_t* block_tables,
                       int64_t table_stride, const int32_t* seq_lens, float* out, int num_seqs, int num_heads,
                       int num_kv_heads, int head_dim, int block_size, float scale) {
-    paged_decode(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs, num_heads, num_kv_heads,
+    paged_decode(q, q_stride, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs, num_heads, num_kv_heads,
                  head_dim, block_size, scale);
 }
 
-void paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
+void paged_decode_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_cache, const uint16_t* v_cache,
                        const int32_t* block_tables, int64_t table_stride, const int32_t* seq_lens, uint16_t* out,
                        int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale) {
-    paged_decode(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs, num_heads, num_kv_heads,
+    paged_decode(q, q_stride, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs, num_heads, num_kv_heads,
                  head_dim, block_size, scale);
 }
 }
