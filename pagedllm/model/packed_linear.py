@@ -28,8 +28,8 @@ bf16 for the skinny kernel: three times the bf16 weight's memory.
 
 Where the CPU has AVX-512 BF16, decode steps go to the skinny kernel's bf16
 pair form instead (vdpbf16ps on the weight in its operand layout, the input
-rows broadcast from memory): 1.1-1.6x oneDNN's packed bf16 from 1 to 64 rows
-on a 2-core Zen 4, most at the fewest rows (benchmarks/skinny_gemm.py), with
+rows broadcast from memory): 1.4-2.3x oneDNN's packed bf16 at 1 row, 1.1-1.3x
+at 48, on a 2-core Zen 4 (benchmarks/skinny_gemm.py --kernel pairs), with
 each output one float32 sum, as oneDNN's. Such a layer holds its bf16 weight
 twice (oneDNN's layout for prefill, pairs for decode).
 """
