@@ -99,44 +99,33 @@ def test_zero_rows_and_a_mismatched_input():
 
 
 @pytest.mark.skipif(not can_pack(torch.empty(1, dtype=torch.bfloat16)), reason="torch has no oneDNN here")
-@pytest.mark.parametrize("round_output", [True, False])
-def test_widened_linear_uses_it_up_to_its_row_limit_and_agrees_with_onednn(round_output):
+@pytest.mark.parametrize("upcast,round_output", [(True, True), (True, False), (False, True)])
+def test_linear_uses_its_skinny_kernel_up_to_its_row_limit_and_agrees_with_onednn(upcast, round_output):
+    """Widened layers (no AVX-512 BF16) take the float32 kernel, native bf16 ones the pair kernel."""
+    if not upcast and not skinny_gemm.pairs_native():
+        pytest.skip("decode layers use the pair kernel only with AVX-512 BF16")
     g = torch.Generator().manual_seed(3)
-    w = torch.randn(160, 96, generator=g).to(torch.bfloat16)
+    k = 96 if upcast else 576
+    w = torch.randn(160, k, generator=g).to(torch.bfloat16)
     b = torch.randn(160, generator=g).to(torch.bfloat16)
-    lin = PackedLinear(w, b, upcast=True)
-    assert lin.skinny is not None
-    x = torch.randn(_SKINNY_ROWS + 1, 96, generator=g).to(torch.bfloat16)
+    lin = PackedLinear(w, b, upcast=upcast)
+    limit = _SKINNY_ROWS if upcast else _PAIR_ROWS
+    x = torch.randn(limit + 1, k, generator=g).to(torch.bfloat16)
+    out_dtype = torch.bfloat16 if round_output else torch.float32
     with torch.inference_mode():
-        big = lin(x, round_output=round_output)  # one row too many: oneDNN on the float32 copy
-        small = lin(x[:_SKINNY_ROWS], round_output=round_output)
-    assert big.dtype == small.dtype == (torch.bfloat16 if round_output else torch.float32)
-    exact = torch.nn.functional.linear(x.double(), w.double(), b.double())[:_SKINNY_ROWS]
-    bound = float32_bound(x[:_SKINNY_ROWS], w) + b.double().abs() * 2.0**-23
+        big = lin(x, round_output=round_output)  # one row too many: oneDNN
+        small = lin(x[:limit], round_output=round_output)
+    if upcast:
+        direct = skinny_gemm.linear(x[:limit], lin.skinny, 160, lin.bias, out_dtype)
+    else:
+        direct = skinny_gemm.linear_pairs(x[:limit], lin.pairs, 160, k, b.float())
+    assert big.dtype == small.dtype == out_dtype and torch.equal(small, direct)
+    exact = torch.nn.functional.linear(x.double(), w.double(), b.double())[:limit]
+    bound = float32_bound(x[:limit], w) + b.double().abs() * 2.0**-23
     if round_output:
         bound = bound + exact.abs() * 2.0**-8  # and one bf16 rounding
     assert ((small.double() - exact).abs() <= bound).all()
-    assert (small == big[:_SKINNY_ROWS]).float().mean() >= 0.98  # the two paths differ in the order of the sums only
-
-
-@pytest.mark.skipif(not skinny_gemm.pairs_native(), reason="decode layers use the pair kernel only with AVX-512 BF16")
-@pytest.mark.skipif(not can_pack(torch.empty(1, dtype=torch.bfloat16)), reason="torch has no oneDNN here")
-def test_native_bf16_linear_uses_pairs_up_to_its_row_limit_and_agrees_with_onednn():
-    g = torch.Generator().manual_seed(5)
-    w = torch.randn(160, 576, generator=g).to(torch.bfloat16)
-    b = torch.randn(160, generator=g).to(torch.bfloat16)
-    lin = PackedLinear(w, b, upcast=False)
-    assert lin.pairs is not None
-    x = torch.randn(_PAIR_ROWS + 1, 576, generator=g).to(torch.bfloat16)
-    with torch.inference_mode():
-        big = lin(x)  # one row too many: oneDNN
-        small = lin(x[:_PAIR_ROWS])
-    assert small.dtype == torch.bfloat16 and torch.equal(
-        small, skinny_gemm.linear_pairs(x[:_PAIR_ROWS], lin.pairs, 160, 576, b.float()))
-    exact = torch.nn.functional.linear(x.double(), w.double(), b.double())[:_PAIR_ROWS]
-    bound = float32_bound(x[:_PAIR_ROWS], w) + b.double().abs() * 2.0**-23 + exact.abs() * 2.0**-8
-    assert ((small.double() - exact).abs() <= bound).all()
-    assert (small == big[:_PAIR_ROWS]).float().mean() >= 0.98  # the two kernels differ in the order of the sums only
+    assert (small == big[:limit]).float().mean() >= 0.98  # the two kernels differ in the order of the sums only
 
 
 @pytest.mark.skipif(not can_pack(torch.empty(1, dtype=torch.bfloat16)), reason="torch has no oneDNN here")

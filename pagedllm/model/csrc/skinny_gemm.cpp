@@ -139,22 +139,29 @@ const float* pack_rows(const void* x, int64_t ldx, int M, int K) {
     return buf.data();
 }
 
-template <bool Bf16W, int Out>
-void gemm(const float* a, int M, int K, const uint32_t* w, int N, const float* bias, void* c, int64_t ldc) {
-    constexpr int W = PanelRow<Bf16W>::kWords;
+// Every (panel, row tile) of y = x w^T, as run(panel, first row, rows, out, cols) computes one:
+// panels split across threads, and within a thread a panel stays in cache across its row tiles.
+template <int Out, typename Run>
+void over_tiles(int M, int N, void* c, int64_t ldc, Run run) {
     constexpr int kOutBytes = Out == kOutBf16 ? 2 : 4;
     const int panels = (N + kPanel - 1) / kPanel;
 #pragma omp parallel for schedule(static) if (panels > 1)
     for (int p = 0; p < panels; ++p) {
-        const uint32_t* panel = w + static_cast<int64_t>(p) * K * W;
         const int cols = std::min(kPanel, N - p * kPanel);
         for (int m0 = 0; m0 < M; m0 += kMaxRows) {
-            const int mr = std::min(kMaxRows, M - m0);
             char* out = static_cast<char*>(c) + (static_cast<int64_t>(m0) * ldc + static_cast<int64_t>(p) * kPanel) * kOutBytes;
-            kTiles<Bf16W, Out>[mr - 1](a + static_cast<int64_t>(m0) * K, panel, K, bias ? bias + p * kPanel : nullptr,
-                                         out, ldc, cols);
+            run(p, m0, std::min(kMaxRows, M - m0), out, cols);
         }
     }
+}
+
+template <bool Bf16W, int Out>
+void gemm(const float* a, int M, int K, const uint32_t* w, int N, const float* bias, void* c, int64_t ldc) {
+    constexpr int W = PanelRow<Bf16W>::kWords;
+    over_tiles<Out>(M, N, c, ldc, [&](int p, int m0, int mr, void* out, int cols) {
+        kTiles<Bf16W, Out>[mr - 1](a + static_cast<int64_t>(m0) * K, w + static_cast<int64_t>(p) * K * W, K,
+                                   bias ? bias + p * kPanel : nullptr, out, ldc, cols);
+    });
 }
 
 // --- bf16 dot products (CPUs with AVX-512 BF16) ------------------------------------------
@@ -227,20 +234,11 @@ const uint32_t* pack_pair_rows(const void* x, int64_t ldx, int M, int K) {
 
 template <int Out>
 void gemm_pairs(const uint32_t* a, int M, int K, const uint32_t* w, int N, const float* bias, void* c, int64_t ldc) {
-    constexpr int kOutBytes = Out == kOutBf16 ? 2 : 4;
     const int KP = (K + 1) / 2;
-    const int panels = (N + kPanel - 1) / kPanel;
-#pragma omp parallel for schedule(static) if (panels > 1)
-    for (int p = 0; p < panels; ++p) {
-        const uint32_t* panel = w + static_cast<int64_t>(p) * KP * kPanel;
-        const int cols = std::min(kPanel, N - p * kPanel);
-        for (int m0 = 0; m0 < M; m0 += kMaxRows) {
-            const int mr = std::min(kMaxRows, M - m0);
-            char* out = static_cast<char*>(c) + (static_cast<int64_t>(m0) * ldc + static_cast<int64_t>(p) * kPanel) * kOutBytes;
-            kPairTiles<Out>[mr - 1](a + static_cast<int64_t>(m0) * KP, panel, KP, bias ? bias + p * kPanel : nullptr, out,
-                                      ldc, cols);
-        }
-    }
+    over_tiles<Out>(M, N, c, ldc, [&](int p, int m0, int mr, void* out, int cols) {
+        kPairTiles<Out>[mr - 1](a + static_cast<int64_t>(m0) * KP, w + static_cast<int64_t>(p) * KP * kPanel, KP,
+                                bias ? bias + p * kPanel : nullptr, out, ldc, cols);
+    });
 }
 
 // Calls f with the output mode as a compile-time constant.
