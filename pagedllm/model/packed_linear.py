@@ -76,26 +76,30 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor, round_output: bool = True) -> torch.Tensor:
         """Widened (upcast): x may come in float32 already (bf16 values), and with round_output=False the
         float32 product goes out unrounded, for a consumer that rounds it as it reads (cpu_ops.silu_and_mul)."""
+        y = self._skinny(x, self.dtype if round_output or not self.upcast else torch.float32)
+        if y is not None:
+            return y
         if not self.upcast:
-            if self.pairs is not None and x.shape[0] <= _PAIR_ROWS and x.stride(-1) == 1:
-                return skinny_gemm.linear_pairs(x, self.pairs, self.out_features, self.in_features, self.pair_bias)
             return _linear(x, self.packed, self.bias)
-        if self.skinny is not None and x.shape[0] <= _SKINNY_ROWS and x.stride(-1) == 1:
-            return skinny_gemm.linear(x, self.skinny, self.out_features, self.bias, self.dtype if round_output else torch.float32)
         y = _linear(x if x.dtype == torch.float32 else x.float(), self.packed, self.bias)
         return y.to(self.dtype) if round_output else y
-
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """self(x).float() (an LM head's logits, which the sampler reads in float32), in one pass where a skinny
         kernel takes x: it stores the bf16-rounded sums as float32 instead of bf16 for a conversion to widen."""
-        if self.dtype == torch.bfloat16 and x.stride(-1) == 1:
-            if self.pairs is not None and x.shape[0] <= _PAIR_ROWS:
-                return skinny_gemm.linear_pairs(x, self.pairs, self.out_features, self.in_features, self.pair_bias,
-                                                torch.float32, bf16_in_float=True)
-            if self.skinny is not None and x.shape[0] <= _SKINNY_ROWS:
-                return skinny_gemm.linear(x, self.skinny, self.out_features, self.bias, torch.float32, bf16_in_float=True)
-        return self(x).float()
+        y = self._skinny(x, torch.float32, bf16_in_float=True) if self.dtype == torch.bfloat16 else None
+        return y if y is not None else self(x).float()
+
+    def _skinny(self, x: torch.Tensor, out_dtype: torch.dtype, bf16_in_float: bool = False) -> torch.Tensor | None:
+        """The product in this layer's skinny kernel where it takes x (decode-sized, rows contiguous); else None."""
+        if x.stride(-1) != 1:
+            return None
+        if self.pairs is not None and x.shape[0] <= _PAIR_ROWS:
+            return skinny_gemm.linear_pairs(x, self.pairs, self.out_features, self.in_features, self.pair_bias, out_dtype,
+                                            bf16_in_float)
+        if self.skinny is not None and x.shape[0] <= _SKINNY_ROWS:
+            return skinny_gemm.linear(x, self.skinny, self.out_features, self.bias, out_dtype, bf16_in_float)
+        return None
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
