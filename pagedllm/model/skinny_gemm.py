@@ -1,8 +1,10 @@
-"""Products of a few rows by a packed weight on the CPU, in float32 arithmetic (csrc/skinny_gemm.cpp).
+"""Products of a few rows by a packed weight on the CPU (csrc/skinny_gemm.cpp), in two forms.
 
-For decode steps (1..64 rows) on CPUs with AVX-512 but no bf16 matrix
-instructions, where oneDNN is slow at few rows and emulates bf16: see the
-source for why and by how much. model/packed_linear.py picks it by row count.
+For decode steps (1..64 rows), where oneDNN is slow at few rows: `pack` /
+`linear` compute in float32 on CPUs with AVX-512 but no bf16 matrix
+instructions (where oneDNN also emulates bf16), `pack_pairs` / `linear_pairs`
+in bf16 dot products on CPUs with AVX-512 BF16. See the source for why and by
+how much; model/packed_linear.py picks them by row count.
 """
 
 from __future__ import annotations
@@ -43,16 +45,23 @@ def pairs_native() -> bool:
     return available() and bool(_lib().skinny_gemm_pairs_native())
 
 
+def _padded(weight: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """weight [N, K] zero-padded to whole panels of output columns and to k inputs, and the number of panels."""
+    n = weight.shape[0]
+    panels = -(-n // _PANEL)
+    w = torch.zeros(panels * _PANEL, k, dtype=weight.dtype)
+    w[:n, : weight.shape[1]] = weight.detach()
+    return w, panels
+
+
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """weight [N, K] (bf16 or float32) as panels of 32 output columns, k-major; the layout the kernel reads.
 
     A bf16 panel row interleaves columns j and j + 16 in one 32-bit word (low, high half).
     """
     assert weight.dim() == 2 and weight.dtype in (torch.bfloat16, torch.float32)
-    n, k = weight.shape
-    panels = -(-n // _PANEL)
-    w = torch.zeros(panels * _PANEL, k, dtype=weight.dtype)
-    w[:n] = weight.detach()
+    k = weight.shape[1]
+    w, panels = _padded(weight, k)
     if weight.dtype == torch.bfloat16:
         # [panel, half, j, k] -> [panel, k, j, half]: word j of row k = (column j, column j + 16)
         return w.view(panels, 2, 16, k).permute(0, 3, 2, 1).contiguous()
@@ -89,10 +98,8 @@ def pack_pairs(weight: torch.Tensor) -> torch.Tensor:
     """bf16 weight [N, K] as panels of 32 output columns by k pairs: [panels, ceil(K / 2), 32, 2], the operand layout
     of vdpbf16ps (word j of pair row kp = column j at k = 2kp, 2kp + 1). An odd K is padded with zeros."""
     assert weight.dim() == 2 and weight.dtype == torch.bfloat16
-    n, k = weight.shape
-    panels, pairs = -(-n // _PANEL), -(-k // 2)
-    w = torch.zeros(panels * _PANEL, 2 * pairs, dtype=torch.bfloat16)
-    w[:n, :k] = weight.detach()
+    pairs = -(-weight.shape[1] // 2)
+    w, panels = _padded(weight, 2 * pairs)
     return w.view(panels, _PANEL, pairs, 2).permute(0, 2, 1, 3).contiguous()
 
 

@@ -26,7 +26,6 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -217,15 +216,7 @@ const uint32_t* pack_pair_rows(const void* x, int64_t ldx, int M, int K) {
         uint32_t* dst = buf.data() + static_cast<int64_t>(m0) * KP;
         for (int m = 0; m < mr; ++m) {
             const int64_t src = static_cast<int64_t>(m0 + m) * ldx;
-            int kp = 0;
-            if constexpr (Bf16A) {  // whole pairs are one 32-bit load
-                for (; 2 * kp + 1 < K; ++kp) {
-                    uint32_t w;
-                    std::memcpy(&w, static_cast<const uint16_t*>(x) + src + 2 * kp, sizeof w);
-                    dst[kp * mr + m] = w;
-                }
-            }
-            for (; kp < KP; ++kp)
+            for (int kp = 0; kp < KP; ++kp)
                 dst[kp * mr + m] = at(src + 2 * kp) | (2 * kp + 1 < K ? at(src + 2 * kp + 1) << 16 : 0u);
         }
     }
