@@ -72,7 +72,7 @@ def _engine_options(dtype: str, kv_cache_memory, engine_options: dict) -> dict:
 
 
 def _dtype_name(llm) -> str:
-    return str(llm.engine.dtype).replace("torch.", "")
+    return llm.engine.dtype
 
 
 def _warm_up(llm, vocab: int) -> None:
@@ -202,7 +202,7 @@ def bench_prefix(
             if llm is None:
                 llm = LLM(model, enable_prefix_caching=caching, **opts)
                 vocab = llm.engine.model_config.vocab_size
-                dtype_name, num_blocks = _dtype_name(llm), llm.engine.kv_cache.num_blocks
+                dtype_name, num_blocks = _dtype_name(llm), llm.engine.num_blocks
                 _warm_up(llm, vocab)
             prompts = shared_prefix_prompts(num_requests, prefix_len, tail_len, vocab, seed + r)
             rounds[caching].append(_timed_generate(llm, prompts, params, use_tqdm))
@@ -278,7 +278,7 @@ def bench_parallel(
     llm = LLM(model, enable_prefix_caching=True, **opts)
     vocab = llm.engine.model_config.vocab_size
     prompts = random_prompts(num_prompts, input_len, vocab, seed)
-    dtype_name, num_blocks, block_size = _dtype_name(llm), llm.engine.kv_cache.num_blocks, llm.engine.kv_cache.block_size
+    dtype_name, num_blocks, block_size = _dtype_name(llm), llm.engine.num_blocks, llm.engine.block_size
     shared = run_to_completion(llm.engine, prompts, [sampling(n=n, seed=seed + j * n) for j in range(num_prompts)],
                                use_tqdm, f"n={n}, shared")
     llm = None  # free this engine's weights and KV pool before the next one is built
@@ -345,7 +345,7 @@ def bench_beam(
     llm = LLM(model, enable_prefix_caching=True, **opts)
     vocab = llm.engine.model_config.vocab_size
     prompts = random_prompts(num_prompts, input_len, vocab, seed)
-    dtype_name, num_blocks = _dtype_name(llm), llm.engine.kv_cache.num_blocks
+    dtype_name, num_blocks = _dtype_name(llm), llm.engine.num_blocks
     before = llm.stats()
     params = BeamSearchParams(beam_width=beam_width, max_tokens=output_len, ignore_eos=True)
     if not _has_peak_counter(llm.engine):

@@ -66,6 +66,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     trust_remote_code: bool = False
+    # The engine core (scheduler, KV cache, model) runs in a process of its own, so that
+    # no frontend work (HTTP, detokenizing) shares its interpreter; False runs it in the
+    # caller's process (debugging, tests that reach into the core).
+    core_process: bool = True
     # --- GPU (on the CPU only attention_backend applies) ---
     attention_backend: str = "auto"  # auto (triton on CUDA, native kernels on the CPU) | torch | cpu | triton
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory for weights, activations and the KV pool
@@ -91,8 +95,10 @@ class EngineConfig:
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1], got {u!r}")
-        if not isinstance(self.enforce_eager, bool):
-            raise ValueError(f"enforce_eager must be True or False, got {self.enforce_eager!r}")
+        for name in ("enforce_eager", "core_process", "enable_prefix_caching", "trust_remote_code"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        _check_int("seed", self.seed, -(1 << 63), (1 << 64) - 1)
 
     @property
     def kv_cache_size_given(self) -> bool:

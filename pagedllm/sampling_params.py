@@ -20,6 +20,9 @@ _GREEDY_EPS = 1e-5
 # Most top logprobs a request may ask for per token (OpenAI's limit too); the
 # cap keeps the per-step top-k and Python conversion cheap.
 MAX_LOGPROBS = 20
+# A seed seeds a torch.Generator, which takes any integer that fits in 64 bits,
+# signed or unsigned (OpenAI's API documents seed as an int64).
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty",
                  "frequency_penalty", "repetition_penalty")
 
@@ -129,6 +132,9 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {value}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(
+                f"seed must be an integer that fits in 64 bits, in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(
                 f"logprobs must be in [0, {MAX_LOGPROBS}] (at most {MAX_LOGPROBS} top "

@@ -10,10 +10,11 @@ import json
 import os
 from typing import TYPE_CHECKING
 
+from pagedllm.chat import check_messages
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-_ROLES_HINT = "each message must be a dict with a 'role' and a 'content'"
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -74,10 +75,17 @@ def apply_chat_template(
             "this model's tokenizer has no chat template, so chat messages cannot be turned into a prompt; "
             "pass chat_template=<jinja template> or send a plain text prompt instead"
         )
-    conversation = [_normalized(m, i) for i, m in enumerate(_checked_list(messages))]
-    text = tokenizer.apply_chat_template(
-        conversation, chat_template=template, add_generation_prompt=add_generation_prompt, tokenize=False
-    )
+    conversation = check_messages(messages)
+    try:
+        text = _render(tokenizer, conversation, template, add_generation_prompt)
+    except Exception as exc:  # the template's own checks (raise_exception) or a template bug
+        # Null content (an assistant's tool calls) breaks templates that only concatenate strings: try it empty.
+        if not any(m["content"] is None for m in conversation):
+            raise ValueError(f"the chat template could not render these messages: {type(exc).__name__}: {exc}") from None
+        try:
+            text = _render(tokenizer, [{**m, "content": m["content"] or ""} for m in conversation], template, add_generation_prompt)
+        except Exception:
+            raise ValueError(f"the chat template could not render these messages: {type(exc).__name__}: {exc}") from None
     if not isinstance(text, str):  # a batch of one, from some transformers versions
         text = text[0]
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -86,24 +94,6 @@ def apply_chat_template(
     return [int(i) for i in ids]
 
 
-def _checked_list(messages) -> list:
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError(f"messages must be a non-empty list; {_ROLES_HINT}")
-    return list(messages)
-
-
-def _normalized(message, index: int) -> dict:
-    """Validate one message; flatten OpenAI-style text parts, which most templates cannot render."""
-    if not isinstance(message, dict) or "role" not in message or "content" not in message:
-        raise ValueError(f"message {index} is {message!r}; {_ROLES_HINT}")
-    content = message["content"]
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise ValueError(f"message {index}: only text content parts are supported, got {part!r}")
-            parts.append(part["text"])
-        content = "".join(parts)
-    elif content is not None and not isinstance(content, str):
-        raise ValueError(f"message {index}: content must be a string or a list of text parts, got {content!r}")
-    return {**message, "content": content}
+def _render(tokenizer, conversation: list[dict], template: str, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(conversation, chat_template=template, add_generation_prompt=add_generation_prompt,
+                                         tokenize=False)

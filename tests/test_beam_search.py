@@ -46,7 +46,7 @@ def test_best_sequences_match_transformers(smollm2_fp32, hf_model, width, max_to
         assert [s.score for s in out.sequences] == sorted((s.score for s in out.sequences), reverse=True)
     st = smollm2_fp32.stats()
     assert st.num_free_blocks == st.num_blocks
-    smollm2_fp32.engine.kv_cache.check_invariants()
+    smollm2_fp32.engine.check_invariants()
 
 
 def test_beams_share_blocks(tiny_model_dir):
@@ -61,7 +61,7 @@ def test_beams_share_blocks(tiny_model_dir):
     assert peak < private * 0.5, (peak, private)
     st = llm.stats()
     assert st.num_free_blocks == st.num_blocks
-    llm.engine.kv_cache.check_invariants()
+    llm.engine.check_invariants()
 
 
 def test_bad_beam_search_params():

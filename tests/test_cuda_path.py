@@ -267,8 +267,8 @@ def test_the_cpu_runs_a_cpu_backend_eagerly(tiny_model_dir):
     expected = CpuPagedAttention if CpuPagedAttention.available() else TorchPagedAttention
     assert get_attention_backend("cpu") is expected
     assert get_attention_backend("cpu", "torch") is TorchPagedAttention
-    llm = LLM(tiny_model_dir, device="cpu", dtype="float32", num_kv_blocks=64)
-    assert llm.engine.runner.attn_backend is expected and llm.engine.runner.cuda_graphs is None
+    llm = LLM(tiny_model_dir, device="cpu", dtype="float32", num_kv_blocks=64, core_process=False)
+    assert llm.engine.core.runner.attn_backend is expected and llm.engine.core.runner.cuda_graphs is None
 
 
 # --- on a GPU ------------------------------------------------------------------
@@ -289,15 +289,15 @@ def test_cuda_graph_replay_equals_eager_token_for_token(tiny_model_dir):
 
     rng = random.Random(0)
     prompts = [{"prompt_token_ids": [rng.randrange(3, 49000) for _ in range(rng.randint(3, 90))]} for _ in range(13)]
-    opts = dict(device="cuda", dtype="float32", num_kv_blocks=256, max_num_seqs=16)
+    opts = dict(device="cuda", dtype="float32", num_kv_blocks=256, max_num_seqs=16, core_process=False)
     graphed = LLM(tiny_model_dir, **opts)
-    graphs = graphed.engine.runner.cuda_graphs
+    graphs = graphed.engine.core.runner.cuda_graphs
     assert graphs is not None and graphs.sizes == [1, 2, 4, 8, 16]
     replays = []
     run = graphs.run
     graphs.run = lambda *a: (replays.append(a[2].num_seqs), run(*a))[1]
     eager = LLM(tiny_model_dir, enforce_eager=True, **opts)
-    assert eager.engine.runner.cuda_graphs is None
+    assert eager.engine.core.runner.cuda_graphs is None
     for batch in (prompts[:1], prompts[:3], prompts):  # buckets 1, 4 and 16, padded
         assert greedy_tokens(graphed, batch) == greedy_tokens(eager, batch)
     assert replays and {1, 3, 13} <= set(replays)
@@ -308,14 +308,14 @@ def test_gpu_memory_utilization_sizes_the_pool(tiny_model_dir):
     from pagedllm import LLM
 
     total = torch.cuda.mem_get_info()[1]
-    llm = LLM(tiny_model_dir, device="cuda", attention_backend="torch", gpu_memory_utilization=0.3)
-    runner = llm.engine.runner
-    pool = llm.engine.kv_cache.stats().num_blocks * runner.bytes_per_block()
+    llm = LLM(tiny_model_dir, device="cuda", attention_backend="torch", gpu_memory_utilization=0.3, core_process=False)
+    runner = llm.engine.core.runner
+    pool = llm.engine.num_blocks * runner.bytes_per_block()
     assert 0 < pool <= 0.3 * total
     assert torch.cuda.memory_allocated() <= 0.3 * total
     assert greedy_tokens(llm, ["Hello there"], 4)[0]
     del llm, runner
     given = LLM(tiny_model_dir, device="cuda", attention_backend="torch", kv_cache_memory="64MiB")
-    assert given.engine.kv_cache.stats().num_blocks == (64 << 20) // given.engine.runner.bytes_per_block()
+    assert given.engine.num_blocks == (64 << 20) // given.engine.info.bytes_per_block
     with pytest.raises(ValueError, match="no GPU memory is left"):
         LLM(tiny_model_dir, device="cuda", attention_backend="torch", gpu_memory_utilization=1e-4)

@@ -56,7 +56,7 @@ def paged_logits(runner: ModelRunner, prompts: list[list[int]], block_size: int)
     num_blocks = sum(-(-len(p) // block_size) for p in prompts) + 4
     runner.allocate_kv_cache(num_blocks)
     kv = KVCacheManager(num_blocks, block_size)
-    reqs = [Request(f"r{i}", None, p[:1], None) for i, p in enumerate(prompts)]
+    reqs = [Request(f"r{i}", p[:1], None) for i, p in enumerate(prompts)]
     for r, p in zip(reqs, prompts):
         r.all_token_ids = list(p)  # teacher forcing: every token of the prompt is known
     # A throwaway request takes some blocks first, so that block tables are not the identity.

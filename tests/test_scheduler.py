@@ -21,7 +21,7 @@ class Params:
 
 
 def make_request(rid: str, prompt_len: int, max_tokens: int, first_token: int = 0) -> Request:
-    req = Request(rid, None, list(range(first_token, first_token + prompt_len)), Params())
+    req = Request(rid, list(range(first_token, first_token + prompt_len)), Params())
     req.max_tokens = max_tokens
     return req
 

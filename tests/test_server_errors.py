@@ -3,6 +3,8 @@ that names the problem, and the server goes on answering."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -65,6 +67,33 @@ CASES = [
     ("tools", "POST", CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, AUTH, 400, "tools", "tools"),
     ("detokenize out of range", "POST", "/detokenize", {"tokens": [-1]}, AUTH, 400, "out of range", "tokens"),
     ("tokenize neither prompt nor messages", "POST", "/tokenize", {}, AUTH, 400, "exactly one of prompt or messages", "prompt"),
+    ("seed beyond 64 bits", "POST", C, {"prompt": "x", "seed": -1180591620717411303424}, AUTH, 400, "fits in 64 bits", "seed"),
+    ("chat seed beyond 64 bits", "POST", CHAT, {"messages": MSG, "seed": 1 << 64}, AUTH, 400, "fits in 64 bits", "seed"),
+    # Chat input, as OpenAI's API checks it.
+    ("user content null", "POST", CHAT, {"messages": [{"role": "user", "content": None}]}, AUTH, 400,
+     "messages[0] has content null", "messages"),
+    ("content missing", "POST", CHAT, {"messages": [{"role": "system"}]}, AUTH, 400, "messages[0] has no 'content'", "messages"),
+    ("assistant content null without tool calls", "POST", CHAT,
+     {"messages": [{"role": "assistant", "content": None}, *MSG]}, AUTH, 400, "only in an assistant message with tool_calls", "messages"),
+    ("unknown role", "POST", CHAT, {"messages": [{"role": "wizard", "content": "Hi"}]}, AUTH, 400,
+     "messages[0].role is 'wizard'; allowed roles: system, developer, user, assistant, tool", "messages"),
+    ("content a number", "POST", CHAT, {"messages": [{"role": "user", "content": 5}]}, AUTH, 400,
+     "messages[0].content must be a string or a list of content parts", "messages"),
+    ("image part", "POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     AUTH, 400, "messages[0].content[0].type 'image_url' is not supported", "messages"),
+    ("unknown part type", "POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "video", "video": "x"}]}]}, AUTH, 400,
+     "takes parts of type 'text'", "messages"),
+    ("text part without text", "POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, AUTH, 400,
+     "messages[0].content[0].text must be a string", "messages"),
+    ("part not an object", "POST", CHAT, {"messages": [{"role": "user", "content": ["Hi"]}]}, AUTH, 400,
+     "messages[0].content[0] must be a content part", "messages"),
+    ("refusal part from a user", "POST", CHAT, {"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]},
+     AUTH, 400, "a user message takes parts of type 'text'", "messages"),
+    ("tool message without tool_call_id", "POST", CHAT, {"messages": [*MSG, {"role": "tool", "content": "42"}]}, AUTH, 400,
+     "messages[1].tool_call_id is required", "messages"),
+    ("malformed tool call", "POST", CHAT, {"messages": [*MSG, {"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]}]},
+     AUTH, 400, "messages[1].tool_calls[0].function must be an object", "messages"),
+    ("message not an object", "POST", CHAT, {"messages": ["Hi"]}, AUTH, 400, "'role' and a 'content'", "messages"),
     ("unknown route", "GET", "/v2/nothing", None, AUTH, 404, "no route GET /v2/nothing", None),
     ("wrong method", "GET", C, None, AUTH, 405, "does not take GET", None),
 ]
@@ -107,39 +136,78 @@ def test_the_server_still_answers_after_bad_input(http, server):
     assert st.num_free_blocks == st.num_blocks  # no rejected request left anything behind
 
 
-def test_a_failing_step_fails_only_its_request(http, server, monkeypatch):
-    runner = server.app.state.server.engine.engine.runner
-    real, fail = runner.execute, []
+def test_a_failing_forward_fails_only_the_request_whose_input_makes_it_fail(tiny_model_dir, monkeypatch):
+    # The core in this process, so that the test can reach its model.
+    engine = LLMEngine(EngineConfig(tiny_model_dir, dtype="float32", num_kv_blocks=64, block_size=16, core_process=False))
+    model = engine.core.runner.model
+    real = model.forward
 
-    def flaky(*args, **kwargs):
-        if fail:
-            fail.pop()
+    def forward(input_ids, *args, **kwargs):
+        if bool((input_ids == POISON).any()):
             raise RuntimeError("simulated kernel failure")
-        return real(*args, **kwargs)
+        return real(input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "execute", flaky)
-    body = {"prompt": "Hi", "max_tokens": 3, "ignore_eos": True}
-    fail.append(1)
-    r = http.post("/v1/completions", json=body, headers=AUTH)
-    assert r.status_code == 500 and "simulated kernel failure" in r.json()["error"]["message"]
-    fail.append(1)
-    r = http.post("/v1/completions", json={**body, "stream": True}, headers=AUTH)
-    events = [line for line in r.text.splitlines() if line.startswith("data: ")]
-    assert '"error"' in events[-2] and "simulated kernel failure" in events[-2] and events[-1] == "data: [DONE]"
-    r = http.post("/v1/completions", json=body, headers=AUTH)
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    monkeypatch.setattr(model, "forward", forward)
+    with BackgroundServer(build_app(engine, ["tiny"])) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+        body = {"prompt": [7, POISON, 9], "max_tokens": 3, "ignore_eos": True}
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 500 and "simulated kernel failure" in r.json()["error"]["message"]
+        r = http.post("/v1/completions", json={**body, "stream": True})
+        events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+        assert '"error"' in events[-2] and "simulated kernel failure" in events[-2] and events[-1] == "data: [DONE]"
+        r = http.post("/v1/completions", json={**body, "prompt": [7, 8, 9]})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+POISON = 4242
 
 
 def test_a_crashed_engine_answers_503_and_health_says_so(tiny_model_dir, monkeypatch):
-    engine = LLMEngine(EngineConfig(tiny_model_dir, dtype="float32", num_kv_blocks=32, block_size=16))
+    engine = LLMEngine(EngineConfig(tiny_model_dir, dtype="float32", num_kv_blocks=32, block_size=16, core_process=False))
 
     def broken():
         raise AssertionError("a bookkeeping bug")
 
-    monkeypatch.setattr(engine, "step", broken)
+    monkeypatch.setattr(engine.core, "step", broken)
     with BackgroundServer(build_app(engine, ["tiny"])) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
         r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
         assert r.status_code == 503 and "a bookkeeping bug" in r.json()["error"]["message"]
         r = http.get("/health")
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
         assert http.post("/v1/completions", json={"prompt": "Hi"}).status_code == 503
+
+
+def test_chat_messages_openai_accepts(http):
+    """What the API allows is taken: developer and tool roles, text parts, null content beside tool calls."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
+    for messages in (
+        [{"role": "developer", "content": "Be brief."}, *MSG],
+        [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}], "name": "ann"}],
+        [*MSG, {"role": "assistant", "content": None, "tool_calls": [call]},
+         {"role": "tool", "tool_call_id": "call_1", "content": "3"}],
+        [*MSG, {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]}, *MSG],
+    ):
+        r = http.post(CHAT, json={"messages": messages, "max_tokens": 2}, headers=AUTH)
+        assert r.status_code == 200, (messages, r.text)
+
+
+def test_a_chat_template_that_raises_is_a_400(tiny_model_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "strict-template"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "chat_template.jinja").write_text(
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with a user message') }}{% endif %}"
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    )
+    config = model / "tokenizer_config.json"
+    cfg = json.loads(config.read_text())
+    cfg.pop("chat_template", None)
+    config.write_text(json.dumps(cfg))
+    engine = LLMEngine(EngineConfig(str(model), dtype="float32", num_kv_blocks=32, block_size=16))
+    with BackgroundServer(build_app(engine, ["tiny"])) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+        r = http.post(CHAT, json={"messages": [{"role": "system", "content": "Be brief."}, *MSG], "max_tokens": 2})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert "Conversations must start with a user message" in error["message"] and error["param"] == "messages"
+        assert http.post(CHAT, json={"messages": MSG, "max_tokens": 2}).status_code == 200

@@ -76,7 +76,7 @@ def test_cached_blocks_are_evicted_least_recently_used_first_and_stay_correct(ti
         assert ids(small.generate(prompts, greedy(8), use_tqdm=False)) == ids(big.generate(prompts, greedy(8), use_tqdm=False))
     st = small.stats()
     assert st.num_cached_blocks <= st.num_blocks and st.num_free_blocks == st.num_blocks
-    small.engine.kv_cache.check_invariants()
+    small.engine.check_invariants()
 
 
 def test_parallel_sampling_forks_the_prompt_and_copies_on_write(tiny_model_dir):
@@ -97,11 +97,12 @@ def test_parallel_sampling_forks_the_prompt_and_copies_on_write(tiny_model_dir):
     assert [c.token_ids for c in again.outputs] == samples  # reproducible with a seed
     st = llm.stats()
     assert st.num_free_blocks == st.num_blocks
-    llm.engine.kv_cache.check_invariants()
+    llm.engine.check_invariants()
 
 
 def test_parallel_sampling_shares_prompt_blocks(tiny_model_dir):
-    engine = LLMEngine(EngineConfig(tiny_model_dir, dtype="float32", num_kv_blocks=128, block_size=16))
+    # In this process, so that the core steps only when asked to (a core process runs ahead on its own).
+    engine = LLMEngine(EngineConfig(tiny_model_dir, dtype="float32", num_kv_blocks=128, block_size=16, core_process=False))
     prompt = {"prompt_token_ids": list(range(200, 300))}  # 100 tokens: 6 full blocks and a partial one
     engine.add_request("p", prompt, SamplingParams(n=4, temperature=1.0, seed=1, max_tokens=3, ignore_eos=True))
     engine.step()  # the prompt, then the fork
@@ -109,7 +110,7 @@ def test_parallel_sampling_shares_prompt_blocks(tiny_model_dir):
     assert engine.stats().num_used_blocks == 7
     engine.step()  # each writes its first token into the shared partial block: 3 copies, the last keeps the original
     assert engine.stats().num_used_blocks == 7 + 3
-    engine.kv_cache.check_invariants()
+    engine.check_invariants()
 
 
 def test_parallel_sampling_greedy_equals_n1_and_abort_frees_everything(tiny_model_dir):
@@ -126,4 +127,4 @@ def test_parallel_sampling_greedy_equals_n1_and_abort_frees_everything(tiny_mode
     assert engine.stats().num_used_blocks == 0
     outs = engine.step()
     assert len(outs) == 1 and outs[0].finished and [c.finish_reason for c in outs[0].outputs] == ["abort"] * 3
-    engine.kv_cache.check_invariants()
+    engine.check_invariants()

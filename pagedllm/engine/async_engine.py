@@ -1,16 +1,20 @@
-"""AsyncLLMEngine: the step loop on its own thread, one output stream per request.
+"""AsyncLLMEngine: the server's frontend of one engine core, one output stream per request.
 
-The LLMEngine is not thread-safe, and a step is tens to hundreds of
-milliseconds of CPU work: run on the server's event loop it would stall every
-other connection for as long. So one thread owns the engine. Callers on any
-event loop put adds and aborts into an inbox; the engine thread takes them
-between steps (a request that arrives while others run joins the batch at the
-next step), steps while there is work, sleeps on a condition when there is
-none, and hands each step's outputs back to the event loops of the callers.
+Callers on any event loop submit requests (generate) and aborts; they go
+straight to the core, which runs in its own process and steps back to back.
+An output thread here takes each step's new token ids from the core client,
+turns them into RequestOutputs (output_processor.py: text, stop strings,
+logprob strings) and hands them to the event loops of the callers, one
+wake-up per loop per step. The event loop itself does HTTP and JSON only.
 
 Outputs are cumulative (text, token ids and logprobs so far), so a stream keeps
 only the newest one: a consumer that falls behind skips ahead instead of
-working through a backlog.
+working through a backlog. A non-streaming caller asks for the final output
+only (final_only), and nothing is built for it before its request ends.
+
+When the core dies, the client notices at once: /health turns to 503 and every
+request in flight ends with EngineDeadError within the output thread's next
+wake-up, instead of waiting forever.
 
 No web imports here: the server (entrypoints/server) and the Prometheus
 metrics (pagedllm/metrics.py) plug in through `EngineObserver`.
@@ -26,14 +30,15 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from pagedllm.engine.core_client import EngineDeadError
+from pagedllm.engine.messages import EngineCoreRequest
 from pagedllm.engine.outputs import EngineStats, RequestOutput
-from pagedllm.engine.request import Request
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["AsyncLLMEngine", "EngineDeadError", "EngineObserver", "RequestSummary"]
 
-class EngineDeadError(RuntimeError):
-    """The engine thread is not running (never started, shut down, or crashed)."""
+_POLL_S = 0.5  # how often the output thread looks up from an idle core to see whether it should stop
 
 
 @dataclass
@@ -50,9 +55,9 @@ class RequestSummary:
 
 
 class EngineObserver:
-    """Hooks that the engine thread calls; metrics and logging plug in here.
+    """Hooks that the output thread calls; metrics and logging plug in here.
 
-    Every method runs on the engine thread, so it must be quick and thread-safe.
+    Every method may run on the output thread, so it must be quick and thread-safe.
     """
 
     def on_step(self, stats: EngineStats) -> None: ...
@@ -75,7 +80,7 @@ class RequestStream:
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
 
-    # Called on self.loop, by the engine thread through call_soon_threadsafe.
+    # Called on self.loop, by the output thread through call_soon_threadsafe.
     def put(self, output: RequestOutput) -> None:
         self._latest = output
         self._ready.set()
@@ -97,70 +102,84 @@ class RequestStream:
         raise self._error
 
 
-@dataclass
-class _Timing:
-    """What the engine thread tracks per request to time tokens."""
-
-    arrival: float
-    num_prompt_tokens: int
-    first_token: float | None = None
-    last_token: float | None = None
-    num_tokens: int = 0
-
-
 class AsyncLLMEngine:
     def __init__(self, engine, observer: EngineObserver | None = None, log_interval: float = 5.0) -> None:
+        """engine: an LLMEngine (its core client, input and output processors); this object owns its output thread."""
         self.engine = engine
+        self.client = engine.client
         self.tokenizer = engine.tokenizer
         self.max_model_len: int = engine.max_model_len
         self.observer = observer or EngineObserver()
         self.log_interval = log_interval
-        self._cond = threading.Condition()
-        self._inbox: list[tuple] = []  # ("add", Request, RequestStream) | ("abort", request_id)
+        self._lock = threading.RLock()  # the output processor and the streams
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._stats = engine.stats()  # replaced whole after each step: safe to read from any thread
-        # Owned by the engine thread alone:
+        self._stats: EngineStats | None = None  # replaced whole after each step: safe to read from any thread
         self._streams: dict[str, RequestStream] = {}
-        self._timings: dict[str, _Timing] = {}
-        self.error: BaseException | None = None  # why the engine thread died, if it did
+        self.error: BaseException | None = None  # why the output thread stopped, if it did
 
     # --- life cycle -------------------------------------------------------
     def start(self) -> None:
         if self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._run, name="pagedllm-engine", daemon=True)
+        self.engine.set_log_stats(True)
+        self._stats = self.engine.stats()
+        self.engine.output_processor.observer = self.observer  # token timings, step by step
+        self._thread = threading.Thread(target=self._run, name="pagedllm-output", daemon=True)
         self._thread.start()
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the engine thread; requests still in flight end with finish_reason "abort"."""
-        with self._cond:
+        """Stop taking requests; those still in flight end with finish_reason "abort". The core itself keeps running."""
+        with self._lock:
             self._stopping = True
-            self._cond.notify()
+            ids = list(self._streams)
+        if ids and self.client.dead_reason is None:
+            self._abort(ids)
         if self._thread is not None:
             self._thread.join(timeout)
+        self._fail_streams(EngineDeadError(self.unavailable_reason()))
+        self.engine.output_processor.observer = None
+        if self.client.dead_reason is None:
+            try:
+                self.engine.set_log_stats(False)
+            except EngineDeadError:
+                pass
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping and self.error is None
+        return (self._thread is not None and self._thread.is_alive() and not self._stopping
+                and self.error is None and self.client.dead_reason is None)
+
+    def unavailable_reason(self) -> str:
+        """Why requests cannot be taken now, in words for a 503."""
+        if self.client.dead_reason is not None:
+            return self.client.dead_reason
+        if self.error is not None:
+            return f"the engine stopped after an internal error: {type(self.error).__name__}: {self.error}"
+        if self._stopping:
+            return "the engine is shutting down"
+        return "the engine is not running" if self._thread is None else "the engine's output thread has stopped"
 
     # --- requests (any thread) ---------------------------------------------
-    def make_request(self, prompt, params=None, request_id: str | None = None) -> Request:
-        """Validate a prompt and its parameters (ValueError saying what is wrong); submits nothing.
-
-        Safe off the engine thread: it only reads the tokenizer and the config.
-        """
+    def make_request(self, prompt, params=None, request_id: str | None = None) -> EngineCoreRequest:
+        """Validate a prompt and its parameters (ValueError saying what is wrong); submits nothing."""
         return self.engine.make_request(prompt, params, request_id)
 
-    async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: EngineCoreRequest, final_only: bool = False) -> AsyncIterator[RequestOutput]:
         """Submit a request made by make_request and yield its outputs until it finishes.
 
+        final_only: yield only the finished output (a non-streaming client).
         Closing the generator early (a client that went away) aborts the
-        request, which frees its blocks before the engine's next step.
+        request, which frees its blocks before the core's next step.
         """
         stream = RequestStream(request.request_id, asyncio.get_running_loop())
-        self._submit(("add", request, stream))
+        with self._lock:
+            if not self.is_running:
+                raise EngineDeadError(self.unavailable_reason())
+            self.engine.output_processor.add_request(request, final_only)  # ValueError for an id in use
+            self._streams[request.request_id] = stream
         try:
+            self.client.add_requests([request])
             while True:
                 out = await stream.get()
                 yield out
@@ -171,87 +190,73 @@ class AsyncLLMEngine:
                 self.abort(request.request_id)
 
     def abort(self, request_id: str) -> None:
-        """Abort a request; a no-op once the engine has stopped (stopping aborts everything)."""
-        try:
-            self._submit(("abort", request_id))
-        except EngineDeadError:
-            pass
+        """Abort a request; a no-op for unknown or finished ones, and once the core is gone."""
+        self._abort([request_id])
+
+    def _abort(self, ids: list[str]) -> None:
+        with self._lock:
+            outputs = self.engine.output_processor.abort(ids)
+            self._deliver(outputs)
+        if outputs:
+            try:
+                self.client.abort_requests([o.request_id for o in outputs])
+            except EngineDeadError:
+                pass
 
     def stats(self) -> EngineStats:
-        return self._stats
+        """The core's stats now, after what was submitted before (it answers between two steps: not for the event loop)."""
+        return self.engine.stats()
 
-    def _submit(self, item: tuple) -> None:
-        with self._cond:  # checked under the lock that _close drains the inbox under: nothing is left behind
-            if self._thread is None or self._stopping or self.error is not None:
-                raise EngineDeadError(self.unavailable_reason())
-            self._inbox.append(item)
-            self._cond.notify()
-
-    def unavailable_reason(self) -> str:
-        """Why requests cannot be taken now, in words for a 503."""
-        if self.error is not None:
-            return f"the engine stopped after an internal error: {type(self.error).__name__}: {self.error}"
-        if self._stopping:
-            return "the engine is shutting down"
-        return "the engine is not running" if self._thread is None else "the engine thread has stopped"
-
-    # --- the engine thread ------------------------------------------------
+    # --- the output thread ------------------------------------------------
     def _run(self) -> None:
-        engine = self.engine
         last_log = time.monotonic()
         logged = self._stats
         try:
-            while True:
-                with self._cond:
-                    idle = False
-                    while not (self._inbox or self._stopping or engine.has_unfinished_requests()):
-                        idle = True
-                        self._cond.wait()
-                    if self._stopping:
-                        break
-                    items, self._inbox = self._inbox, []
-                if idle:  # throughput lines measure busy time only
-                    last_log, logged = time.monotonic(), self._stats
-                self._apply(items)
-                steps_before = engine.num_steps
-                outputs = engine.step()
-                # Stats first, so a client that sees its answer also sees it counted.
-                self._stats = engine.stats()
-                self.observer.on_step(self._stats)
-                self._deliver(outputs)
+            while not self._stopping:
+                core_out = self.client.get_outputs(timeout=_POLL_S)
+                if core_out is None:
+                    last_log, logged = time.monotonic(), self._stats  # throughput lines measure busy time only
+                    continue
+                with self._lock:
+                    outputs, aborts = self.engine.output_processor.process_outputs(core_out.outputs)
+                if aborts:
+                    self.client.abort_requests(aborts)
+                if core_out.stats is not None:
+                    # Stats first, so a client that sees its answer also sees it counted.
+                    self._stats = core_out.stats
+                    self.observer.on_step(core_out.stats)
+                with self._lock:
+                    self._deliver(outputs)
                 now = time.monotonic()
-                if now - last_log >= self.log_interval:
-                    if self._stats.num_steps != logged.num_steps:
+                if now - last_log >= self.log_interval and self._stats is not None:
+                    if logged is not None and self._stats.num_steps != logged.num_steps:
                         self._log_throughput(logged, self._stats, now - last_log)
                     last_log, logged = now, self._stats
-                if not outputs and engine.num_steps == steps_before:
-                    time.sleep(0.001)  # work waits but nothing could be scheduled: don't spin hot
-        except BaseException as exc:  # a bug in the engine: fail every request rather than hang them
-            logger.exception("engine thread crashed; failing %d request(s)", len(self._streams))
+        except EngineDeadError as exc:
             self.error = exc
-        self._close()
+        except BaseException as exc:  # a bug here: fail every request rather than hang them
+            logger.exception("the engine's output thread crashed; failing %d request(s)", len(self._streams))
+            self.error = exc
+        if self.error is not None:
+            self._fail_streams(EngineDeadError(self.unavailable_reason()))
 
-    def _apply(self, items: list[tuple]) -> None:
-        for item in items:
-            if item[0] == "add":
-                _, req, stream = item
-                try:
-                    if req.request_id in self._streams:
-                        raise ValueError(f"request id {req.request_id!r} is already in use")
-                    self.engine.add(req)
-                except Exception as exc:
-                    self._post(stream.loop, [(stream.fail, ValueError(str(exc)))])
-                    continue
-                self._streams[req.request_id] = stream
-                self._timings[req.request_id] = _Timing(req.arrival_time, req.num_prompt_tokens)
-            else:
-                self.engine.abort_request(item[1])
+    def _fail_streams(self, error: EngineDeadError) -> None:
+        """End every request still in flight with error (the core is gone or we are stopping)."""
+        with self._lock:
+            outputs = self.engine.output_processor.fail_all(str(error))
+            streams, self._streams = self._streams, {}
+            for out in outputs:
+                self._summarize(out, time.monotonic())
+        for stream in streams.values():
+            self._post(stream.loop, [(stream.fail, error)])
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand outputs to their streams' loops; the caller holds self._lock."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
         now = time.monotonic()
         for out in outputs:
-            self._time_tokens(out, now)
+            if out.finished:
+                self._summarize(out, now)
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
@@ -271,36 +276,24 @@ class AsyncLLMEngine:
         try:
             loop.call_soon_threadsafe(run)
         except RuntimeError:  # that loop is closed: nobody is reading, so stop computing
-            for fn, arg in calls:
-                if isinstance(arg, RequestOutput) and not arg.finished:
-                    self.engine.abort_request(arg.request_id)
+            ids = [arg.request_id for _, arg in calls if isinstance(arg, RequestOutput) and not arg.finished]
+            if ids:
+                self._abort(ids)
 
-    def _time_tokens(self, out: RequestOutput, now: float) -> None:
-        t = self._timings.get(out.request_id)
-        if t is None:
-            return
-        n = sum(len(c.token_ids) for c in out.outputs)
-        if n > t.num_tokens:
-            if t.first_token is None:
-                t.first_token = now
-                self.observer.on_first_token(now - t.arrival)
-            else:
-                self.observer.on_inter_token(now - t.last_token)
-            t.last_token, t.num_tokens = now, n
-        if out.finished:
-            del self._timings[out.request_id]
-            reasons = sorted({str(c.finish_reason) for c in out.outputs})
-            summary = RequestSummary(
-                out.request_id, ",".join(reasons), t.num_prompt_tokens, n,
-                None if t.first_token is None else t.first_token - t.arrival, now - t.arrival, out.error,
-            )
-            self.observer.on_request_finished(summary)
-            ttft = "-" if summary.time_to_first_token is None else f"{summary.time_to_first_token:.3f}s"
-            logger.info(
-                "%s finished (%s): %d prompt + %d output tokens, first token %s, total %.3fs%s",
-                summary.request_id, summary.finish_reason, summary.num_prompt_tokens, summary.num_output_tokens,
-                ttft, summary.latency, f"; error: {out.error}" if out.error else "",
-            )
+    def _summarize(self, out: RequestOutput, now: float) -> None:
+        """Report a finished request to the observer and the log."""
+        arrival, first = out.metrics["arrival_time"], out.metrics["first_token_time"]
+        summary = RequestSummary(
+            out.request_id, ",".join(sorted({str(c.finish_reason) for c in out.outputs})), len(out.prompt_token_ids),
+            sum(len(c.token_ids) for c in out.outputs), None if first is None else first - arrival, now - arrival, out.error,
+        )
+        self.observer.on_request_finished(summary)
+        ttft = "-" if summary.time_to_first_token is None else f"{summary.time_to_first_token:.3f}s"
+        logger.info(
+            "%s finished (%s): %d prompt + %d output tokens, first token %s, total %.3fs%s",
+            summary.request_id, summary.finish_reason, summary.num_prompt_tokens, summary.num_output_tokens,
+            ttft, summary.latency, f"; error: {out.error}" if out.error else "",
+        )
 
     def _log_throughput(self, before: EngineStats, now: EngineStats, seconds: float) -> None:
         logger.info(
@@ -311,23 +304,3 @@ class AsyncLLMEngine:
             now.num_running, now.num_waiting, 100.0 * now.num_used_blocks / max(1, now.num_blocks),
             now.num_used_blocks, now.num_blocks, now.num_preemptions,
         )
-
-    def _close(self) -> None:
-        """On the way out: end what is in flight, so that no caller waits forever."""
-        with self._cond:
-            self._stopping = True
-            items, self._inbox = self._inbox, []
-        error = EngineDeadError(self.unavailable_reason())
-        for item in items:
-            if item[0] == "add":
-                self._post(item[2].loop, [(item[2].fail, error)])
-        if self.error is None:
-            try:  # a clean shutdown: abort what runs, and report it as aborted
-                self.engine.abort_request(list(self._streams))
-                self._deliver(self.engine.step())
-                self._stats = self.engine.stats()
-            except Exception:
-                logger.exception("aborting the requests in flight failed")
-        for stream in self._streams.values():
-            self._post(stream.loop, [(stream.fail, error)])
-        self._streams.clear()

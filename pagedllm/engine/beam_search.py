@@ -27,7 +27,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from pagedllm.engine.request import Request
-from pagedllm.engine.scheduler import ScheduledRequest
+from pagedllm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -59,7 +59,7 @@ class BeamSearchSequence:
     output_token_ids: list[int]
     cum_logprob: float
     score: float  # cum_logprob / generated_len ** length_penalty: what the beams are ranked by
-    text: str = ""
+    text: str = ""  # filled in by the frontend, which has the tokenizer
     finish_reason: str = "length"  # "stop" when it ended with EOS
 
 
@@ -91,14 +91,15 @@ class _Group:
 
 
 class BeamSearchRunner:
-    def __init__(self, engine) -> None:
-        self.engine = engine
-        self.kv = engine.kv_cache
-        self.runner = engine.runner
+    def __init__(self, core) -> None:
+        self.core = core
+        self.scheduler = core.scheduler
+        self.kv = core.kv_cache
+        self.runner = core.runner
         self._ids = itertools.count()
 
     def run(self, requests: list[Request], params: BeamSearchParams) -> list[BeamSearchOutput]:
-        if self.engine.has_unfinished_requests():
+        if self.scheduler.has_unfinished_requests():
             raise RuntimeError("beam search runs on an idle engine; finish or abort other requests first")
         internal = SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=True)
         internal.logprobs = self._num_candidates(params)  # may pass the user-facing cap of 20: internal only
@@ -127,7 +128,7 @@ class BeamSearchRunner:
 
     def _num_candidates(self, params: BeamSearchParams) -> int:
         """As transformers: enough candidates that beam_width survive even if every beam proposes each EOS."""
-        num_eos = 0 if params.ignore_eos else len(self.engine.eos_token_ids)
+        num_eos = 0 if params.ignore_eos else len(self.core.eos_token_ids)
         return max(2, 1 + num_eos) * params.beam_width
 
     # --- admission --------------------------------------------------------
@@ -138,11 +139,11 @@ class BeamSearchRunner:
     def _admissible(self, group: _Group, active: list[_Group], budget: int) -> bool:
         blocks = sum(self._worst_case_blocks(g.prompt_len, g.params) for g in active + [group])
         seqs = sum(g.params.beam_width for g in active + [group])
-        return not active or (blocks <= budget and seqs <= self.engine.config.max_num_seqs)
+        return not active or (blocks <= budget and seqs <= self.core.config.max_num_seqs)
 
     # --- one lockstep step --------------------------------------------------
     def _step(self, active: list[_Group]) -> None:
-        token_budget = self.engine.config.max_num_batched_tokens
+        token_budget = self.core.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         for g in active:
             if not g.running:  # the prompt, in chunks if it is long
@@ -161,7 +162,11 @@ class BeamSearchRunner:
                     self._allocate(seq, seq.num_computed_tokens, 1)
                     scheduled.append(ScheduledRequest(seq, seq.num_computed_tokens, 1, self.kv.get_block_table(seq.request_id)))
                     token_budget -= 1
-        results = self.runner.execute(scheduled, self.kv.take_copies())
+        step = SchedulerOutput(scheduled, block_copies=self.kv.take_copies(), finished_req_ids=self.scheduler.take_finished_req_ids())
+        results = self.runner.execute(step)
+        failed = [e for _, e in results if isinstance(e, Exception)]
+        if failed:
+            raise failed[0]
         for s in scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
             self.kv.cache_full_blocks(s.request.request_id, s.request.all_token_ids, s.request.num_computed_tokens)
@@ -179,7 +184,7 @@ class BeamSearchRunner:
     def _select(self, g: _Group, beams: list[_Beam], proposals: dict) -> None:
         p = g.params
         width, k = p.beam_width, self._num_candidates(p)
-        eos = set() if p.ignore_eos else set(self.engine.eos_token_ids)
+        eos = set() if p.ignore_eos else set(self.core.eos_token_ids)
         candidates = []  # (cumulative logprob, beam index, token, logprob)
         for b, beam in enumerate(beams):
             lp = proposals[beam.seq.request_id]
@@ -189,7 +194,7 @@ class BeamSearchRunner:
         candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
         candidates = candidates[:k]
         gen_len = beams[0].seq.num_output_tokens + 1  # tokens generated once this step's token is added
-        at_limit = gen_len >= p.max_tokens or beams[0].seq.num_tokens + 1 >= self.engine.max_model_len
+        at_limit = gen_len >= p.max_tokens or beams[0].seq.num_tokens + 1 >= self.core.max_model_len
         ends = [at_limit or c[2] in eos for c in candidates]
 
         # Finished hypotheses: candidates that end, among the top beam_width.
@@ -242,7 +247,7 @@ class BeamSearchRunner:
         return [t[2] for t in new_running]
 
     def _fork(self, seq: Request) -> Request:
-        child = Request(f"{seq.request_id}/{next(self._ids)}", None, seq.prompt_token_ids, seq.sampling_params,
+        child = Request(f"{seq.request_id}/{next(self._ids)}", seq.prompt_token_ids, seq.sampling_params,
                         eos_token_ids=seq.eos_token_ids)
         child.output_token_ids = list(seq.output_token_ids)
         child.all_token_ids = list(seq.all_token_ids)
@@ -251,15 +256,13 @@ class BeamSearchRunner:
         return child
 
     def _free(self, seq: Request) -> None:
-        self.kv.free(seq.request_id)
-        self.runner.release(seq.request_id)
+        self.scheduler.free_sequence(seq.request_id)
 
     def _output(self, g: _Group) -> BeamSearchOutput:
-        tok = self.engine.tokenizer
         seqs = []
         for score, output, cum, ended_with_eos in g.finished:
             seqs.append(BeamSearchSequence(
                 tokens=g.prompt.prompt_token_ids + output, output_token_ids=output, cum_logprob=cum, score=score,
-                text=tok.decode(output, skip_special_tokens=True), finish_reason="stop" if ended_with_eos else "length",
+                finish_reason="stop" if ended_with_eos else "length",
             ))
         return BeamSearchOutput(list(g.prompt.prompt_token_ids), seqs)

@@ -1,9 +1,10 @@
-"""A request's state as the scheduler and the engine see it.
+"""A request's state as the engine core sees it: token counts and where it stands.
 
 The scheduler only counts tokens: `num_computed_tokens` is how many of
 `all_token_ids` have their keys and values in the KV cache. Prefill, chunked
 prefill, decode and recompute after preemption are all "compute the tokens
-from num_computed_tokens up to num_tokens".
+from num_computed_tokens up to num_tokens". Text, logprob strings and stop
+strings live on the frontend side (output_processor.py), not here.
 """
 
 from __future__ import annotations
@@ -33,24 +34,18 @@ class FinishReason(str, enum.Enum):
 @dataclass(eq=False)
 class Request:
     request_id: str
-    prompt: str | None
     prompt_token_ids: list[int]
     sampling_params: Any  # SamplingParams; kept untyped so engine/ stays free of worker imports
     eos_token_ids: tuple[int, ...] = ()
     arrival_time: float = field(default_factory=time.monotonic)
 
     output_token_ids: list[int] = field(default_factory=list)
-    logprobs: list | None = None  # one dict per generated token when asked for
-    cumulative_logprob: float = 0.0
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
-    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-    error: str | None = None
-    detokenizer: Any = None
-    first_token_time: float | None = None
+    stop_reason: int | None = None  # the stop token id that ended it
     # Parallel sampling (n > 1): the request computes the prompt once, then
     # forks into `children`, one sequence per completion, sharing its blocks.
     parent: "Request | None" = None
@@ -64,8 +59,11 @@ class Request:
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         if self.seed is None and self.parent is None and self.sampling_params is not None:
             self.seed = self.sampling_params.seed
-        if self.sampling_params is not None and self.sampling_params.logprobs is not None:
-            self.logprobs = []
+
+    @property
+    def top(self) -> "Request":
+        """The request this sequence belongs to: its parent, or itself."""
+        return self.parent or self
 
     @property
     def sequences(self) -> list["Request"]:

@@ -53,6 +53,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst), done before the step
+    # Requests that ended since the last step: the runner drops its own state of
+    # them (sampling generators), so nothing else has to call into the runner.
+    finished_req_ids: set[str] = field(default_factory=set)
     num_batched_tokens: int = 0
 
     @property
@@ -67,6 +70,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.finished_req_ids: set[str] = set()  # since the last schedule()
 
     # --- queue ----------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -90,6 +94,7 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         self.kv_cache.free(request.request_id)
+        self.finished_req_ids.add(request.request_id)
 
     # --- one step -------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -138,7 +143,18 @@ class Scheduler:
 
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
         out.block_copies = kv.take_copies()
+        out.finished_req_ids = self.take_finished_req_ids()
         return out
+
+    def take_finished_req_ids(self) -> set[str]:
+        """Requests ended since the last call, for the runner to drop their state."""
+        ids, self.finished_req_ids = self.finished_req_ids, set()
+        return ids
+
+    def free_sequence(self, request_id: str) -> None:
+        """Give back the blocks of a sequence kept outside the queues (a beam of beam search)."""
+        self.kv_cache.free(request_id)
+        self.finished_req_ids.add(request_id)
 
     def _preempt(self, req: Request) -> None:
         self.kv_cache.free(req.request_id)

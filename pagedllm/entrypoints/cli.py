@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -35,6 +36,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="CUDA: share of GPU memory for weights, activations and the KV pool, in (0, 1] (default 0.9); "
                         "the KV pool gets what a profiled step leaves, unless --kv-cache-memory is given")
     g.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps eagerly, without CUDA graphs")
+    g.add_argument("--core-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine core (scheduler, KV cache, model) in a process of its own (default: on); "
+                        "--no-core-process runs it in this one, for debugging")
 
 
 def engine_options(args: argparse.Namespace) -> dict:
@@ -47,7 +51,7 @@ def engine_options(args: argparse.Namespace) -> dict:
         kv_cache_memory=kv, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed, enable_prefix_caching=args.enable_prefix_caching,
         attention_backend=args.attention_backend, gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager,
+        enforce_eager=args.enforce_eager, core_process=args.core_process,
     )
 
 
@@ -96,13 +100,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "; API key required" if args.api_key else "",
     )
     # log_config=None: keep our logging set-up instead of uvicorn's.
+    # On SIGTERM or Ctrl-C uvicorn stops accepting and lets the requests in flight finish for up to
+    # --shutdown-timeout seconds; then the app's shutdown aborts what is left, and the core stops.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=args.access_log,
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=args.shutdown_timeout)
+    # uvicorn re-raises the signal that stopped it once it is done: Ctrl-C as KeyboardInterrupt, and
+    # SIGTERM through the handler that was there before it, which here ends run() the same way.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
+    except (KeyboardInterrupt, _Terminated):
         pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        engine.shutdown()
+    logging.getLogger("pagedllm.serve").info("stopped")
     return 0
+
+
+class _Terminated(Exception):
+    """SIGTERM, once uvicorn has shut down gracefully."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -127,6 +148,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="names clients use for the model (default: --model, or the embedded model's name)")
     g.add_argument("--log-interval", type=float, default=5.0, help="seconds between throughput lines while busy")
     g.add_argument("--access-log", action="store_true", help="also log every HTTP request (uvicorn's access log)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM or Ctrl-C, seconds to let requests in flight finish before they are aborted (default 30)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,6 +66,10 @@ class SampledToken:
     logprobs: TokenLogprobs | None
 
 
+class KVCacheCopyError(RuntimeError):
+    """Copy-on-write failed: the KV pool's bookkeeping is broken, which no one request explains."""
+
+
 class ModelRunner:
     def __init__(self, config, weights, *, device: torch.device, dtype: torch.dtype, block_size: int, seed: int = 0,
                  attn_backend: type | None = None) -> None:
@@ -106,25 +110,34 @@ class ModelRunner:
         self.kv_caches = [_zeros(shape, self.dtype, self.device) for _ in range(self.num_layers)]
 
     # --- one step ---------------------------------------------------------
-    def release(self, request_id: str) -> None:
-        self._generators.pop(request_id, None)
-
     def _generator(self, request_id: str, seed: int) -> torch.Generator:
         gen = self._generators.get(request_id)
         if gen is None:
-            gen = self._generators[request_id] = torch.Generator(device=self.device).manual_seed(seed)
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            self._generators[request_id] = gen
         return gen
 
     @torch.inference_mode()
-    def execute(self, scheduled: list, block_copies: list[tuple[int, int]] = ()) -> list[tuple[object, SampledToken]]:
-        """Run one step; return (request, sampled token) for every sequence that samples.
+    def execute(self, out) -> list[tuple[object, "SampledToken | Exception"]]:
+        """Run one step (a SchedulerOutput); return (sequence, sampled token) for every sequence that samples.
 
         A request whose prompt forks into several sequences (n > 1) lists them
         in `children`: each draws its own token from the prompt's last logits.
+        Sampling is checked row by row: where a row's own parameters make it
+        fail, that row gets the exception instead of a token and the others
+        are sampled as if it were not there. A failing forward pass raises:
+        the engine core finds the request behind it (core.py).
         """
-        if block_copies:
-            self.copy_blocks(block_copies)
-        sampled, logits = self.compute_logits(scheduled)
+        for request_id in out.finished_req_ids:
+            self._generators.pop(request_id, None)
+        if out.block_copies:
+            try:
+                self.copy_blocks(out.block_copies)
+            except Exception as exc:
+                raise KVCacheCopyError(f"copy-on-write of {len(out.block_copies)} blocks failed: {exc}") from exc
+        if not out.scheduled:
+            return []
+        sampled, logits = self.compute_logits(out.scheduled)
         if not sampled:
             return []
         targets, rows = [], []
@@ -134,8 +147,40 @@ class ModelRunner:
                 rows.append(i)
         if len(targets) != len(sampled):
             logits = logits[torch.tensor(rows, device=logits.device)]
-        out = self.sampler(logits, [self._sampling_row(t) for t in targets])
-        return [(t, SampledToken(tok, lp)) for t, tok, lp in zip(targets, out.token_ids, out.logprobs)]
+        return list(zip(targets, self._sample(logits, targets)))
+
+    def _sample(self, logits: torch.Tensor, targets: list) -> list["SampledToken | Exception"]:
+        results: list = [None] * len(targets)
+        ok, rows = [], []
+        for i, t in enumerate(targets):
+            try:
+                rows.append(self._sampling_row(t))
+                ok.append(i)
+            except Exception as exc:  # e.g. a seed its generator cannot take
+                results[i] = exc
+        if not ok:
+            return results
+        x = logits if len(ok) == len(targets) else logits[ok]
+        # A batch that fails part-way may have drawn from seeded rows' generators:
+        # put them back, so that sampling each row alone draws what it would have.
+        states = [(r.generator, r.generator.get_state()) for r in rows if r.generator is not None]
+        try:
+            out = self.sampler(x, rows)
+            drawn: list = [SampledToken(t, lp) for t, lp in zip(out.token_ids, out.logprobs)]
+        except Exception:
+            for gen, state in states:
+                gen.set_state(state)
+            drawn = [self._sample_alone(x[j : j + 1], row) for j, row in enumerate(rows)]
+        for i, d in zip(ok, drawn):
+            results[i] = d
+        return results
+
+    def _sample_alone(self, logits: torch.Tensor, row: SamplingRow) -> "SampledToken | Exception":
+        try:
+            out = self.sampler(logits, [row])
+        except Exception as exc:
+            return exc
+        return SampledToken(out.token_ids[0], out.logprobs[0])
 
     def _sampling_row(self, req) -> SamplingRow:
         gen = self._generator(req.request_id, req.seed) if req.seed is not None else None

@@ -129,6 +129,7 @@ def _trace(name: str, opts: dict, args: argparse.Namespace, progress: bool) -> t
     from pagedllm.sampling_params import SamplingParams
 
     engine = LLMEngine.from_options(**opts)
+    engine.set_log_stats(True)  # every step's outputs carry the stats after that step
     workload = load_workload(workload_config(args), engine.model_config.vocab_size)
     for i, (prompt, n) in enumerate(zip(workload.prompts, workload.output_lens)):
         engine.add_request(f"bench-{i}", prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
@@ -142,13 +143,14 @@ def _trace(name: str, opts: dict, args: argparse.Namespace, progress: bool) -> t
                 if out.finished:
                     output_tokens += len(out.outputs[0].token_ids)
                     bar.update(1)
-            st = engine.stats()
+            st = engine.last_stats
             util.append(st.kv_utilization)
             running.append(st.num_running)
             used.append(st.num_used_blocks)
     st = engine.stats()
     assert st.num_used_blocks == 0, f"{name}: {st.num_used_blocks} blocks still in use after the last request"
     trace = Trace(name, engine.config.block_size, st.num_blocks, util, running, used, output_tokens, st.num_preemptions)
+    engine.shutdown()
     del engine
     gc.collect()  # the next engine's KV pool takes this one's memory
     return trace, workload

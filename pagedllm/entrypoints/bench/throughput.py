@@ -65,11 +65,11 @@ def run(args: argparse.Namespace) -> int:
         warm_up(llm, workload)
     runs = []
     for c in cfg.concurrency or [args.max_num_seqs]:
-        set_max_num_seqs(llm.engine, c)
-        runs.append(run_once(llm, workload, cfg.progress))
+        llm.engine.set_max_num_seqs(c)
+        runs.append(run_once(llm, workload, cfg.progress, max_num_seqs=c))
     figures = {
         "model": model or default_model_name(),
-        "dtype": str(llm.engine.dtype).replace("torch.", ""),
+        "dtype": llm.engine.dtype,
         "load_s": round(load_s, 2),
         "runs": runs,
     }
@@ -90,13 +90,7 @@ def warm_up(llm, workload: Workload) -> None:
     llm.generate(workload.prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
 
 
-def set_max_num_seqs(engine, n: int) -> None:
-    """Seats per step, changed between runs on an idle engine (the scheduler reads it every step)."""
-    assert not engine.has_unfinished_requests()
-    engine.config.max_num_seqs = engine.scheduler.config.max_num_seqs = n
-
-
-def run_once(llm, workload: Workload, progress: bool = True) -> dict:
+def run_once(llm, workload: Workload, progress: bool = True, max_num_seqs: int | None = None) -> dict:
     """One timed pass over the workload; figures from the outputs and the engine's counters."""
     from pagedllm import SamplingParams
 
@@ -110,7 +104,7 @@ def run_once(llm, workload: Workload, progress: bool = True) -> dict:
     in_tokens = sum(len(o.prompt_token_ids) for o in outs)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     return {
-        "max_num_seqs": llm.engine.scheduler.config.max_num_seqs,
+        "max_num_seqs": max_num_seqs or llm.engine.config.max_num_seqs,
         "num_requests": len(outs),
         "input_tokens": in_tokens,
         "output_tokens": out_tokens,

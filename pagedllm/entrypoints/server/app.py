@@ -1,8 +1,9 @@
 """The FastAPI app: OpenAI's routes over one engine, plus health, tokenizer and metrics routes.
 
-build_app wraps a loaded LLMEngine; the app starts the engine thread when it
-starts and stops it when it stops, so one LLMEngine can serve several apps in
-turn (as the tests do). With an API key, every route but /health and /metrics
+build_app wraps a loaded LLMEngine (whose core runs in its own process); the
+app starts the output thread of its AsyncLLMEngine when it starts and stops it
+when it stops, so one LLMEngine can serve several apps in turn (as the tests
+do). With an API key, every route but /health and /metrics
 needs `Authorization: Bearer <key>`: probes and scrapers stay simple, and
 neither reveals text.
 """
@@ -56,7 +57,8 @@ def build_app(engine, served_model_names: list[str] | None = None, api_key: str 
     app.state.server = state
     install_error_handlers(app)
 
-    def require_key(request: Request) -> None:
+    # Dependencies are coroutines: FastAPI would run plain functions in its thread pool, a thread hop per request.
+    async def require_key(request: Request) -> None:
         if state.api_key is None:
             return
         given = request.headers.get("authorization", "")
@@ -65,7 +67,7 @@ def build_app(engine, served_model_names: list[str] | None = None, api_key: str 
             why = "no API key was given" if not given else "the API key is wrong"
             raise APIError(401, f"{why}: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
 
-    def require_engine() -> None:
+    async def require_engine() -> None:
         if not state.engine.is_running:
             raise APIError(503, state.engine.unavailable_reason(), code="engine_unavailable")
 
@@ -74,7 +76,7 @@ def build_app(engine, served_model_names: list[str] | None = None, api_key: str 
 
     @open_routes.get("/health")
     async def health():
-        require_engine()
+        await require_engine()
         return JSONResponse({"status": "ok"})
 
     @open_routes.get("/metrics")

@@ -91,7 +91,7 @@ def _top_logprobs(body: ChatCompletionRequest) -> int | None:
 
 async def _collect(state: ServerState, prep: _Prepared) -> RequestOutput:
     final = None
-    async for _, out in merge([state.engine.generate(prep.request)]):
+    async for _, out in merge([state.engine.generate(prep.request, final_only=True)]):
         final = out
     if final is not None and final.error:
         raise APIError(500, f"generation failed: {final.error}", code="internal_error")

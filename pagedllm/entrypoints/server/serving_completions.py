@@ -69,7 +69,7 @@ def _prepare(state: ServerState, body: CompletionRequest) -> _Prepared:
 
 async def _collect(state: ServerState, prep: _Prepared) -> list[RequestOutput]:
     finals: list[RequestOutput | None] = [None] * len(prep.requests)
-    async for i, out in merge([state.engine.generate(r) for r in prep.requests]):
+    async for i, out in merge([state.engine.generate(r, final_only=True) for r in prep.requests]):
         finals[i] = out
     for out in finals:
         if out is not None and out.error:

@@ -1,0 +1,309 @@
+"""EngineCore: schedule -> execute -> update, one step at a time.
+
+The core owns the scheduler, the KV cache manager and the model runner, and
+nothing else: it takes validated requests (EngineCoreRequest) and aborts, and
+each step returns the new token ids of the sequences that ran, with the
+reasons of those that finished. It never sees text. The same class runs in its
+own process behind the server and the offline LLM (core_proc.py), or in the
+caller's process (core_client.InprocClient).
+
+One request's failure is that request's alone. A sampling row that raises
+fails its request only (the runner samples the others as if it were not
+there); a forward pass that raises is run again on smaller groups of the
+step's requests until the request whose input makes it fail is found, and
+that one ends with finish_reason "error" while the rest go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from pagedllm.config import EngineConfig
+from pagedllm.engine.kv_cache import KVCacheManager
+from pagedllm.engine.messages import CoreInfo, EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, NewLogprobs
+from pagedllm.engine.outputs import EngineStats
+from pagedllm.engine.request import FinishReason, Request
+from pagedllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+_SEED_MOD = 1 << 64
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        # Torch-side pieces are imported here so that importing the engine's
+        # bookkeeping (scheduler, KV cache manager) never needs torch.
+        from pagedllm.model.attention.selector import get_attention_backend
+        from pagedllm.model.loader import iter_weights, resolve_model
+        from pagedllm.worker.model_runner import ModelRunner, resolve_device, resolve_dtype
+
+        t0 = time.perf_counter()
+        self.config = config
+        source = resolve_model(config.model, config.revision)
+        cfg = source.config
+        self.eos_token_ids = tuple(source.eos_token_ids)
+        model_len = model_context_len(cfg)
+        if config.max_model_len is not None and config.max_model_len > model_len:
+            raise ValueError(f"max_model_len {config.max_model_len} is longer than the model's context of {model_len} tokens")
+        self.max_model_len = config.max_model_len or model_len
+
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        weights = None if config.load_format == "dummy" else iter_weights(source)
+        attn_backend = get_attention_backend(device.type, config.attention_backend)
+        self.runner = ModelRunner(cfg, weights, device=device, dtype=dtype, block_size=config.block_size, seed=config.seed,
+                                  attn_backend=attn_backend)
+        if device.type == "cuda" and not config.kv_cache_size_given:
+            from pagedllm.worker.gpu_memory import gpu_kv_blocks
+
+            num_blocks = gpu_kv_blocks(self.runner, config, self.max_model_len)
+        else:
+            num_blocks = config.num_kv_blocks or config.kv_cache_bytes // self.runner.bytes_per_block()
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * config.block_size} tokens ({num_blocks} blocks of {config.block_size}), "
+                f"fewer than max_model_len={self.max_model_len}: raise kv_cache_memory (on CUDA: gpu_memory_utilization) or lower max_model_len"
+            )
+        self.runner.allocate_kv_cache(num_blocks)
+        if device.type == "cuda" and not config.enforce_eager:
+            from pagedllm.worker.cuda_graphs import capture_decode_graphs
+
+            self.runner.cuda_graphs = capture_decode_graphs(self.runner, config.max_num_seqs, self.max_model_len)
+        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv_cache)
+        self.info = CoreInfo(
+            model_path=source.path, dtype=str(dtype).replace("torch.", ""), device=str(device), max_model_len=self.max_model_len,
+            num_blocks=num_blocks, block_size=config.block_size, bytes_per_block=self.runner.bytes_per_block(),
+            eos_token_ids=self.eos_token_ids, vocab_size=cfg.vocab_size, pid=os.getpid(),
+        )
+        self.requests: dict[str, Request] = {}  # unfinished requests by id (the parent of n > 1 sequences)
+        self._outputs: list[EngineCoreOutput] = []  # produced between steps (a request refused on arrival)
+        self.log_stats = False  # attach stats() to every step's outputs (the server's metrics)
+        self.num_steps = 0
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        logger.info(
+            "engine core ready in %.2fs: %s, %s, KV pool %d blocks x %d tokens (%.2f GiB), max_model_len %d",
+            time.perf_counter() - t0, source.path, self.info.dtype, num_blocks, config.block_size, self.info.kv_cache_gib,
+            self.max_model_len,
+        )
+
+    # --- requests ---------------------------------------------------------
+    def add_request(self, req: EngineCoreRequest) -> None:
+        if req.request_id in self.requests:
+            self._outputs.append(EngineCoreOutput(req.request_id, 0, [], finish_reason="error",
+                                                  error=f"request id {req.request_id!r} is already in use"))
+            return
+        top = self._sequence(req, req.request_id, index=0, seed=req.sampling_params.seed)
+        params = req.sampling_params
+        if params.n > 1:
+            # The request computes the prompt; its n children carry the completions.
+            top.children = [
+                self._sequence(req, f"{req.request_id}#{i}", index=i, seed=_child_seed(params.seed, i), parent=top)
+                for i in range(params.n)
+            ]
+        self.requests[req.request_id] = top
+        self.scheduler.add_request(top)
+        self.prompt_tokens_total += top.num_prompt_tokens
+
+    def _sequence(self, req: EngineCoreRequest, request_id: str, *, index: int, seed: int | None, parent=None) -> Request:
+        return Request(request_id, req.prompt_token_ids, req.sampling_params, eos_token_ids=self.eos_token_ids,
+                       arrival_time=req.arrival_time, parent=parent, index=index, seed=seed)
+
+    def abort_requests(self, targets: list) -> None:
+        """End requests (an id) or single sequences of them (an (id, index) pair) now, freeing their blocks.
+
+        Aborts come from the frontend, which has already ended the request on
+        its side, so they produce no outputs. Unknown or finished ids are ignored.
+        """
+        for target in targets:
+            request_id, index = (target, None) if isinstance(target, str) else target
+            top = self.requests.get(request_id)
+            if top is None:
+                continue
+            if index is None or len(top.sequences) == 1:
+                seqs = [top, *top.children]
+            else:
+                seqs = [s for s in top.children if s.index == index]
+            for seq in seqs:
+                self.scheduler.finish_request(seq, FinishReason.ABORT)
+            if all(s.is_finished for s in top.sequences):
+                self.scheduler.finish_request(top, FinishReason.ABORT)
+                del self.requests[request_id]
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or bool(self._outputs) or bool(self.scheduler.finished_req_ids)
+
+    # --- one step ---------------------------------------------------------
+    def step(self) -> EngineCoreOutputs:
+        outputs, self._outputs = self._outputs, []
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            self.runner.execute(out)  # nothing to run, but the runner drops the state of finished requests
+            return EngineCoreOutputs(outputs)
+        self.num_steps += 1
+        results = self._execute(out, outputs)
+        self.scheduler.update_after_step(out)
+        touched: dict[int, EngineCoreOutput] = {}
+        for seq, sampled in results:
+            top = seq.top
+            if top.request_id not in self.requests:
+                continue  # failed in this step already
+            if isinstance(sampled, Exception):
+                self._fail(top, sampled, outputs)
+                continue
+            if seq.parent is not None and not top.is_finished:
+                self._fork(top)
+            reason = self._append_token(seq, sampled.token_id)
+            touched[id(seq)] = self._output(seq, sampled, reason)
+        outputs.extend(touched.values())
+        for out_ in touched.values():
+            top = self.requests.get(out_.request_id)
+            if top is not None and all(s.is_finished for s in top.sequences):
+                del self.requests[out_.request_id]
+        return EngineCoreOutputs(outputs)
+
+    def _execute(self, out: SchedulerOutput, outputs: list[EngineCoreOutput]) -> list:
+        """Run the step; if the forward pass raises, find the request behind it and end that one alone."""
+        from pagedllm.worker.model_runner import KVCacheCopyError
+
+        try:
+            return self.runner.execute(out)
+        except KVCacheCopyError:
+            raise
+        except Exception as exc:
+            logger.warning("a step over %d requests failed (%s: %s); running it again in smaller groups to find the "
+                           "request that makes it fail", len(out.scheduled), type(exc).__name__, exc)
+        results = []
+        groups = [out.scheduled]
+        while groups:
+            group = groups.pop()
+            try:
+                results.extend(self.runner.execute(SchedulerOutput(scheduled=group)))
+            except KVCacheCopyError:
+                raise
+            except Exception as exc:
+                if len(group) > 1:
+                    half = len(group) // 2
+                    groups += [group[half:], group[:half]]
+                else:
+                    logger.error("request %s makes the forward pass fail; ending it alone", group[0].request.top.request_id,
+                                 exc_info=exc)
+                    self._fail(group[0].request.top, exc, outputs)
+        out.scheduled = [s for s in out.scheduled if not s.request.is_finished]
+        return results
+
+    def _fail(self, top: Request, exc: BaseException, outputs: list[EngineCoreOutput]) -> None:
+        """End a request, with all of its sequences, with finish_reason "error" and the exception's message."""
+        for seq in [top, *top.children]:
+            self.scheduler.finish_request(seq, FinishReason.ERROR)
+        self.requests.pop(top.request_id, None)
+        message = f"{type(exc).__name__}: {exc}"
+        logger.warning("request %s failed: %s", top.request_id, message)
+        outputs.append(EngineCoreOutput(top.request_id, 0, [], finish_reason="error", error=message,
+                                        num_cached_tokens=top.num_cached_tokens, num_preemptions=top.num_preemptions))
+
+    def _fork(self, top: Request) -> None:
+        """The prompt is computed: its n sequences take over its blocks and it leaves the batch."""
+        self.scheduler.add_forked(top, top.children)
+        self.scheduler.finish_request(top, FinishReason.STOP)
+
+    def _append_token(self, req: Request, token: int) -> FinishReason | None:
+        """Append a sampled token; end the sequence if it stops here (stop strings are the frontend's)."""
+        params = req.sampling_params
+        req.append_output_token(token)
+        self.generation_tokens_total += 1
+        n = req.num_output_tokens
+        reason = None
+        if n >= params.min_tokens:
+            if not params.ignore_eos and token in req.eos_token_ids:
+                reason = FinishReason.STOP
+            elif token in params.stop_token_ids:
+                reason, req.stop_reason = FinishReason.STOP, token
+        if reason is None and (
+            (params.max_tokens is not None and n >= params.max_tokens) or req.num_tokens >= self.max_model_len
+        ):
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            self.scheduler.finish_request(req, reason)
+        return reason
+
+    @staticmethod
+    def _output(seq: Request, sampled, reason: FinishReason | None) -> EngineCoreOutput:
+        top = seq.top
+        lp = sampled.logprobs
+        return EngineCoreOutput(
+            top.request_id, seq.index, [sampled.token_id],
+            None if lp is None else [NewLogprobs(lp.logprob, lp.rank, lp.top_ids, lp.top_logprobs)],
+            finish_reason=None if reason is None else reason.value,
+            stop_reason=seq.stop_reason,
+            num_cached_tokens=top.num_cached_tokens,
+            num_preemptions=top.num_preemptions + (seq.num_preemptions if seq is not top else 0),
+        )
+
+    # --- utilities (called between steps) ---------------------------------
+    def stats(self) -> EngineStats:
+        kv = self.kv_cache.stats()
+        return EngineStats(
+            num_blocks=kv.num_blocks,
+            num_free_blocks=kv.num_free_blocks,
+            num_used_blocks=kv.num_used_blocks,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_preemptions=self.scheduler.num_preemptions,
+            kv_utilization=kv.kv_utilization,
+            num_cached_blocks=kv.num_cached_blocks,
+            peak_used_blocks=kv.peak_used_blocks,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            num_steps=self.num_steps,
+        )
+
+    def set_log_stats(self, on: bool) -> None:
+        self.log_stats = bool(on)
+
+    def reset_peak_stats(self) -> None:
+        self.kv_cache.reset_peak()
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget cached prefixes (only while no request holds blocks); returns whether it was done."""
+        return self.kv_cache.reset_prefix_cache()
+
+    def set_max_num_seqs(self, n: int) -> None:
+        """Seats per step, changed between runs on an idle engine (benchmark sweeps)."""
+        if self.scheduler.has_unfinished_requests():
+            raise RuntimeError("max_num_seqs can only change while no request runs")
+        self.config.max_num_seqs = self.scheduler.config.max_num_seqs = n
+
+    def check_invariants(self) -> None:
+        self.kv_cache.check_invariants()
+
+    def beam_search(self, requests: list[EngineCoreRequest], params) -> list:
+        """Beam search over shared blocks (engine/beam_search.py); runs on an idle engine. Outputs carry token ids, no text."""
+        from pagedllm.engine.beam_search import BeamSearchRunner
+
+        seqs = [self._sequence(r, r.request_id, index=0, seed=None) for r in requests]
+        return BeamSearchRunner(self).run(seqs, params)
+
+
+def model_context_len(cfg) -> int:
+    n = cfg.max_position_embeddings
+    window = cfg.sliding_window
+    if window:
+        # Sliding-window attention is not implemented: past the window our
+        # outputs would differ from the model's, so the context stops there.
+        n = min(n, window)
+    return n
+
+
+def _child_seed(seed: int | None, index: int) -> int | None:
+    """Sample i of a seeded request uses seed + i, kept within the 64 bits a generator takes."""
+    if seed is None:
+        return None
+    s = seed + index
+    return s - _SEED_MOD if s >= _SEED_MOD else s

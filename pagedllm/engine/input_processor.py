@@ -1,0 +1,61 @@
+"""Prompt and parameters -> a validated EngineCoreRequest, on the frontend side.
+
+Everything a request could get wrong is found here, before it reaches the
+core: the prompt's shape, its token ids against the vocabulary, its length
+against the context, and the sampling parameters (SamplingParams checks its
+own ranges when it is built). A bad input raises ValueError saying what was
+wrong and what is allowed; nothing is submitted.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from pagedllm.engine.messages import EngineCoreRequest
+from pagedllm.sampling_params import SamplingParams
+
+_PROMPT_SHAPES = 'a prompt must be a string, {"prompt": str} or {"prompt_token_ids": [int, ...]}'
+
+
+class InputProcessor:
+    def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self._ids = itertools.count()
+
+    def process(self, prompt: str | dict, params: SamplingParams | None = None, request_id: str | None = None) -> EngineCoreRequest:
+        """Check a prompt and its parameters; raise ValueError saying what is wrong. Submits nothing."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            text, token_ids = prompt.get("prompt"), prompt["prompt_token_ids"]
+        elif isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+            text, token_ids = prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        else:
+            raise ValueError(f"{_PROMPT_SHAPES}, got {repr(prompt)[:80]}")
+        self._check_token_ids(token_ids)
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        elif not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        return EngineCoreRequest(request_id, [int(t) for t in token_ids], params, prompt=text)
+
+    def _check_token_ids(self, token_ids) -> None:
+        if not isinstance(token_ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
+            raise ValueError("prompt_token_ids must be a list of integers")
+        if not token_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of range: token ids must be in [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens but the model's context (max_model_len) is {self.max_model_len}: "
+                f"at most {self.max_model_len - 1} prompt tokens leave room for an output token"
+            )
