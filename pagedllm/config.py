@@ -15,6 +15,7 @@ from pagedllm.model.attention.selector import check_backend_name
 GiB = 1 << 30
 
 DEFAULT_KV_CACHE_MEMORY = 2 * GiB
+KV_CACHE_DTYPES = ("auto", "int8", "fp8", "fp8_e4m3")  # fp8 is fp8_e4m3
 
 _MEMORY_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": GiB, "t": 1 << 40}
@@ -72,6 +73,9 @@ class EngineConfig:
     core_process: bool = True
     # --- GPU (on the CPU only attention_backend applies) ---
     attention_backend: str = "auto"  # auto (triton on CUDA, native kernels on the CPU) | torch | cpu | triton
+    # The KV cache's element type: auto (the model's dtype), int8 (CPU and CUDA) or fp8 (CUDA): one byte per
+    # element and a float16 scale per token and KV head, about twice the tokens in the same kv_cache_memory.
+    kv_cache_dtype: str = "auto"
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory for weights, activations and the KV pool
     enforce_eager: bool = False  # never replay CUDA graphs for decode steps
 
@@ -92,6 +96,8 @@ class EngineConfig:
             _check_int("num_kv_blocks", self.num_kv_blocks, 1, 1 << 30)
         self.kv_cache_bytes = parse_memory(self.kv_cache_memory)
         check_backend_name(self.attention_backend)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1], got {u!r}")

@@ -253,3 +253,54 @@ else:
     raise AssertionError("no error for a missing triton")
 """
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def run_both_quantized(seqs, heads, block_size, kv_dtype, num_padded=0, seed=0):
+    """run_both over a quantized pool (int8, fp8): the same outputs as the torch backend on the same pool, and the same bytes stored."""
+    from pagedllm.model.attention import kv_quant
+
+    h, kvh, d = heads
+    g = torch.Generator().manual_seed(seed)
+    seqs = sorted(seqs, key=lambda s: s[1] != 1)
+    lens = [c + n for c, n in seqs]
+    nblocks = [-(-n // block_size) for n in lens]
+    ids = torch.randperm(sum(nblocks) + 2, generator=g).tolist()
+    tables = [[ids.pop() for _ in range(n)] for n in nblocks]
+    shape = kv_quant.pool_shape(sum(nblocks) + 2, block_size, kvh, d, kv_dtype)
+    pool = torch.zeros(shape, dtype=torch.int8).view(kv_dtype)
+    new_slots = []
+    for t, (c, n) in zip(tables, seqs):
+        slots = [t[p // block_size] * block_size + p % block_size for p in range(c + n)]
+        kv_quant.store(pool, torch.randn(c, kvh, d, generator=g) * 2, torch.randn(c, kvh, d, generator=g), torch.tensor(slots[:c], dtype=torch.int64))
+        new_slots += slots[c:]
+    num_real = len(new_slots)
+    total = num_real + num_padded
+    q, k, v = (torch.randn(total, n, d, generator=g) for n in (h, kvh, kvh))
+    ref_cache = pool.clone()
+    ref_meta = _meta([n for _, n in seqs], lens, tables, new_slots, sum(n == 1 for _, n in seqs), "cpu")
+    ref = TorchPagedAttention(h, kvh, d, d**-0.5).forward(q[:num_real], k[:num_real], v[:num_real], ref_cache, ref_meta)
+    meta = _meta(
+        [n for _, n in seqs] + [1] * num_padded, lens + [0] * num_padded, tables + [[]] * num_padded,
+        new_slots + [-1] * num_padded, ref_meta.num_decodes, DEVICE,
+    )
+    meta = dataclasses.replace(meta, num_decodes=None, query_start_loc_cpu=None, seq_lens_cpu=None, max_seq_len=None, max_query_len=None)
+    cache = pool.to(DEVICE)
+    out = TritonPagedAttention(h, kvh, d, d**-0.5).forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), cache, meta).cpu()
+    torch.testing.assert_close(out[:num_real], ref, atol=2e-5, rtol=1e-4)
+    assert torch.equal(out[num_real:], torch.zeros_like(out[num_real:]))
+    assert torch.equal(cache.cpu().view(torch.int8), ref_cache.view(torch.int8)), "the pools differ after the store"
+
+
+@needs_triton
+@pytest.mark.parametrize("kv_dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "fp8"])
+@pytest.mark.parametrize("block_size", [1, 32])
+@pytest.mark.parametrize("case", ["prefill", "chunked_prefill", "decode", "mixed"])
+def test_quantized_pool_matches_torch_backend(case, block_size, kv_dtype):
+    run_both_quantized(CASES[case], HEADS["9_over_3"], block_size, kv_dtype, seed=block_size)
+
+
+@needs_triton
+@pytest.mark.parametrize("kv_dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "fp8"])
+def test_quantized_pool_pads_with_zeros_and_other_head_sizes(kv_dtype):
+    run_both_quantized(CASES["mixed"], (9, 3, 64), 16, kv_dtype, num_padded=3, seed=2)
+    run_both_quantized(CASES["mixed"], (4, 1, 128), 16, kv_dtype, seed=3)

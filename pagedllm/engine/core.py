@@ -55,7 +55,7 @@ class EngineCore:
         weights = None if config.load_format == "dummy" else iter_weights(source)
         attn_backend = get_attention_backend(device.type, config.attention_backend)
         self.runner = ModelRunner(cfg, weights, device=device, dtype=dtype, block_size=config.block_size, seed=config.seed,
-                                  attn_backend=attn_backend)
+                                  attn_backend=attn_backend, kv_cache_dtype=config.kv_cache_dtype)
         if device.type == "cuda" and not config.kv_cache_size_given:
             from pagedllm.worker.gpu_memory import gpu_kv_blocks
 
@@ -75,7 +75,8 @@ class EngineCore:
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv_cache)
         self.info = CoreInfo(
-            model_path=source.path, dtype=str(dtype).replace("torch.", ""), device=str(device), max_model_len=self.max_model_len,
+            model_path=source.path, dtype=str(dtype).replace("torch.", ""), kv_cache_dtype=str(self.runner.kv_dtype).replace("torch.", ""),
+            device=str(device), max_model_len=self.max_model_len,
             num_blocks=num_blocks, block_size=config.block_size, bytes_per_block=self.runner.bytes_per_block(),
             eos_token_ids=self.eos_token_ids, vocab_size=cfg.vocab_size, pid=os.getpid(),
         )
@@ -86,9 +87,9 @@ class EngineCore:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         logger.info(
-            "engine core ready in %.2fs: %s, %s, KV pool %d blocks x %d tokens (%.2f GiB), max_model_len %d",
-            time.perf_counter() - t0, source.path, self.info.dtype, num_blocks, config.block_size, self.info.kv_cache_gib,
-            self.max_model_len,
+            "engine core ready in %.2fs: %s, %s, KV pool %d blocks x %d tokens = %d tokens in %s (%.2f GiB), max_model_len %d",
+            time.perf_counter() - t0, source.path, self.info.dtype, num_blocks, config.block_size, num_blocks * config.block_size,
+            self.info.kv_cache_dtype, self.info.kv_cache_gib, self.max_model_len,
         )
 
     # --- requests ---------------------------------------------------------
@@ -249,6 +250,7 @@ class EngineCore:
         kv = self.kv_cache.stats()
         return EngineStats(
             num_blocks=kv.num_blocks,
+            kv_cache_tokens=kv.num_blocks * self.kv_cache.block_size,
             num_free_blocks=kv.num_free_blocks,
             num_used_blocks=kv.num_used_blocks,
             num_running=len(self.scheduler.running),

@@ -76,6 +76,7 @@ class CoreInfo:
 
     model_path: str
     dtype: str  # "bfloat16", "float32", ...
+    kv_cache_dtype: str  # the pool's element type: the model's, or int8 / float8_e4m3fn
     device: str
     max_model_len: int
     num_blocks: int

@@ -46,6 +46,7 @@ class EngineStats:
     num_waiting: int
     num_preemptions: int
     kv_utilization: float  # token slots holding tokens / token slots in allocated blocks
+    kv_cache_tokens: int = 0  # tokens the KV pool holds: num_blocks * block_size
     num_cached_blocks: int = 0  # blocks a prefix lookup can find, in use or free
     peak_used_blocks: int = 0  # most blocks in use at once since start or reset_peak_stats()
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache

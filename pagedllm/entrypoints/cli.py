@@ -10,6 +10,7 @@ import socket
 import sys
 import time
 
+from pagedllm.config import KV_CACHE_DTYPES
 from pagedllm.model.attention.selector import ATTENTION_BACKENDS
 
 
@@ -32,6 +33,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS),
                    help="paged attention kernels (default: triton on CUDA, native kernels on the CPU, "
                         "torch where they cannot be built)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help="KV cache elements: auto (the model's dtype), int8 (CPU and CUDA) or fp8 (CUDA); a quantized cache "
+                        "holds about twice the tokens in the same --kv-cache-memory")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="CUDA: share of GPU memory for weights, activations and the KV pool, in (0, 1] (default 0.9); "
                         "the KV pool gets what a profiled step leaves, unless --kv-cache-memory is given")
@@ -51,7 +55,7 @@ def engine_options(args: argparse.Namespace) -> dict:
         kv_cache_memory=kv, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed, enable_prefix_caching=args.enable_prefix_caching,
         attention_backend=args.attention_backend, gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager, core_process=args.core_process,
+        enforce_eager=args.enforce_eager, core_process=args.core_process, kv_cache_dtype=args.kv_cache_dtype,
     )
 
 

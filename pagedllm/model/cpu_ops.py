@@ -31,6 +31,8 @@ def _lib() -> ctypes.CDLL | None:
     for suffix in ("bf16", "f32"):
         getattr(lib, f"rms_norm_{suffix}").argtypes = [p, i64, p, p, p, i32, i32, f32]
         getattr(lib, f"rope_store_{suffix}").argtypes = [p, i64, i32, p, p, p, i32, i32, i32, p, p, p]
+        getattr(lib, f"rope_store_int8_{suffix}").argtypes = [p, i64, i32, p, p, p, i32, i32, i32, p, p, p, i64, i32]
+        getattr(lib, f"rope_store_int8_{suffix}").restype = None
     lib.silu_and_mul_bf16.argtypes = [p, p, i32, i32]
     lib.silu_and_mul_f32.argtypes = [p, p, i32, i32, i32]
     lib.argmax_rows_f32.argtypes = [p, i64, i32, i32, p]
@@ -112,11 +114,17 @@ def rope_and_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
                    num_kv_heads: int, head_dim: int, slot_mapping: torch.Tensor, kv_cache: torch.Tensor) -> None:
     """Rotate the queries and keys of qkv [T, (heads + 2 kv_heads) * head_dim] in place; store keys and values at their slots.
 
-    kv_cache: [2, blocks, block_size, kv_heads, head_dim]. Slot -1 stores nothing.
+    kv_cache: [2, blocks, block_size, kv_heads, head_dim] in qkv's dtype, or an int8 pool [2, blocks, block_bytes]
+    (model/attention/kv_quant.py), into which keys and values are quantized as they are stored. Slot -1 stores nothing.
     """
     assert qkv.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous() and kv_cache.is_contiguous()
-    assert positions.dtype == torch.int64 and slot_mapping.dtype == torch.int64 and kv_cache.dtype == qkv.dtype
+    assert positions.dtype == torch.int64 and slot_mapping.dtype == torch.int64
     positions, slots = positions.contiguous(), slot_mapping.contiguous()
-    _fn("rope_store", qkv.dtype)(qkv.data_ptr(), qkv.stride(0), qkv.shape[0], positions.data_ptr(), cos.data_ptr(),
-                                 sin.data_ptr(), num_heads + num_kv_heads, num_kv_heads, head_dim, slots.data_ptr(),
-                                 kv_cache[0].data_ptr(), kv_cache[1].data_ptr())
+    args = (qkv.data_ptr(), qkv.stride(0), qkv.shape[0], positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+            num_heads + num_kv_heads, num_kv_heads, head_dim, slots.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr())
+    if kv_cache.dtype == torch.int8:
+        block_bytes = kv_cache.shape[2]
+        _fn("rope_store_int8", qkv.dtype)(*args, block_bytes, block_bytes // (num_kv_heads * (head_dim + 2)))
+    else:
+        assert kv_cache.dtype == qkv.dtype
+        _fn("rope_store", qkv.dtype)(*args)

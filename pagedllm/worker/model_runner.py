@@ -15,6 +15,7 @@ import torch
 
 from pagedllm.model.arch_config import ArchConfig
 from pagedllm.model.cpu_info import native_bf16
+from pagedllm.model.attention import kv_quant
 from pagedllm.model.attention.metadata import AttentionMetadata, common_prefix_blocks
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
 from pagedllm.model.models.llama import LlamaForCausalLM
@@ -72,12 +73,14 @@ class KVCacheCopyError(RuntimeError):
 
 class ModelRunner:
     def __init__(self, config, weights, *, device: torch.device, dtype: torch.dtype, block_size: int, seed: int = 0,
-                 attn_backend: type | None = None) -> None:
+                 attn_backend: type | None = None, kv_cache_dtype: str = "auto") -> None:
         """config: an ArchConfig (or a transformers config); weights: (HF name, tensor) pairs, or None for random (dummy) weights.
-        attn_backend: the paged-attention class (model/attention/selector.py); None: the torch one."""
+        attn_backend: the paged-attention class (model/attention/selector.py); None: the torch one.
+        kv_cache_dtype: auto (the model's dtype), int8 or fp8 (model/attention/kv_quant.py)."""
         cfg = ArchConfig.of(config)
         self.device = device
         self.dtype = dtype
+        self.kv_dtype = kv_quant.resolve_kv_dtype(kv_cache_dtype, dtype, device)
         self.block_size = block_size
         t0 = time.perf_counter()
         self.attn_backend = attn_backend or TorchPagedAttention
@@ -102,12 +105,15 @@ class ModelRunner:
 
     # --- KV pool ----------------------------------------------------------
     def bytes_per_block(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+        """One block's keys and values in every layer (with their scales, in a quantized pool)."""
+        shape = kv_quant.pool_shape(1, self.block_size, self.num_kv_heads, self.head_dim, self.kv_dtype)
+        return self.num_layers * torch.Size(shape).numel() * torch.empty((), dtype=self.kv_dtype).element_size()
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        self.kv_caches = [_zeros(shape, self.dtype, self.device) for _ in range(self.num_layers)]
+        shape = kv_quant.pool_shape(num_blocks, self.block_size, self.num_kv_heads, self.head_dim, self.kv_dtype)
+        # A quantized pool is allocated as bytes and seen as its 8-bit type (mmap'd buffers take no float8).
+        raw = torch.int8 if kv_quant.is_quantized(self.kv_dtype) else self.kv_dtype
+        self.kv_caches = [_zeros(shape, raw, self.device).view(self.kv_dtype) for _ in range(self.num_layers)]
 
     # --- one step ---------------------------------------------------------
     def _generator(self, request_id: str, seed: int) -> torch.Generator:
@@ -191,6 +197,8 @@ class ModelRunner:
         src = torch.tensor([p[0] for p in pairs], device=self.device)
         dst = torch.tensor([p[1] for p in pairs], device=self.device)
         for cache in self.kv_caches:
+            if cache.element_size() == 1:  # a quantized pool: copied as bytes (torch indexes no float8)
+                cache = cache.view(torch.int8)
             cache[:, dst] = cache[:, src]
 
     @torch.inference_mode()

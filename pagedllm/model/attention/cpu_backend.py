@@ -25,18 +25,19 @@ from pagedllm.model.attention.torch_backend import TorchPagedAttention
 
 class CpuPagedAttention(TorchPagedAttention):
     def _decode_batch(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if not cpu_kernels.supports(q.dtype):
+        if not cpu_kernels.supports(q.dtype, kv_cache.dtype, self.head_dim):
             return super()._decode_batch(q, kv_cache, meta)
         nd = meta.num_decodes
-        return cpu_kernels.paged_decode(q, kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale)
+        return cpu_kernels.paged_decode(q, kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale, self.num_kv_heads)
 
     def _prefill_batch(self, q, k, v, kv_cache, meta: AttentionMetadata, out) -> None:
-        if not cpu_kernels.supports_prefill(q.dtype, self.head_dim):
+        if not cpu_kernels.supports_prefill(q.dtype, self.head_dim, kv_cache.dtype):
             return super()._prefill_batch(q, k, v, kv_cache, meta, out)
         nd, ns, qsl = meta.num_decodes, meta.num_seqs, meta.query_start_loc_cpu
         rows = qsl[ns] - qsl[nd]
         starts = meta.query_start_loc[nd : ns + 1] - qsl[nd]
-        cpu_kernels.paged_prefill(q[:rows], kv_cache, meta.block_tables[nd:ns], starts, meta.seq_lens[nd:ns], self.scale, out=out[:rows])
+        cpu_kernels.paged_prefill(q[:rows], kv_cache, meta.block_tables[nd:ns], starts, meta.seq_lens[nd:ns], self.scale,
+                                  out=out[:rows], num_kv_heads=self.num_kv_heads)
 
     def _prefill(self, q, k_new, v_new, kv_cache, block_table, seq_len):
         if q.dtype != torch.bfloat16:

@@ -12,12 +12,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pagedllm.model.attention import kv_quant
 from pagedllm.model.attention.base import PagedAttentionBackend
 from pagedllm.model.attention.metadata import AttentionMetadata
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store new keys/values ([T, kv_heads, head_dim]) into the pool at their slots."""
+    """Store new keys/values ([T, kv_heads, head_dim]) into the pool at their slots (quantized, in a quantized pool)."""
+    if kv_quant.is_quantized(kv_cache.dtype):
+        return kv_quant.store(kv_cache, k, v, slot_mapping)
     num_kv_heads, head_dim = k.shape[-2:]
     kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
@@ -53,6 +56,12 @@ class TorchPagedAttention(PagedAttentionBackend):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
         self.gqa = num_heads != num_kv_heads
+
+    def _gather(self, kv_cache: torch.Tensor, half: int, block_tables: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """Keys (half 0) or values (half 1) as [B, num_tokens, kv_heads, head_dim]; a quantized pool's in float32."""
+        if kv_quant.is_quantized(kv_cache.dtype):
+            return kv_quant.gather(kv_cache, half, block_tables, num_tokens, self.num_kv_heads, self.head_dim, torch.float32)
+        return gather_kv(kv_cache[half], block_tables, num_tokens)
 
     def forward(
         self,
@@ -96,9 +105,16 @@ class TorchPagedAttention(PagedAttentionBackend):
             return self._cascade_decode(q, kv_cache, tables, lens, max_len, meta.num_common_prefix_blocks)
         return self._decode(q, kv_cache, tables, lens, max_len)
 
+    def _block_size(self, kv_cache: torch.Tensor) -> int:
+        if kv_quant.is_quantized(kv_cache.dtype):
+            return kv_quant.split(kv_cache, self.num_kv_heads, self.head_dim)[0].shape[2]
+        return kv_cache.shape[2]
+
     def _decode(self, q, kv_cache, block_tables, seq_lens, max_len):
-        keys = gather_kv(kv_cache[0], block_tables, max_len).transpose(1, 2)  # [D, kvh, L, d]
-        values = gather_kv(kv_cache[1], block_tables, max_len).transpose(1, 2)
+        keys = self._gather(kv_cache, 0, block_tables, max_len).transpose(1, 2)  # [D, kvh, L, d]
+        values = self._gather(kv_cache, 1, block_tables, max_len).transpose(1, 2)
+        out_dtype = q.dtype
+        q = q.to(keys.dtype)  # a quantized pool is read back in float32
         mask = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]  # [D, L]
         # The query heads that share a KV head become that head's "query rows":
         # one position, so one mask serves them all, and no K/V is repeated.
@@ -106,7 +122,7 @@ class TorchPagedAttention(PagedAttentionBackend):
         d = q.shape[0]
         grouped = q.view(d, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
         o = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask[:, None, None, :], scale=self.scale)
-        return o.reshape(d, self.num_heads, self.head_dim)
+        return o.reshape(d, self.num_heads, self.head_dim).to(out_dtype)
 
     def _cascade_decode(self, q, kv_cache, block_tables, seq_lens, max_len, num_common):
         """Decode over a prefix that every sequence shares, plus each one's own suffix.
@@ -117,11 +133,10 @@ class TorchPagedAttention(PagedAttentionBackend):
         maxima and sums (the log-sum-exp merge of cascade attention).
         """
         d_seqs, kvh, g, hd = q.shape[0], self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
-        block_size = kv_cache.shape[2]
-        prefix_len = num_common * block_size
-        shared = block_tables[0, :num_common]
-        kp = kv_cache[0][shared].view(prefix_len, kvh, hd).permute(1, 2, 0)  # [kvh, d, Lp]
-        vp = kv_cache[1][shared].view(prefix_len, kvh, hd).transpose(0, 1)  # [kvh, Lp, d]
+        prefix_len = num_common * self._block_size(kv_cache)
+        shared = block_tables[:1, :num_common]
+        kp = self._gather(kv_cache, 0, shared, prefix_len)[0].permute(1, 2, 0)  # [kvh, d, Lp]
+        vp = self._gather(kv_cache, 1, shared, prefix_len)[0].transpose(0, 1)  # [kvh, Lp, d]
         qh = q.view(d_seqs, kvh, g, hd).transpose(0, 1).reshape(kvh, d_seqs * g, hd)
         m_p, l_p, o_p = _partial_softmax_attention(qh, kp, vp, self.scale, None)
         # Back to [D, kvh, g, *] to meet the suffix part.
@@ -129,8 +144,8 @@ class TorchPagedAttention(PagedAttentionBackend):
 
         suffix_len = max_len - prefix_len
         tail = block_tables[:, num_common:]
-        ks = gather_kv(kv_cache[0], tail, suffix_len).permute(0, 2, 3, 1)  # [D, kvh, d, Ls]
-        vs = gather_kv(kv_cache[1], tail, suffix_len).transpose(1, 2)  # [D, kvh, Ls, d]
+        ks = self._gather(kv_cache, 0, tail, suffix_len).permute(0, 2, 3, 1)  # [D, kvh, d, Ls]
+        vs = self._gather(kv_cache, 1, tail, suffix_len).transpose(1, 2)  # [D, kvh, Ls, d]
         mask = torch.arange(suffix_len, device=q.device)[None, :] < (seq_lens[:, None] - prefix_len)
         m_s, l_s, o_s = _partial_softmax_attention(q.view(d_seqs, kvh, g, hd), ks, vs, self.scale, mask[:, None, None, :])
 
@@ -142,13 +157,15 @@ class TorchPagedAttention(PagedAttentionBackend):
     def _prefill(self, q, k_new, v_new, kv_cache, block_table, seq_len):
         n = q.shape[0]
         qh = q.transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
-        if seq_len == n:
+        # A quantized pool is read back even for a prompt's first chunk: every key attention
+        # sees is the stored one, as the native and Triton kernels see it.
+        if seq_len == n and not kv_quant.is_quantized(kv_cache.dtype):
             # Nothing earlier in the cache: attend to the new keys directly.
             kh, vh = k_new.transpose(0, 1).unsqueeze(0), v_new.transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=self.gqa)
         else:
-            kh = gather_kv(kv_cache[0], block_table[None], seq_len).transpose(1, 2)
-            vh = gather_kv(kv_cache[1], block_table[None], seq_len).transpose(1, 2)
+            kh = self._gather(kv_cache, 0, block_table[None], seq_len).transpose(1, 2)
+            vh = self._gather(kv_cache, 1, block_table[None], seq_len).transpose(1, 2)
             # Computed in q's dtype (a backend may widen q beyond the cache's dtype).
             kh, vh = kh.to(q.dtype), vh.to(q.dtype)
             # Query i sits at position seq_len - n + i and sees keys 0..that position.

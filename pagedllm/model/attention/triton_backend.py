@@ -32,6 +32,6 @@ class TritonPagedAttention(PagedAttentionBackend):
         if not kv_stored:
             triton_kernels.store_kv(k, v, kv_cache, meta.slot_mapping)
         out = triton_kernels.paged_attention(
-            q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale
+            q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale, self.num_kv_heads
         )
         return out.view(q.shape[0], -1)

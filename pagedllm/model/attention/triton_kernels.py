@@ -23,8 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.model.attention import kv_quant
+
 LOG2E = 1.4426950408889634
 TILE_N = 32  # keys per step of the attention loop; any KV block size works (each key looks up its own block)
+_RNE = 12582912.0  # 1.5 * 2^23: (x + _RNE) - _RNE rounds a float32 |x| < 2^22 to the nearest integer, ties to even
 
 
 @triton.jit
@@ -47,12 +50,85 @@ def _store_kv_kernel(
     tl.store(v_cache_ptr + dst, tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask), mask=mask)
 
 
+@triton.jit
+def _round_to_e4m3(x):
+    """x (float32, |x| <= 448) rounded to the nearest fp8 e4m3 value, ties to even, in float32.
+
+    Casting that to fp8 is then exact. The cast alone rounds the same way on a
+    GPU, but triton's interpreter rounds a value that crosses a power of two
+    down to the binade below (127 -> 64), so the tests on the CPU would not
+    check what a GPU computes.
+    """
+    e = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    step = ((tl.maximum(e, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits; 2^-9 below 2^-6
+    return ((x / step + _RNE) - _RNE) * step
+
+
+@triton.jit
+def _store_kv_quant_kernel(
+    k_ptr, v_ptr, k_val_ptr, v_val_ptr, k_scale_ptr, v_scale_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh, block_bytes,
+    QMAX: tl.constexpr, IS_INT8: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    KVH_P: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    """Quantize one token's keys and values per KV head into a quantized pool (model/attention/kv_quant.py's layout)."""
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    h = tl.arange(0, KVH_P)
+    d = tl.arange(0, HEAD_DIM_P)
+    mask = (h[:, None] < NUM_KV_HEADS) & (d[None, :] < HEAD_DIM)
+    block, in_block = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+    val_off = block * block_bytes + (in_block * NUM_KV_HEADS + h[:, None]) * HEAD_DIM + d[None, :]
+    # The scales follow the block's values; in float16 units.
+    scale_off = block * (block_bytes // 2) + (BLOCK_SIZE * NUM_KV_HEADS * HEAD_DIM) // 2 + in_block * NUM_KV_HEADS + h
+    for half in tl.static_range(2):
+        if half == 0:
+            x = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        else:
+            x = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=1)
+        scale = tl.minimum(tl.maximum(amax / QMAX, 5.9604644775390625e-8), 65504.0).to(tl.float16)
+        q = tl.minimum(tl.maximum(x / scale.to(tl.float32)[:, None], -QMAX), QMAX)
+        if IS_INT8:
+            q = ((q + _RNE) - _RNE).to(tl.int8)
+        else:
+            q = _round_to_e4m3(q)
+        if half == 0:
+            tl.store(k_val_ptr + val_off, q.to(k_val_ptr.dtype.element_ty), mask=mask)
+            tl.store(k_scale_ptr + scale_off, scale, mask=h < NUM_KV_HEADS)
+        else:
+            tl.store(v_val_ptr + val_off, q.to(v_val_ptr.dtype.element_ty), mask=mask)
+            tl.store(v_scale_ptr + scale_off, scale, mask=h < NUM_KV_HEADS)
+
+
+def _quant_halves(kv_cache: torch.Tensor):
+    """A quantized pool's keys and values (as their 8-bit type) and scales (as float16), each [blocks, bytes or halves]."""
+    scales = kv_cache.view(torch.int8).view(torch.float16)
+    return kv_cache[0], kv_cache[1], scales[0], scales[1]
+
+
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write k, v ([T, kv_heads, head_dim]) into kv_cache [2, blocks, block_size, kv_heads, head_dim] at their slots."""
+    """Write k, v ([T, kv_heads, head_dim]) into kv_cache [2, blocks, block_size, kv_heads, head_dim] at their slots,
+    or quantize them into a quantized pool [2, blocks, block_bytes] (int8 or fp8: model/attention/kv_quant.py)."""
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
     assert k.stride(-1) == 1 and v.stride(-1) == 1 and kv_cache.is_contiguous()
+    if kv_quant.is_quantized(kv_cache.dtype):
+        kval, vval, kscale, vscale = _quant_halves(kv_cache)
+        block_bytes = kv_cache.shape[2]
+        _store_kv_quant_kernel[(num_tokens,)](
+            k, v, kval, vval, kscale, vscale, slot_mapping,
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), block_bytes,
+            QMAX=kv_quant.QMAX[kv_cache.dtype], IS_INT8=kv_cache.dtype == torch.int8,
+            NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+            KVH_P=triton.next_power_of_2(num_kv_heads), HEAD_DIM_P=triton.next_power_of_2(head_dim),
+            BLOCK_SIZE=block_bytes // (num_kv_heads * (head_dim + 2)),
+        )
+        return
     kc, vc = kv_cache[0], kv_cache[1]
     _store_kv_kernel[(num_tokens,)](
         k, v, kc, vc, slot_mapping,
@@ -85,8 +161,10 @@ def _paged_attention_kernel(
     num_seqs, qk_scale,  # qk_scale = softmax scale * log2(e): the loop uses exp2
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
+    k_scale_ptr, v_scale_ptr,  # a quantized pool's float16 scales (QUANT); stride_cb is then its block_bytes
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
+    QUANT: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -126,6 +204,12 @@ def _paged_attention_kernel(
         kv_mask = key_ok[:, None] & dim_ok[None, :]
         k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [TILE, D]
         v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        if QUANT:  # one byte per element, times its token's and head's scale, read back in q's dtype
+            s_off = block * (stride_cb // 2) + (BLOCK_SIZE * NUM_KV_HEADS * HEAD_DIM) // 2 + (kpos % BLOCK_SIZE) * NUM_KV_HEADS + kv_head
+            ks = tl.load(k_scale_ptr + s_off, mask=key_ok, other=0.0).to(tl.float32)
+            vs = tl.load(v_scale_ptr + s_off, mask=key_ok, other=0.0).to(tl.float32)
+            k = (k.to(tl.float32) * ks[:, None]).to(q.dtype)
+            v = (v.to(tl.float32) * vs[:, None]).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         visible = row_ok[:, None] & key_ok[None, :] & (kpos[None, :] <= qpos[:, None])
         s = tl.where(visible, s, float("-inf"))
@@ -155,10 +239,17 @@ def paged_attention(
     seq_lens: torch.Tensor,  # [B] int32
     query_start_loc: torch.Tensor,  # [B + 1] int32, query_start_loc[B] == T
     scale: float,
+    num_kv_heads: int | None = None,
 ) -> torch.Tensor:  # [T, num_heads, head_dim]
-    """Causal attention of every query token over its own sequence's cached keys, in one launch."""
+    """Causal attention of every query token over its own sequence's cached keys, in one launch.
+
+    kv_cache may be a quantized pool [2, blocks, block_bytes] (kv_quant.py); num_kv_heads must then be given.
+    """
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = kv_cache.shape[3]
+    quant = kv_quant.is_quantized(kv_cache.dtype)
+    if not quant:
+        num_kv_heads = kv_cache.shape[3]
+    assert num_kv_heads is not None, "a quantized pool does not say its number of KV heads: pass num_kv_heads"
     num_seqs = seq_lens.shape[0]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if num_tokens == 0 or num_seqs == 0:
@@ -166,15 +257,25 @@ def paged_attention(
     assert q.stride(-1) == 1 and kv_cache.is_contiguous() and block_tables.stride(-1) == 1
     group = num_heads // num_kv_heads
     block_m, block_q = tile_rows(group)
-    kc, vc = kv_cache[0], kv_cache[1]
+    if quant:
+        kc, vc, ks, vs = _quant_halves(kv_cache)
+        block_bytes = kv_cache.shape[2]
+        block_size = block_bytes // (num_kv_heads * (head_dim + 2))
+        strides = (block_bytes, num_kv_heads * head_dim, head_dim)
+    else:
+        kc, vc = kv_cache[0], kv_cache[1]
+        ks = vs = kc  # unused
+        block_size = kc.shape[1]
+        strides = (kc.stride(0), kc.stride(1), kc.stride(2))
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)  # a sequence of n queries needs at most n // BLOCK_Q + 1 tiles
     _paged_attention_kernel[grid](
         out, q, kc, vc, block_tables, seq_lens, query_start_loc,
         num_seqs, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
+        *strides, block_tables.stride(0), ks, vs,
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_SIZE=kc.shape[1], BLOCK_M=block_m, BLOCK_Q=block_q, TILE=TILE_N,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q, TILE=TILE_N,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 models get fp32 dot products, not TF32
+        QUANT=quant, NUM_KV_HEADS=num_kv_heads,
     )
     return out

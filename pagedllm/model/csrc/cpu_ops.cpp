@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "bf16.h"
+#include "kv_int8.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -158,15 +159,77 @@ void silu_and_mul(const In* x, Out* out, int rows, int inter) {
     }
 }
 
+// Where rope_store puts a token's keys and values: a pool in the model's dtype
+// ([blocks][block_size][kv_heads][head_dim], one slot a row), or an int8 pool
+// (kv_int8.h), quantized per KV head as they are stored.
+template <typename T>
+struct PlainStore {
+    T *k_cache, *v_cache;
+    int64_t kv_row;
+    bool enabled() const { return k_cache != nullptr; }
+    void operator()(int64_t slot, const T* k, const T* v, int, int) const {
+        std::memcpy(k_cache + slot * kv_row, k, sizeof(T) * kv_row);
+        std::memcpy(v_cache + slot * kv_row, v, sizeof(T) * kv_row);
+    }
+};
+
+#ifdef __AVX512F__
+// quantize_row_int8 (kv_int8.h) 16 lanes at a time, for n a multiple of 16: the same
+// float32 operations (a true division, rounding half to even), so the same bytes.
+template <typename T>
+inline void quantize_row_int8_16(const T* x, int n, int8_t* q, uint16_t* scale_out) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(x + i)));
+    const float m = _mm512_reduce_max_ps(amax);
+    const uint16_t bits = float_to_half(std::fmin(std::fmax(m / 127.0f, 5.9604644775390625e-8f), 65504.0f));
+    const __m512 s = _mm512_set1_ps(half_to_float(bits));
+    const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    for (int i = 0; i < n; i += 16) {
+        const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(load16(x + i), s), lo), hi);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+    }
+    std::memcpy(scale_out, &bits, sizeof bits);
+}
+#endif
+
+struct Int8Store {
+    int8_t *k_cache, *v_cache;
+    int64_t block_bytes;
+    int block_size;
+    bool enabled() const { return true; }
+    template <typename T>
+    void operator()(int64_t slot, const T* k, const T* v, int kv_heads, int head_dim) const {
+        const int64_t block = slot / block_size;
+        const int off = static_cast<int>(slot % block_size);
+        const int64_t values = static_cast<int64_t>(block_size) * kv_heads * head_dim;
+        for (int half = 0; half < 2; ++half) {
+            int8_t* blk = (half ? v_cache : k_cache) + block * block_bytes;
+            const T* x = half ? v : k;
+            auto* scales = reinterpret_cast<uint16_t*>(blk + values) + static_cast<int64_t>(off) * kv_heads;
+            for (int h = 0; h < kv_heads; ++h) {
+                const T* xh = x + static_cast<int64_t>(h) * head_dim;
+                int8_t* q = blk + (static_cast<int64_t>(off) * kv_heads + h) * head_dim;
+#ifdef __AVX512F__
+                if (head_dim % 16 == 0) {
+                    quantize_row_int8_16(xh, head_dim, q, scales + h);
+                    continue;
+                }
+#endif
+                quantize_row_int8([xh](int i) { return ld(xh[i]); }, head_dim, q, scales + h);
+            }
+        }
+    }
+};
+
 // Rotary embedding (rotate-half) on the first `rot_heads` heads of each row of
 // qkv, in place: T(T(x * cos) + T(rotate_half(x) * sin)), as torch computes it
 // in the model's dtype. cos/sin are [positions, head_dim] tables. Then, where
-// k_cache is given, the row's keys (the last `num_kv_heads` rotated heads) and
-// values (the `num_kv_heads` heads after them) are stored at the token's slot
-// of the pool; slot -1 (a padding row) stores nothing.
-template <typename T>
+// the store is enabled, the row's keys (the last `num_kv_heads` rotated heads)
+// and values (the `num_kv_heads` heads after them) are stored at the token's
+// slot of the pool; slot -1 (a padding row) stores nothing.
+template <typename T, typename Store>
 void rope_store(T* qkv, int64_t row_stride, int tokens, const int64_t* positions, const T* cos, const T* sin,
-                int rot_heads, int num_kv_heads, int head_dim, const int64_t* slots, T* k_cache, T* v_cache) {
+                int rot_heads, int num_kv_heads, int head_dim, const int64_t* slots, Store store) {
     const int half = head_dim / 2;
     const int64_t kv_row = static_cast<int64_t>(num_kv_heads) * head_dim;
 #pragma omp parallel for schedule(static) if (static_cast<int64_t>(tokens) * rot_heads * head_dim >= kParallelElems)
@@ -197,10 +260,9 @@ void rope_store(T* qkv, int64_t row_stride, int tokens, const int64_t* positions
                 x[i + half] = put<T>(hi);
             }
         }
-        if (k_cache != nullptr && slots[t] >= 0) {
+        if (store.enabled() && slots[t] >= 0) {
             const T* k = row + static_cast<int64_t>(rot_heads - num_kv_heads) * head_dim;
-            std::memcpy(k_cache + slots[t] * kv_row, k, sizeof(T) * kv_row);
-            std::memcpy(v_cache + slots[t] * kv_row, k + kv_row, sizeof(T) * kv_row);
+            store(slots[t], k, k + kv_row, num_kv_heads, head_dim);
         }
     }
 }
@@ -247,12 +309,27 @@ void silu_and_mul_f32(const float* x, float* out, int rows, int inter, int bf16)
 void rope_store_bf16(uint16_t* qkv, int64_t row_stride, int tokens, const int64_t* positions, const uint16_t* cos,
                      const uint16_t* sin, int rot_heads, int num_kv_heads, int head_dim, const int64_t* slots,
                      uint16_t* k_cache, uint16_t* v_cache) {
-    rope_store(qkv, row_stride, tokens, positions, cos, sin, rot_heads, num_kv_heads, head_dim, slots, k_cache, v_cache);
+    rope_store(qkv, row_stride, tokens, positions, cos, sin, rot_heads, num_kv_heads, head_dim, slots,
+               PlainStore<uint16_t>{k_cache, v_cache, static_cast<int64_t>(num_kv_heads) * head_dim});
 }
 void rope_store_f32(float* qkv, int64_t row_stride, int tokens, const int64_t* positions, const float* cos,
                     const float* sin, int rot_heads, int num_kv_heads, int head_dim, const int64_t* slots,
                     float* k_cache, float* v_cache) {
-    rope_store(qkv, row_stride, tokens, positions, cos, sin, rot_heads, num_kv_heads, head_dim, slots, k_cache, v_cache);
+    rope_store(qkv, row_stride, tokens, positions, cos, sin, rot_heads, num_kv_heads, head_dim, slots,
+               PlainStore<float>{k_cache, v_cache, static_cast<int64_t>(num_kv_heads) * head_dim});
+}
+// The same into an int8 pool (kv_int8.h): k_cache and v_cache are the halves, block_bytes apart per block.
+void rope_store_int8_bf16(uint16_t* qkv, int64_t row_stride, int tokens, const int64_t* positions, const uint16_t* cos,
+                          const uint16_t* sin, int rot_heads, int num_kv_heads, int head_dim, const int64_t* slots,
+                          int8_t* k_cache, int8_t* v_cache, int64_t block_bytes, int block_size) {
+    rope_store(qkv, row_stride, tokens, positions, cos, sin, rot_heads, num_kv_heads, head_dim, slots,
+               Int8Store{k_cache, v_cache, block_bytes, block_size});
+}
+void rope_store_int8_f32(float* qkv, int64_t row_stride, int tokens, const int64_t* positions, const float* cos,
+                         const float* sin, int rot_heads, int num_kv_heads, int head_dim, const int64_t* slots,
+                         int8_t* k_cache, int8_t* v_cache, int64_t block_bytes, int block_size) {
+    rope_store(qkv, row_stride, tokens, positions, cos, sin, rot_heads, num_kv_heads, head_dim, slots,
+               Int8Store{k_cache, v_cache, block_bytes, block_size});
 }
 
 // out[r] = the index of the largest value of row r (the first one on ties; the first NaN

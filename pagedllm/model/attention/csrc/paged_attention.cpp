@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../../csrc/bf16.h"
+#include "../../csrc/kv_int8.h"
 
 namespace {
 
@@ -250,8 +251,131 @@ void decode_avx512(const T* q, int64_t q_stride, const T* k_cache, const T* v_ca
         }
     }
 }
+// The same over an int8 pool (kv_int8.h), q and out in T (bf16 or float32). Keys
+// are widened to float32 with their scale 16 at a time, for every KV head at
+// once, and met by the float32 query rows as above; each value row is widened
+// once and its scale folded into the head's probability.
+template <int D, typename T>
+void decode_int8_avx512(const T* q, int64_t q_stride, Int8Pool kp, Int8Pool vp, const int32_t* block_tables,
+                        int64_t table_stride, const int32_t* seq_lens, T* out, int num_seqs, int num_heads,
+                        int num_kv_heads, int block_size, float scale) {
+    constexpr int NV = D / 16;
+    constexpr int MAXH = 256 / D;
+    const int group = num_heads / num_kv_heads;
+    const int row = num_kv_heads * D;
+    const int64_t block_bytes = kp.block_bytes;
+#pragma omp parallel
+    {
+        std::vector<float> scores, inv_sum(num_heads), qf(static_cast<size_t>(num_heads) * D), kf(static_cast<size_t>(16) * row);
+        alignas(64) float acc_out[MAXH * D];
+#pragma omp for schedule(dynamic, 1)
+        for (int s = 0; s < num_seqs; ++s) {
+            const int len = seq_lens[s];
+            T* o = out + static_cast<int64_t>(s) * num_heads * D;
+            if (len <= 0) {
+                std::memset(o, 0, sizeof(T) * num_heads * D);
+                continue;
+            }
+            const int32_t* table = block_tables + s * table_stride;
+            const int num_blocks = (len + block_size - 1) / block_size;
+            scores.resize(static_cast<size_t>(num_heads) * len);
+            const T* qs = q + static_cast<int64_t>(s) * q_stride;
+            for (int i = 0; i < num_heads * D; ++i) qf[i] = to_float(qs[i]);
+            // Widen n key rows (slots off..off+n-1 of a block) into kf, each KV head times its scale.
+            auto widen_keys = [&](int64_t block, int off, int n) {
+                const uint16_t* sc = kp.scales(block);
+                for (int j = 0; j < n; ++j)
+                    for (int h = 0; h < num_kv_heads; ++h) {
+                        const __m512 sk = _mm512_set1_ps(half_to_float(sc[(off + j) * num_kv_heads + h]));
+                        const int8_t* kr = kp.values(block, off + j, h);
+                        for (int i = 0; i < NV; ++i)
+                            _mm512_storeu_ps(kf.data() + j * row + h * D + 16 * i, _mm512_mul_ps(load_int8x16(kr + 16 * i), sk));
+                    }
+            };
+            prefetch_block(kp.base + table[0] * block_bytes, block_bytes);
+            for (int b = 0; b < num_blocks; ++b) {
+                if (b + 1 < num_blocks) prefetch_block(kp.base + table[b + 1] * block_bytes, block_bytes);
+                const int t_end = (b + 1) * block_size < len ? (b + 1) * block_size : len;
+                int t = b * block_size;
+                for (; t + 16 <= t_end; t += 16) {
+                    widen_keys(table[b], t - b * block_size, 16);
+                    for (int h = 0; h < num_heads; ++h)
+                        _mm512_storeu_ps(scores.data() + static_cast<size_t>(h) * len + t,
+                                         _mm512_mul_ps(dot16<D>(qf.data() + h * D, kf.data() + (h / group) * D, row), _mm512_set1_ps(scale)));
+                }
+                for (; t < t_end; ++t) {
+                    widen_keys(table[b], t - b * block_size, 1);
+                    for (int h = 0; h < num_heads; ++h)
+                        scores[static_cast<size_t>(h) * len + t] =
+                            _mm512_reduce_add_ps(dot_row<D>(qf.data() + h * D, kf.data() + (h / group) * D)) * scale;
+                }
+            }
+            prefetch_block(vp.base + table[0] * block_bytes, block_bytes);
+            softmax_rows(scores.data(), num_heads, len, inv_sum.data());
+            for (int kvh = 0; kvh < num_kv_heads; ++kvh) {
+                for (int h0 = kvh * group; h0 < (kvh + 1) * group; h0 += MAXH) {
+                    const int nh = (kvh + 1) * group - h0 < MAXH ? (kvh + 1) * group - h0 : MAXH;
+                    __m512 acc[MAXH][NV];
+                    for (int j = 0; j < MAXH; ++j)
+                        for (int i = 0; i < NV; ++i) acc[j][i] = _mm512_setzero_ps();
+                    for (int b = 0; b < num_blocks; ++b) {
+                        if (b + 1 < num_blocks && h0 == 0) prefetch_block(vp.base + table[b + 1] * block_bytes, block_bytes);
+                        const uint16_t* sc = vp.scales(table[b]);
+                        const int t_end = (b + 1) * block_size < len ? (b + 1) * block_size : len;
+                        for (int t = b * block_size; t < t_end; ++t) {
+                            const int off = t - b * block_size;
+                            const int8_t* v = vp.values(table[b], off, kvh);
+                            const float sv = half_to_float(sc[off * num_kv_heads + kvh]);
+                            __m512 vf[NV];
+                            for (int i = 0; i < NV; ++i) vf[i] = load_int8x16(v + 16 * i);
+                            for (int j = 0; j < MAXH; ++j) {
+                                if (j < nh) {
+                                    const __m512 p = _mm512_set1_ps(scores[static_cast<size_t>(h0 + j) * len + t] * sv);
+                                    for (int i = 0; i < NV; ++i) acc[j][i] = _mm512_fmadd_ps(p, vf[i], acc[j][i]);
+                                }
+                            }
+                        }
+                    }
+                    for (int j = 0; j < nh; ++j) {
+                        for (int i = 0; i < NV; ++i) _mm512_store_ps(acc_out + j * D + 16 * i, acc[j][i]);
+                        for (int d = 0; d < D; ++d) from_float(acc_out[j * D + d] * inv_sum[h0 + j], o + (h0 + j) * D + d);
+                    }
+                }
+            }
+        }
+    }
+}
 #define PAGEDLLM_AVX512_PATH 1
 #endif
+
+// 1 where the int8-pool decode kernel is built for this head size, else 0 (the torch path then).
+int decode_int8_supported(int head_dim) {
+#ifdef PAGEDLLM_AVX512_PATH
+    return head_dim == 64 || head_dim == 128;
+#else
+    (void)head_dim;
+    return 0;
+#endif
+}
+
+template <typename T>
+int paged_decode_int8(const T* q, int64_t q_stride, const int8_t* k_cache, const int8_t* v_cache, int64_t block_bytes,
+                      const int32_t* block_tables, int64_t table_stride, const int32_t* seq_lens, T* out, int num_seqs,
+                      int num_heads, int num_kv_heads, int head_dim, int block_size, float scale) {
+    if (!decode_int8_supported(head_dim)) return -1;
+#ifdef PAGEDLLM_AVX512_PATH
+    const Int8Pool kp{k_cache, block_bytes, block_size, num_kv_heads, head_dim}, vp{v_cache, block_bytes, block_size, num_kv_heads, head_dim};
+    if (head_dim == 64)
+        decode_int8_avx512<64>(q, q_stride, kp, vp, block_tables, table_stride, seq_lens, out, num_seqs, num_heads, num_kv_heads, block_size, scale);
+    else
+        decode_int8_avx512<128>(q, q_stride, kp, vp, block_tables, table_stride, seq_lens, out, num_seqs, num_heads, num_kv_heads, block_size, scale);
+    return 0;
+#else
+    (void)q, (void)q_stride, (void)k_cache, (void)v_cache, (void)block_bytes, (void)block_tables, (void)table_stride;
+    (void)seq_lens, (void)out, (void)num_seqs, (void)num_heads, (void)num_kv_heads, (void)block_size, (void)scale;
+    return -1;
+#endif
+}
 
 // The AVX-512 kernel for the head sizes it is built for, the generic loops for the rest.
 template <typename T>
@@ -279,6 +403,23 @@ void paged_decode_f32(const float* q, int64_t q_stride, const float* k_cache, co
                       int num_kv_heads, int head_dim, int block_size, float scale) {
     paged_decode(q, q_stride, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs, num_heads, num_kv_heads,
                  head_dim, block_size, scale);
+}
+
+int paged_decode_int8_supported(int head_dim) { return decode_int8_supported(head_dim); }
+
+// q, out: bf16 or float32 as named; k_cache, v_cache: the halves of an int8 pool (kv_int8.h). Returns 0, or -1
+// (nothing written) where paged_decode_int8_supported says no.
+int paged_decode_int8_bf16(const uint16_t* q, int64_t q_stride, const int8_t* k_cache, const int8_t* v_cache, int64_t block_bytes,
+                           const int32_t* block_tables, int64_t table_stride, const int32_t* seq_lens, uint16_t* out,
+                           int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale) {
+    return paged_decode_int8(q, q_stride, k_cache, v_cache, block_bytes, block_tables, table_stride, seq_lens, out, num_seqs,
+                             num_heads, num_kv_heads, head_dim, block_size, scale);
+}
+int paged_decode_int8_f32(const float* q, int64_t q_stride, const int8_t* k_cache, const int8_t* v_cache, int64_t block_bytes,
+                          const int32_t* block_tables, int64_t table_stride, const int32_t* seq_lens, float* out,
+                          int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale) {
+    return paged_decode_int8(q, q_stride, k_cache, v_cache, block_bytes, block_tables, table_stride, seq_lens, out, num_seqs,
+                             num_heads, num_kv_heads, head_dim, block_size, scale);
 }
 
 void paged_decode_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_cache, const uint16_t* v_cache,

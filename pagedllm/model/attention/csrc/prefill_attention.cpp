@@ -25,6 +25,7 @@
 
 #if defined(__AVX512F__)
 #include "../../csrc/bf16.h"
+#include "../../csrc/kv_int8.h"
 
 namespace {
 
@@ -98,9 +99,11 @@ inline void transpose16x16(__m512i x[16]) {
 // (all of whose positions come before kpos) get MASKED without being computed.
 // qp holds the rows' d-pairs ([D/2][R] of 32 bits); keys[k] points at key k's
 // row in the pool. mx[b] takes the running maximum of each row.
+// kscale (an int8 pool's keys, given as their exact integer values in bf16): each key's
+// scores are multiplied by its scale too; nullptr: no per-key scale.
 template <int D, int RB, int B0, bool MASK>
 inline void qk_block(const uint32_t* qp, const uint16_t* const* keys, float* st, float scale, int kpos,
-                     const int32_t* qpos, __m512* mx) {
+                     const int32_t* qpos, __m512* mx, const float* kscale) {
     constexpr int R = 16 * RB, NKB = keys_per_block<RB>(), NB = RB - B0;
     const uint16_t* k[NKB];
     for (int j = 0; j < NKB; ++j) k[j] = keys[j];
@@ -117,8 +120,8 @@ inline void qk_block(const uint32_t* qp, const uint16_t* const* keys, float* st,
             for (int b = 0; b < NB; ++b) acc[j][b] = dot_bf16_pairs(acc[j][b], qv[b], kb);
         }
     }
-    const __m512 s = _mm512_set1_ps(scale);
     for (int j = 0; j < NKB; ++j) {
+        const __m512 s = _mm512_set1_ps(kscale ? scale * kscale[j] : scale);
         for (int b = 0; b < B0; ++b) _mm512_store_ps(st + j * R + 16 * b, _mm512_set1_ps(MASKED));
         for (int b = 0; b < NB; ++b) {
             __m512 x = _mm512_mul_ps(acc[j][b], s);
@@ -136,14 +139,14 @@ inline void qk_block(const uint32_t* qp, const uint16_t* const* keys, float* st,
 // that reaches position kpos on are computed (rows are in position order).
 template <int D, int RB>
 inline void qk_diagonal_block(const uint32_t* qp, const uint16_t* const* keys, float* st, float scale, int kpos,
-                              const int32_t* qpos, __m512* mx) {
+                              const int32_t* qpos, __m512* mx, const float* kscale) {
     int b0 = 0;
     while (b0 < RB - 1 && qpos[16 * b0 + 15] < kpos) ++b0;
     switch (b0) {
-        case 0: return qk_block<D, RB, 0, true>(qp, keys, st, scale, kpos, qpos, mx);
-        case 1: if constexpr (RB > 1) return qk_block<D, RB, 1, true>(qp, keys, st, scale, kpos, qpos, mx); break;
-        case 2: if constexpr (RB > 2) return qk_block<D, RB, 2, true>(qp, keys, st, scale, kpos, qpos, mx); break;
-        default: if constexpr (RB > 3) return qk_block<D, RB, 3, true>(qp, keys, st, scale, kpos, qpos, mx); break;
+        case 0: return qk_block<D, RB, 0, true>(qp, keys, st, scale, kpos, qpos, mx, kscale);
+        case 1: if constexpr (RB > 1) return qk_block<D, RB, 1, true>(qp, keys, st, scale, kpos, qpos, mx, kscale); break;
+        case 2: if constexpr (RB > 2) return qk_block<D, RB, 2, true>(qp, keys, st, scale, kpos, qpos, mx, kscale); break;
+        default: if constexpr (RB > 3) return qk_block<D, RB, 3, true>(qp, keys, st, scale, kpos, qpos, mx, kscale); break;
     }
 }
 
@@ -190,7 +193,9 @@ inline void pv_tile(float* o, const float* alpha, const float* p, int R, const f
 struct Args {  // one call's inputs
     const uint16_t* q;
     int64_t q_stride;
-    const uint16_t *k_cache, *v_cache;
+    const uint16_t *k_cache, *v_cache;  // a bf16 pool; or
+    const int8_t *k8, *v8;              // an int8 pool (kv_int8.h), block_bytes per block
+    int64_t block_bytes;
     const int32_t* block_tables;
     int64_t table_stride;
     const int32_t *query_start_loc, *seq_lens;
@@ -234,19 +239,24 @@ struct Scratch {  // one thread's buffers, 64-byte aligned
     float* vf;     // [TILE_KEYS][D] the tile's values in float32
     float* o;      // [R][D] unnormalised outputs
     float* alpha;  // [R] this tile's rescale of o
+    uint16_t* kq;  // [TILE_KEYS][D] an int8 pool's keys as bf16 integers (exact)
     const uint16_t* keys[TILE_KEYS];
     const uint16_t* values[TILE_KEYS];
+    const int8_t* values8[TILE_KEYS];
+    alignas(64) float kscale[TILE_KEYS];
+    float vscale[TILE_KEYS];
     void* mem;
     explicit Scratch(int d) {
         const size_t sizes[] = {sizeof(uint32_t) * d / 2 * MAX_ROWS, sizeof(float) * TILE_KEYS * MAX_ROWS,
-                                sizeof(float) * TILE_KEYS * d, sizeof(float) * MAX_ROWS * d, sizeof(float) * MAX_ROWS};
+                                sizeof(float) * TILE_KEYS * d, sizeof(float) * MAX_ROWS * d, sizeof(float) * MAX_ROWS,
+                                sizeof(uint16_t) * TILE_KEYS * d};
         size_t total = 0;
         for (size_t s : sizes) total += (s + 63) / 64 * 64;
         mem = std::aligned_alloc(64, total);
         char* p = static_cast<char*>(mem);
         void** out[] = {reinterpret_cast<void**>(&qp), reinterpret_cast<void**>(&st), reinterpret_cast<void**>(&vf),
-                        reinterpret_cast<void**>(&o), reinterpret_cast<void**>(&alpha)};
-        for (int i = 0; i < 5; ++i) {
+                        reinterpret_cast<void**>(&o), reinterpret_cast<void**>(&alpha), reinterpret_cast<void**>(&kq)};
+        for (int i = 0; i < 6; ++i) {
             *out[i] = p;
             p += (sizes[i] + 63) / 64 * 64;
         }
@@ -258,7 +268,7 @@ struct Scratch {  // one thread's buffers, 64-byte aligned
 
 alignas(64) const uint16_t zero_row[128] = {};  // stands in for the keys past a tile's end
 
-template <int D, int RB>
+template <int D, int RB, bool Q8>
 void run_task(const Args& a, const Task& t, Scratch& w) {
     constexpr int R = 16 * RB, NKB = keys_per_block<RB>();
     const int rows = t.toks * t.heads;
@@ -297,25 +307,54 @@ void run_task(const Args& a, const Task& t, Scratch& w) {
         const int nkp = (nk + NKB - 1) / NKB * NKB;
         for (int k = 0; k < nk; ++k) {
             const int pos = k0 + k;
-            const int64_t off = (static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size) * slot + t.kv_head * D;
-            w.keys[k] = k_cache + off;
-            w.values[k] = v_cache + off;
-        }
-        for (int k = nk; k < nkp; ++k) w.keys[k] = zero_row;
-        // The next tile's rows come from blocks anywhere in the pool: fetch them while this one computes.
-        for (int pos = k0 + TILE_KEYS; pos < std::min(key_end, k0 + 2 * TILE_KEYS); ++pos) {
-            const int64_t off = (static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size) * slot + t.kv_head * D;
-            for (int c = 0; c < D * 2; c += 64) {
-                _mm_prefetch(reinterpret_cast<const char*>(k_cache + off) + c, _MM_HINT_T0);
-                _mm_prefetch(reinterpret_cast<const char*>(v_cache + off) + c, _MM_HINT_T0);
+            if constexpr (Q8) {
+                // The keys as their integers in bf16 (exact: |value| <= 127), their scales applied to the scores.
+                const int64_t block = table[pos / block_size];
+                const int in_block = pos % block_size;
+                const Int8Pool kp{a.k8, a.block_bytes, block_size, a.num_kv_heads, D}, vp{a.v8, a.block_bytes, block_size, a.num_kv_heads, D};
+                const int8_t* kr = kp.values(block, in_block, t.kv_head);
+                for (int j = 0; j < D / 16; ++j)
+                    _mm256_store_si256(reinterpret_cast<__m256i*>(w.kq + k * D + 16 * j), to_bf16x16(load_int8x16(kr + 16 * j)));
+                w.keys[k] = w.kq + k * D;
+                w.kscale[k] = half_to_float(kp.scales(block)[in_block * a.num_kv_heads + t.kv_head]);
+                w.values8[k] = vp.values(block, in_block, t.kv_head);
+                w.vscale[k] = half_to_float(vp.scales(block)[in_block * a.num_kv_heads + t.kv_head]);
+            } else {
+                const int64_t off = (static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size) * slot + t.kv_head * D;
+                w.keys[k] = k_cache + off;
+                w.values[k] = v_cache + off;
             }
         }
+        for (int k = nk; k < nkp; ++k) {
+            w.keys[k] = zero_row;
+            w.kscale[k] = 1.0f;
+        }
+        // The next tile's rows come from blocks anywhere in the pool: fetch them while this one computes.
+        for (int pos = k0 + TILE_KEYS; pos < std::min(key_end, k0 + 2 * TILE_KEYS); ++pos) {
+            const char *kr, *vr;
+            int bytes;
+            if constexpr (Q8) {
+                const int64_t off = static_cast<int64_t>(table[pos / block_size]) * a.block_bytes +
+                                    (static_cast<int64_t>(pos % block_size) * a.num_kv_heads + t.kv_head) * D;
+                kr = reinterpret_cast<const char*>(a.k8 + off), vr = reinterpret_cast<const char*>(a.v8 + off), bytes = D;
+            } else {
+                const int64_t off = (static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size) * slot + t.kv_head * D;
+                kr = reinterpret_cast<const char*>(k_cache + off), vr = reinterpret_cast<const char*>(v_cache + off), bytes = D * 2;
+            }
+            for (int c = 0; c < bytes; c += 64) {
+                _mm_prefetch(kr + c, _MM_HINT_T0);
+                _mm_prefetch(vr + c, _MM_HINT_T0);
+            }
+        }
+        const float* kscale = Q8 ? w.kscale : nullptr;
         __m512 mx[RB];
         for (int b = 0; b < RB; ++b) mx[b] = m[b];
         if (k0 + nkp - 1 > pos0) {  // the tile reaches past the first row's position: mask key > row position
-            for (int k = 0; k < nkp; k += NKB) qk_diagonal_block<D, RB>(w.qp, w.keys + k, w.st + k * R, a.scale, k0 + k, qpos, mx);
+            for (int k = 0; k < nkp; k += NKB)
+                qk_diagonal_block<D, RB>(w.qp, w.keys + k, w.st + k * R, a.scale, k0 + k, qpos, mx, kscale ? kscale + k : nullptr);
         } else {
-            for (int k = 0; k < nkp; k += NKB) qk_block<D, RB, 0, false>(w.qp, w.keys + k, w.st + k * R, a.scale, k0 + k, qpos, mx);
+            for (int k = 0; k < nkp; k += NKB)
+                qk_block<D, RB, 0, false>(w.qp, w.keys + k, w.st + k * R, a.scale, k0 + k, qpos, mx, kscale ? kscale + k : nullptr);
         }
         // Online softmax, lane = row: the rescale of what came before, probabilities
         // (0 without computing them past the register's last row position).
@@ -334,8 +373,14 @@ void run_task(const Args& a, const Task& t, Scratch& w) {
             m[b] = mx[b];
             _mm512_store_ps(w.alpha + 16 * b, alpha);
         }
-        for (int k = 0; k < nk; ++k)
-            for (int j = 0; j < D / 16; ++j) _mm512_store_ps(w.vf + k * D + 16 * j, load_bf16x16(w.values[k] + 16 * j));
+        for (int k = 0; k < nk; ++k) {
+            if constexpr (Q8) {
+                const __m512 sv = _mm512_set1_ps(w.vscale[k]);
+                for (int j = 0; j < D / 16; ++j) _mm512_store_ps(w.vf + k * D + 16 * j, _mm512_mul_ps(load_int8x16(w.values8[k] + 16 * j), sv));
+            } else {
+                for (int j = 0; j < D / 16; ++j) _mm512_store_ps(w.vf + k * D + 16 * j, load_bf16x16(w.values[k] + 16 * j));
+            }
+        }
         pv_tile<D>(w.o, w.alpha, w.st, R, w.vf, nk, rows, qpos, k0);
     }
 
@@ -350,7 +395,7 @@ void run_task(const Args& a, const Task& t, Scratch& w) {
     }
 }
 
-template <int D>
+template <int D, bool Q8>
 void prefill(Args a, int num_seqs) {
     a.scale *= 1.44269504088896341f;  // scores in log2 units: the softmax takes 2^x
     const int heads_per_task = std::min(a.group, MAX_ROWS);
@@ -388,10 +433,10 @@ void prefill(Args a, int num_seqs) {
             if (j < num_tasks) prefetch_task<D>(a, tasks[j]);
             const Task& t = tasks[i];
             switch ((t.toks * t.heads + 15) / 16) {
-                case 1: run_task<D, 1>(a, t, w); break;
-                case 2: run_task<D, 2>(a, t, w); break;
-                case 3: run_task<D, 3>(a, t, w); break;
-                default: run_task<D, 4>(a, t, w); break;
+                case 1: run_task<D, 1, Q8>(a, t, w); break;
+                case 2: run_task<D, 2, Q8>(a, t, w); break;
+                case 3: run_task<D, 3, Q8>(a, t, w); break;
+                default: run_task<D, 4, Q8>(a, t, w); break;
             }
             i = j;
         }
@@ -426,16 +471,37 @@ int paged_prefill_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_ca
                        int head_dim, int block_size, float scale) {
     if (!paged_prefill_bf16_supported(head_dim) || num_kv_heads <= 0 || num_heads % num_kv_heads) return -1;
 #ifdef PAGEDLLM_PREFILL_AVX512_BF16
-    const Args a{q, q_stride, k_cache, v_cache, block_tables, table_stride, query_start_loc, seq_lens, out,
+    const Args a{q, q_stride, k_cache, v_cache, nullptr, nullptr, 0, block_tables, table_stride, query_start_loc, seq_lens, out,
                  num_heads, num_kv_heads, num_heads / num_kv_heads, block_size, scale};
     if (head_dim == 64)
-        prefill<64>(a, num_seqs);
+        prefill<64, false>(a, num_seqs);
     else
-        prefill<128>(a, num_seqs);
+        prefill<128, false>(a, num_seqs);
     return 0;
 #else
     (void)q, (void)q_stride, (void)k_cache, (void)v_cache, (void)block_tables, (void)table_stride, (void)query_start_loc;
     (void)seq_lens, (void)out, (void)num_seqs, (void)block_size, (void)scale;
+    return -1;
+#endif
+}
+
+// The same over an int8 pool (kv_int8.h): k_cache and v_cache are its halves, block_bytes per block.
+int paged_prefill_int8_bf16(const uint16_t* q, int64_t q_stride, const int8_t* k_cache, const int8_t* v_cache, int64_t block_bytes,
+                            const int32_t* block_tables, int64_t table_stride, const int32_t* query_start_loc,
+                            const int32_t* seq_lens, uint16_t* out, int num_seqs, int num_heads, int num_kv_heads,
+                            int head_dim, int block_size, float scale) {
+    if (!paged_prefill_bf16_supported(head_dim) || num_kv_heads <= 0 || num_heads % num_kv_heads) return -1;
+#ifdef PAGEDLLM_PREFILL_AVX512_BF16
+    const Args a{q, q_stride, nullptr, nullptr, k_cache, v_cache, block_bytes, block_tables, table_stride, query_start_loc, seq_lens,
+                 out, num_heads, num_kv_heads, num_heads / num_kv_heads, block_size, scale};
+    if (head_dim == 64)
+        prefill<64, true>(a, num_seqs);
+    else
+        prefill<128, true>(a, num_seqs);
+    return 0;
+#else
+    (void)q, (void)q_stride, (void)k_cache, (void)v_cache, (void)block_bytes, (void)block_tables, (void)table_stride;
+    (void)query_start_loc, (void)seq_lens, (void)out, (void)num_seqs, (void)block_size, (void)scale;
     return -1;
 #endif
 }
