@@ -47,6 +47,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # per prompt token: its logprob and the best few (0: its own only)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -66,7 +67,7 @@ class SamplingParams:
     def _check_types(self) -> None:
         for name in ("n", "top_k", "min_tokens"):
             setattr(self, name, _require_int(name, getattr(self, name)))
-        for name in ("max_tokens", "seed", "logprobs"):
+        for name in ("max_tokens", "seed", "logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, _require_int(name, value, or_none=True))
@@ -135,10 +136,12 @@ class SamplingParams:
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise ValueError(
                 f"seed must be an integer that fits in 64 bits, in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(
-                f"logprobs must be in [0, {MAX_LOGPROBS}] (at most {MAX_LOGPROBS} top "
-                f"logprobs per token), got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(
+                    f"{name} must be in [0, {MAX_LOGPROBS}] (at most {MAX_LOGPROBS} top "
+                    f"logprobs per token), got {value}")
 
     # -- derived ------------------------------------------------------------
 

@@ -175,3 +175,30 @@ def test_stop_string_cuts_text_and_running_text_is_never_retracted(tiny_model_di
     assert final.finish_reason == "stop" and final.stop_reason == stop and final.text == free[:first]
     for o in outs[:-1]:
         assert final.text.startswith(o.text)  # a streaming client never sees text that is later cut
+
+
+def test_prompt_logprobs_equal_transformers_through_chunks_and_a_cached_prefix(tiny_model_dir):
+    """Teacher-forced logprobs of every prompt token, as vLLM returns them (None first), through prefill chunks;
+    a request that asks for them computes its whole prompt even when its prefix is cached."""
+    import torch
+    import transformers
+
+    llm = LLM(tiny_model_dir, dtype="float32", num_kv_blocks=128, max_num_batched_tokens=32)
+    prompt = random_prompts(1, 90, 90, seed=11)[0]
+    llm.generate(prompt, greedy(2), use_tqdm=False)  # its blocks are now in the prefix cache
+    out = llm.generate(prompt, greedy(2, prompt_logprobs=3), use_tqdm=False)[0]
+    ids = prompt["prompt_token_ids"]
+    plp = out.prompt_logprobs
+    assert len(plp) == len(ids) and plp[0] is None
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)
+    for i in range(1, len(ids)):
+        entry = plp[i]
+        assert ids[i] in entry and 3 <= len(entry) <= 4
+        assert entry[ids[i]].logprob == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+        assert entry[ids[i]].rank == int((ref[i - 1] > ref[i - 1, ids[i]]).sum()) + 1
+        top = sorted(entry.values(), key=lambda lp: -lp.logprob)[0]
+        assert top.logprob == pytest.approx(ref[i - 1].max().item(), abs=1e-4)
+    # The output tokens are those of a request that did not ask.
+    assert out.outputs[0].token_ids == llm.generate(prompt, greedy(2), use_tqdm=False)[0].outputs[0].token_ids

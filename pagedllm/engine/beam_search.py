@@ -163,7 +163,7 @@ class BeamSearchRunner:
                     scheduled.append(ScheduledRequest(seq, seq.num_computed_tokens, 1, self.kv.get_block_table(seq.request_id)))
                     token_budget -= 1
         step = SchedulerOutput(scheduled, block_copies=self.kv.take_copies(), finished_req_ids=self.scheduler.take_finished_req_ids())
-        results = self.runner.execute(step)
+        results = self.runner.execute(step).sampled
         failed = [e for _, e in results if isinstance(e, Exception)]
         if failed:
             raise failed[0]

@@ -148,8 +148,9 @@ class EngineCore:
         self.num_steps += 1
         results = self._execute(out, outputs)
         self.scheduler.update_after_step(out)
+        self._prompt_logprob_outputs(out, results.prompt_logprobs, outputs)
         touched: dict[int, EngineCoreOutput] = {}
-        for seq, sampled in results:
+        for seq, sampled in results.sampled:
             top = seq.top
             if top.request_id not in self.requests:
                 continue  # failed in this step already
@@ -171,6 +172,8 @@ class EngineCore:
         """Run the step; if the forward pass raises, find the request behind it and end that one alone."""
         from pagedllm.worker.model_runner import KVCacheCopyError
 
+        from pagedllm.worker.model_runner import RunnerOutput
+
         try:
             return self.runner.execute(out)
         except KVCacheCopyError:
@@ -178,12 +181,14 @@ class EngineCore:
         except Exception as exc:
             logger.warning("a step over %d requests failed (%s: %s); running it again in smaller groups to find the "
                            "request that makes it fail", len(out.scheduled), type(exc).__name__, exc)
-        results = []
+        results = RunnerOutput()
         groups = [out.scheduled]
         while groups:
             group = groups.pop()
             try:
-                results.extend(self.runner.execute(SchedulerOutput(scheduled=group)))
+                part = self.runner.execute(SchedulerOutput(scheduled=group))
+                results.sampled.extend(part.sampled)
+                results.prompt_logprobs.update(part.prompt_logprobs)
             except KVCacheCopyError:
                 raise
             except Exception as exc:
@@ -196,6 +201,17 @@ class EngineCore:
                     self._fail(group[0].request.top, exc, outputs)
         out.scheduled = [s for s in out.scheduled if not s.request.is_finished]
         return results
+
+    def _prompt_logprob_outputs(self, out: SchedulerOutput, computed: dict, outputs: list[EngineCoreOutput]) -> None:
+        """The prompt positions' logprobs computed this step, to their requests, before any of their tokens."""
+        for s in out.scheduled:
+            entries = computed.get(s.request_id)
+            if entries is None:
+                continue
+            req = s.request
+            req.num_prompt_logprobs += len(entries)
+            outputs.append(EngineCoreOutput(req.top.request_id, 0, [], prompt_logprobs=[
+                NewLogprobs(lp.logprob, lp.rank, lp.top_ids, lp.top_logprobs) for lp in entries]))
 
     def _fail(self, top: Request, exc: BaseException, outputs: list[EngineCoreOutput]) -> None:
         """End a request, with all of its sequences, with finish_reason "error" and the exception's message."""

@@ -57,6 +57,8 @@ class EngineCoreOutput:
     finish_reason: str | None = None  # stop, length, error; None while it runs
     stop_reason: int | None = None  # the stop token id that ended it
     error: str | None = None
+    # prompt_logprobs: the next prompt positions' entries (position p's is token p + 1's), in order.
+    prompt_logprobs: list[NewLogprobs] | None = None
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (set on the first output)
     num_preemptions: int = 0
 

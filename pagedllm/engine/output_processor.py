@@ -64,6 +64,7 @@ class _RequestState:
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     error: str | None = None
+    prompt_logprobs: list | None = None  # None for the first prompt token, then a dict per token (prompt_logprobs)
 
     @property
     def finished(self) -> bool:
@@ -78,7 +79,8 @@ class _RequestState:
             "num_cached_tokens": self.num_cached_tokens,
         }
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [s.completion() for s in self.seqs],
-                             self.finished, self.error, metrics)
+                             self.finished, self.error, metrics,
+                             list(self.prompt_logprobs) if self.prompt_logprobs is not None else None)
 
 
 class OutputProcessor:
@@ -103,7 +105,9 @@ class OutputProcessor:
         params = req.sampling_params
         seqs = [_Sequence(i, IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params),
                           logprobs=[] if params.logprobs is not None else None) for i in range(params.n)]
-        self.requests[req.request_id] = _RequestState(req, seqs, final_only)
+        state = self.requests[req.request_id] = _RequestState(req, seqs, final_only)
+        if params.prompt_logprobs is not None:
+            state.prompt_logprobs = [None]
 
     def process_outputs(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list]:
         """One core step's outputs -> the RequestOutputs to hand out, and what the core must stop
@@ -141,6 +145,10 @@ class OutputProcessor:
         if out.error is not None:
             self._fail(state, out.error)
             return None
+        if out.prompt_logprobs:
+            prompt = state.request.prompt_token_ids
+            for lp in out.prompt_logprobs:
+                state.prompt_logprobs.append(self._logprob_entry(prompt[len(state.prompt_logprobs)], lp))
         seq = state.seqs[out.index]
         if seq.finish_reason is not None:
             return None  # a token sampled after a stop string ended it here
@@ -172,13 +180,17 @@ class OutputProcessor:
         state.last_token_time = now
 
     def _record_logprobs(self, seq: _Sequence, token: int, lp) -> None:
+        seq.logprobs.append(self._logprob_entry(token, lp))
+        seq.cumulative_logprob += lp.logprob
+
+    def _logprob_entry(self, token: int, lp) -> dict[int, Logprob]:
+        """{token: its Logprob, then the best few by rank}, each with its text."""
         tok = self.tokenizer
         entry = {token: Logprob(lp.logprob, lp.rank, decode_token(tok, token, self._token_text))}
         for rank, (tid, value) in enumerate(zip(lp.top_ids, lp.top_logprobs), start=1):
             if tid not in entry:
                 entry[tid] = Logprob(value, rank, decode_token(tok, tid, self._token_text))
-        seq.logprobs.append(entry)
-        seq.cumulative_logprob += lp.logprob
+        return entry
 
     @staticmethod
     def _fail(state: _RequestState, message: str) -> None:

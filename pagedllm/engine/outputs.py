@@ -35,6 +35,8 @@ class RequestOutput:
     finished: bool
     error: str | None = None  # set when finish_reason is "error"
     metrics: dict = field(default_factory=dict)
+    # With SamplingParams(prompt_logprobs=k): None for the first prompt token, then one dict per token, as in vLLM.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 @dataclass

@@ -43,6 +43,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     num_preemptions: int = 0
+    num_prompt_logprobs: int = 0  # prompt positions whose logprobs went out (prompt_logprobs; not again after a preemption)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: int | None = None  # the stop token id that ended it

@@ -126,8 +126,10 @@ class Scheduler:
         if not out.preempted:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
-                # A new (or preempted) request starts from its longest cached prefix.
-                hit = kv.find_cached_prefix(req.all_token_ids)
+                # A new (or preempted) request starts from its longest cached prefix; one that asks for
+                # prompt logprobs computes its whole prompt (a cached block has keys, not logits).
+                wants_logits = getattr(req.sampling_params, "prompt_logprobs", None) is not None
+                hit = [] if wants_logits else kv.find_cached_prefix(req.all_token_ids)
                 num_hit = len(hit) * kv.block_size
                 n = min(req.num_tokens - num_hit, budget)
                 if not kv.allocate_slots(req.request_id, num_hit, n, hit):

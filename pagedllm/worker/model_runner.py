@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import mmap
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,7 +19,7 @@ from pagedllm.model.attention import kv_quant
 from pagedllm.model.attention.metadata import AttentionMetadata, common_prefix_blocks
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
 from pagedllm.model.models.llama import LlamaForCausalLM
-from pagedllm.worker.sampler import Sampler, SamplingRow, TokenLogprobs
+from pagedllm.worker.sampler import Sampler, SamplingRow, TokenLogprobs, gather_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,19 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 class SampledToken:
     token_id: int
     logprobs: TokenLogprobs | None
+
+
+@dataclass
+class RunnerOutput:
+    """One step's results: a token (or the exception that ended its row) for every sequence that samples,
+    and the prompt logprobs of the prompt positions computed this step, by request id, for requests asking for them."""
+
+    sampled: list = field(default_factory=list)  # (sequence, SampledToken | Exception)
+    prompt_logprobs: dict = field(default_factory=dict)  # request id -> [TokenLogprobs], one per position, in order
+
+
+# Rows of prompt logits computed at once for prompt logprobs: 256 x a 50k vocabulary is 50 MB of float32.
+_PROMPT_LOGPROB_ROWS = 256
 
 
 class KVCacheCopyError(RuntimeError):
@@ -124,8 +137,9 @@ class ModelRunner:
         return gen
 
     @torch.inference_mode()
-    def execute(self, out) -> list[tuple[object, "SampledToken | Exception"]]:
-        """Run one step (a SchedulerOutput); return (sequence, sampled token) for every sequence that samples.
+    def execute(self, out) -> RunnerOutput:
+        """Run one step (a SchedulerOutput); return (sequence, sampled token) for every sequence that samples,
+        and the prompt logprobs the step computed.
 
         A request whose prompt forks into several sequences (n > 1) lists them
         in `children`: each draws its own token from the prompt's last logits.
@@ -142,10 +156,10 @@ class ModelRunner:
             except Exception as exc:
                 raise KVCacheCopyError(f"copy-on-write of {len(out.block_copies)} blocks failed: {exc}") from exc
         if not out.scheduled:
-            return []
-        sampled, logits = self.compute_logits(out.scheduled)
+            return RunnerOutput()
+        sampled, logits, prompt_logprobs = self.compute_logits(out.scheduled)
         if not sampled:
-            return []
+            return RunnerOutput(prompt_logprobs=prompt_logprobs)
         targets, rows = [], []
         for i, s in enumerate(sampled):
             for t in s.request.sequences:
@@ -153,7 +167,7 @@ class ModelRunner:
                 rows.append(i)
         if len(targets) != len(sampled):
             logits = logits[torch.tensor(rows, device=logits.device)]
-        return list(zip(targets, self._sample(logits, targets)))
+        return RunnerOutput(list(zip(targets, self._sample(logits, targets))), prompt_logprobs)
 
     def _sample(self, logits: torch.Tensor, targets: list) -> list["SampledToken | Exception"]:
         results: list = [None] * len(targets)
@@ -202,21 +216,51 @@ class ModelRunner:
             cache[:, dst] = cache[:, src]
 
     @torch.inference_mode()
-    def compute_logits(self, scheduled: list) -> tuple[list, torch.Tensor | None]:
-        """Run the model; return the requests that sample this step and their next-token logits [S, vocab] in float32."""
+    def compute_logits(self, scheduled: list) -> tuple[list, torch.Tensor | None, dict]:
+        """Run the model; return the requests that sample this step, their next-token logits [S, vocab] in float32,
+        and the prompt logprobs of the requests that ask for them (request id -> [TokenLogprobs])."""
         input_ids, positions, meta, logits_idx, sampled = self._prepare(scheduled)
         if self.cuda_graphs is not None and self.cuda_graphs.fits(meta):
             hidden = self.cuda_graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        prompt_logprobs = self._prompt_logprobs(scheduled, hidden)
         if not sampled:
-            return [], None
-        return sampled, self.model.compute_logits(hidden[logits_idx])
+            return [], None, prompt_logprobs
+        return sampled, self.model.compute_logits(hidden[logits_idx]), prompt_logprobs
+
+    def _prompt_logprobs(self, scheduled: list, hidden: torch.Tensor) -> dict:
+        """For each request with prompt_logprobs set: the logprob, rank and best few of every prompt token this
+        step's chunk predicts (position p predicts token p + 1), from the position after those already reported."""
+        result = {}
+        row = 0
+        for s in self._batch_order(scheduled):
+            req, start, n = s.request, s.start_pos, s.num_new_tokens
+            k = getattr(getattr(req, "sampling_params", None), "prompt_logprobs", None)
+            if k is not None:
+                first = max(start, req.num_prompt_logprobs)
+                last = min(start + n, req.num_prompt_tokens - 1)  # the last prompt token predicts no prompt token
+                if first < last:
+                    rows = torch.arange(row + first - start, row + last - start, device=hidden.device)
+                    targets = torch.tensor(req.prompt_token_ids[first + 1 : last + 1], device=hidden.device)
+                    entries = []
+                    for i in range(0, len(rows), _PROMPT_LOGPROB_ROWS):
+                        logits = self.model.compute_logits(hidden[rows[i : i + _PROMPT_LOGPROB_ROWS]])
+                        raw = torch.log_softmax(logits, dim=-1)
+                        part = targets[i : i + _PROMPT_LOGPROB_ROWS]
+                        entries += gather_logprobs(raw, part, [k] * len(part))
+                    result[req.request_id] = entries
+            row += n
+        return result
+
+    @staticmethod
+    def _batch_order(scheduled: list) -> list:
+        """Single-token queries first: the attention backend batches them as one decode."""
+        return [s for s in scheduled if s.num_new_tokens == 1] + [s for s in scheduled if s.num_new_tokens != 1]
 
     def _prepare(self, scheduled: list):
         """Flat tensors for one step: input_ids, positions, AttentionMetadata, and which rows to sample."""
-        # Single-token queries first: the attention backend batches them as one decode.
-        batch = [s for s in scheduled if s.num_new_tokens == 1] + [s for s in scheduled if s.num_new_tokens != 1]
+        batch = self._batch_order(scheduled)
         num_decodes = sum(1 for s in batch if s.num_new_tokens == 1)
         bs = self.block_size
         input_ids: list[int] = []

@@ -96,7 +96,7 @@ class Sampler:
         token_list = tokens.tolist()
         logprobs: list[TokenLogprobs | None] = [None] * num_rows
         if raw_logprobs is not None:
-            for i, entry in zip(lp_rows, _gather_logprobs(
+            for i, entry in zip(lp_rows, gather_logprobs(
                     raw_logprobs, tokens[lp_rows], [params[i].logprobs for i in lp_rows])):
                 logprobs[i] = entry
         return SamplerOutput(token_list, logprobs)
@@ -287,7 +287,7 @@ def _inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
-def _gather_logprobs(raw: torch.Tensor, tokens: torch.Tensor,
+def gather_logprobs(raw: torch.Tensor, tokens: torch.Tensor,
                      nums: list[int]) -> list[TokenLogprobs]:
     sampled = raw.gather(1, tokens.unsqueeze(1))
     ranks = ((raw > sampled).sum(dim=-1) + 1).tolist()
