@@ -219,3 +219,32 @@ def test_backend_over_an_int8_pool_is_attention_on_the_stored_keys(block_size, h
     for i in range(len(lengths)):
         stored = [kv_quant.dequantize(*kv_quant.quantize(x[i], INT8), torch.float32) for x in (ks, vs)]
         torch.testing.assert_close(outs[i], _reference(qs[i], *stored, kvh), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_cascade_decode_over_an_int8_pool_equals_plain_decode(block_size):
+    """Sequences sharing their leading blocks read them once (the torch backend's cascade path), on an int8 pool too."""
+    h, kvh, d = 9, 3, 64
+    g = torch.Generator().manual_seed(block_size)
+    prefix_blocks = 4 if block_size > 1 else 37
+    suffix_lens = [1, 9, 30, 4, 17]
+    nb = prefix_blocks + sum(-(-s // block_size) for s in suffix_lens) + 2
+    cache = pool(nb, block_size, kvh, d)
+    prefix_slots = torch.arange(prefix_blocks * block_size)
+    kv_quant.store(cache, torch.randn(len(prefix_slots), kvh, d, generator=g), torch.randn(len(prefix_slots), kvh, d, generator=g), prefix_slots)
+    nxt, tables = prefix_blocks + 2, []
+    for s in suffix_lens:
+        own = list(range(nxt, nxt + -(-s // block_size)))
+        nxt += len(own)
+        slots = torch.tensor([own[p // block_size] * block_size + p % block_size for p in range(s)])
+        kv_quant.store(cache, torch.randn(s, kvh, d, generator=g), torch.randn(s, kvh, d, generator=g), slots)
+        tables.append(list(range(prefix_blocks)) + own)
+    lens = [prefix_blocks * block_size + s for s in suffix_lens]
+    width = max(len(t) for t in tables)
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    q = torch.randn(len(lens), h, d, generator=g)
+    attn = TorchPagedAttention(h, kvh, d, d**-0.5)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    cascade = attn._cascade_decode(q, cache, bt, seq_lens, max(lens), prefix_blocks)
+    plain = attn._decode(q, cache, bt, seq_lens, max(lens))
+    torch.testing.assert_close(cascade, plain, atol=2e-5, rtol=1e-4)
