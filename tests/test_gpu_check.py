@@ -1,0 +1,31 @@
+"""benchmarks/gpu_check.py's dry run: every step of the GPU check, on the CPU, on tiny shapes (CI has no GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")  # not imported here: see
+def test_the_dry_run_goes_through_every_step(tmp_path):  # test_triton_attention.py on TRITON_INTERPRET
+    import gpu_check
+
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "gpu_check.json").read_text())
+    for step in gpu_check.STEPS:
+        assert "error" not in r[step], (step, r[step])
+    assert r["tests"]["tests"] > 0 and r["tests"]["failures"] == r["tests"]["errors"] == 0
+    case = r["decode"]["cases"][0]
+    assert case["bfloat16"]["ms"] > 0 and case["int8"]["ms"] > 0 and case["sdpa_contiguous"]["ms"] > 0
+    for side in gpu_check.E2E_SIDES:
+        assert r[side]["completed_requests"] == 8 and not r[side]["partial"] and r[side]["output_tokens"] > 0
+    assert len({r[side]["output_tokens"] for side in gpu_check.E2E_SIDES}) == 1  # the same work on every side
+    assert any("KV pool" in line for line in r["pagedllm_graphs"]["startup_log"])
+    assert set(r["summary"]) >= {"graphs_over_hf_continuous_batching", "graphs_over_eager", "tests"}
