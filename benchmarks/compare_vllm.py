@@ -49,6 +49,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from pagedllm.entrypoints.bench.report import write_json  # noqa: E402
+
 from pagedllm.entrypoints.bench.workload import DEFAULT_INPUT_LEN, DEFAULT_OUTPUT_LEN, make_workload, parse_range  # noqa: E402
 
 SIDES = ("pagedllm", "vllm")
@@ -300,9 +302,7 @@ def main(argv: list[str] | None = None) -> int:
               "rates": rates, "repeat": args.repeat, "skipped": skipped, "summary": summary, "runs": results,
               "cpu": _cpu_name(), "logs": log_dir}
     print(json.dumps(summary, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_json(args.json, report)
     return 0
 
 

@@ -22,6 +22,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pagedllm.entrypoints.bench.report import write_json  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     import torch
@@ -68,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                          "bytes_per_layer": read[name], "gb_per_s": round(read[name] / ms / 1e6, 2)}
     figures["int8_speedup"] = round(figures["bfloat16"]["ms_per_layer"] / figures["int8"]["ms_per_layer"], 3)
     print(json.dumps(figures, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
+    write_json(args.json, figures)
     return 0
 
 

@@ -24,6 +24,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pagedllm.entrypoints.bench.report import write_json  # noqa: E402
+
 from pagedllm.entrypoints.bench.workload import make_workload  # noqa: E402
 
 
@@ -61,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                for side, v in rates.items()}
     figures["thread_over_main"] = round(figures["thread"]["median_tok_s"] / figures["main"]["median_tok_s"], 3)
     print(json.dumps(figures, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
+    write_json(args.json, figures)
     return 0
 
 

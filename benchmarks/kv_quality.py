@@ -33,6 +33,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from pagedllm.entrypoints.bench.report import write_json  # noqa: E402
 DATA = os.path.join(ROOT, "benchmarks", "data")
 
 
@@ -101,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     shown["greedy"] = {k: v for k, v in figures["greedy"].items() if k not in ("first_differences", "output_tokens")}
     shown["log_likelihood"] = {k: v for k, v in figures["log_likelihood"].items() if k != "per_text_relative_difference"}
     print(json.dumps(shown, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
+    write_json(args.json, figures)
     return 0
 
 

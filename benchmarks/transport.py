@@ -36,6 +36,8 @@ from multiprocessing.connection import Connection
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pagedllm.entrypoints.bench.report import write_json  # noqa: E402
+
 from pagedllm.engine.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest  # noqa: E402
 from pagedllm.engine.outputs import EngineStats  # noqa: E402
 from pagedllm.sampling_params import SamplingParams  # noqa: E402
@@ -170,9 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"requests": args.requests, "serialize_us": serialize(args.requests, args.rounds),
                "round_trip_us": round_trip(payload, args.rounds), "payload_bytes": len(payload)}
     print(json.dumps(figures, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
+    write_json(args.json, figures)
     return 0
 
 
