@@ -168,11 +168,9 @@ class EngineCore:
                 del self.requests[out_.request_id]
         return EngineCoreOutputs(outputs)
 
-    def _execute(self, out: SchedulerOutput, outputs: list[EngineCoreOutput]) -> list:
-        """Run the step; if the forward pass raises, find the request behind it and end that one alone."""
-        from pagedllm.worker.model_runner import KVCacheCopyError
-
-        from pagedllm.worker.model_runner import RunnerOutput
+    def _execute(self, out: SchedulerOutput, outputs: list[EngineCoreOutput]):
+        """Run the step (a RunnerOutput); if the forward pass raises, find the request behind it and end that one alone."""
+        from pagedllm.worker.model_runner import KVCacheCopyError, RunnerOutput
 
         try:
             return self.runner.execute(out)
