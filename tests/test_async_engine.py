@@ -192,7 +192,8 @@ def test_a_bad_request_fails_its_stream_only(engine):
     aengine.start()
 
     async def scenario():
-        a = aengine.make_request("one", greedy(3), "dup")
+        # Long enough that "dup" is still running when the second one comes (a core process is quick).
+        a = aengine.make_request("one", greedy(200), "dup")
         b = aengine.make_request("two", greedy(3), "dup")
         first = asyncio.ensure_future(collect_req(a))
         await asyncio.sleep(0)
