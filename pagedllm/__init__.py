@@ -1,8 +1,9 @@
 """pagedllm: serve large language models with PagedAttention."""
 
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.structured_output.params import StructuredOutputsParams
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "EngineConfig", "BeamSearchParams"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "StructuredOutputsParams", "EngineConfig", "BeamSearchParams"]
 __version__ = "0.1.0"
 
 

@@ -14,12 +14,16 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from pagedllm.structured_output.params import StructuredOutputsParams
+
 # Below this temperature sampling is treated as greedy (as vLLM): dividing the
 # logits by a tiny number would only overflow to the same argmax.
 _GREEDY_EPS = 1e-5
 # Most top logprobs a request may ask for per token (OpenAI's limit too); the
 # cap keeps the per-step top-k and Python conversion cheap.
 MAX_LOGPROBS = 20
+# OpenAI's range for logit_bias values: -100 bans a token, 100 all but forces it.
+LOGIT_BIAS_MAX = 100.0
 # A seed seeds a torch.Generator, which takes any integer that fits in 64 bits,
 # signed or unsigned (OpenAI's API documents seed as an int64).
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
@@ -53,6 +57,13 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words: list[str] | None = None  # words never generated (their last token is banned after the rest)
+    structured_outputs: StructuredOutputsParams | None = None  # a JSON schema, regex, choice or grammar to follow
+    # bad_words as token id sequences, each with and without a leading space; filled in
+    # from the tokenizer by the input processor (engine/input_processor.py), not by users.
+    bad_words_token_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -106,6 +117,44 @@ class SamplingParams:
             if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
                 raise ValueError(f"stop_token_ids must contain only ints >= 0, got {t!r}")
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        self._normalise_logits_processors()
+
+    def _normalise_logits_processors(self) -> None:
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be a map from token id to bias, got {_short(self.logit_bias)}")
+            bias = {}
+            for key, value in self.logit_bias.items():
+                token = _token_id_key(key)
+                _require_number(f"logit_bias[{key!r}]", value)
+                if not -LOGIT_BIAS_MAX <= value <= LOGIT_BIAS_MAX:
+                    raise ValueError(f"logit_bias[{key!r}] must be in [-100, 100], got {value}")
+                bias[token] = float(value)
+            self.logit_bias = bias or None
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not isinstance(ids, (list, tuple)) or not ids:
+                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {_short(ids)}")
+            for t in ids:
+                if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
+                    raise ValueError(f"allowed_token_ids must contain only ints >= 0, got {t!r}")
+            self.allowed_token_ids = sorted({int(t) for t in ids})
+        if self.bad_words is not None:
+            words = self.bad_words
+            if isinstance(words, str) or not isinstance(words, (list, tuple)):
+                raise ValueError(f"bad_words must be a list of strings, got {_short(words)}")
+            for w in words:
+                if not isinstance(w, str) or not w.strip():
+                    raise ValueError(f"bad_words must contain only non-blank strings, got {w!r}")
+            self.bad_words = list(words) or None
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as exc:
+                raise ValueError(f"structured_outputs: {exc}; allowed keys: json, regex, choice, grammar, json_object, "
+                                 "disable_any_whitespace") from None
+        elif self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams or a dict, got {_short(self.structured_outputs)}")
 
     def _check_ranges(self) -> None:
         if self.n < 1:
@@ -158,6 +207,11 @@ class SamplingParams:
         return self.sampling_type is SamplingType.GREEDY
 
     @property
+    def has_logits_processors(self) -> bool:
+        """logit_bias, allowed_token_ids or bad_words: each changes this row's logits before sampling."""
+        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words_token_ids)
+
+    @property
     def has_penalties(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
@@ -185,3 +239,17 @@ def _require_number(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def _token_id_key(key: Any) -> int:
+    """A logit_bias key: a token id, or its decimal string (JSON object keys are strings)."""
+    if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        key = int(key)
+    if isinstance(key, bool) or not isinstance(key, numbers.Integral) or key < 0:
+        raise ValueError(f"logit_bias keys must be token ids (ints >= 0, or their decimal strings), got {key!r}")
+    return int(key)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

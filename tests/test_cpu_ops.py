@@ -27,8 +27,9 @@ def test_rms_norm_with_and_without_residual(rows, dim):
     x = (torch.randn(rows, dim, generator=g) * 3).bfloat16()
     res = torch.randn(rows, dim, generator=g).bfloat16()
     w = (torch.rand(dim, generator=g) + 0.5).bfloat16()
-    # The sum of squares runs in another order than torch's: a row's result may move by one bf16 step.
-    one_step = dict(atol=0, rtol=2**-7)
+    # The sum of squares runs in another order than torch's (whose order depends on the CPU's vector width):
+    # the normalised row may move by one bf16 step, and its product with the weight, rounded again, by one more.
+    one_step = dict(atol=0, rtol=2**-6)
     torch.testing.assert_close(cpu_ops.rms_norm(x, w, 1e-5), hf_rms_norm(x, w, 1e-5), **one_step)
     total = x + res
     residual = res.clone()
@@ -92,7 +93,8 @@ def test_float32_silu_and_mul(rows, inter):
     x = torch.randn(rows, 2 * inter, generator=g) * 4
     x[0, : min(inter, 4)] = torch.tensor([-100.0, 100.0, 0.0, -0.0])[: min(inter, 4)]
     gate, up = x.chunk(2, dim=-1)
-    torch.testing.assert_close(cpu_ops.silu_and_mul(x), F.silu(gate) * up, atol=1e-7, rtol=2e-7)
+    # Both exps are approximations (torch's Sleef differs per vector width): two float32 steps apart at most.
+    torch.testing.assert_close(cpu_ops.silu_and_mul(x), F.silu(gate) * up, atol=1e-7, rtol=2.5e-7)
 
 
 @pytest.mark.parametrize("rows,inter", [(1, 1536), (48, 1536), (3, 7)])

@@ -81,6 +81,8 @@ class EngineCore:
             eos_token_ids=self.eos_token_ids, vocab_size=cfg.vocab_size, pid=os.getpid(),
         )
         self.requests: dict[str, Request] = {}  # unfinished requests by id (the parent of n > 1 sequences)
+        self.structured_outputs = None  # a StructuredOutputManager, from the first request with structured outputs
+        self._compiling: list = []  # (request, spec, future): waiting for their grammar, outside the scheduler
         self._outputs: list[EngineCoreOutput] = []  # produced between steps (a request refused on arrival)
         self.log_stats = False  # attach stats() to every step's outputs (the server's metrics)
         self.num_steps = 0
@@ -107,8 +109,50 @@ class EngineCore:
                 for i in range(params.n)
             ]
         self.requests[req.request_id] = top
-        self.scheduler.add_request(top)
         self.prompt_tokens_total += top.num_prompt_tokens
+        spec = params.structured_outputs
+        if spec is not None:
+            manager = self._structured_outputs()
+            grammar = manager.cached(spec)
+            if grammar is None:  # it waits outside the scheduler until compiled (step() polls)
+                self._compiling.append((top, spec, manager.submit(spec)))
+                return
+            self._attach_grammar(top, grammar)
+        self.scheduler.add_request(top)
+
+    def _structured_outputs(self):
+        """The grammar manager, made at the first structured request (it loads the tokenizer on its own thread)."""
+        if self.structured_outputs is None:
+            from pagedllm.structured_output.backend import XgrammarBackend
+            from pagedllm.structured_output.manager import StructuredOutputManager
+            from pagedllm.tokenizer import load_tokenizer
+
+            path, vocab, eos = self.info.model_path, self.info.vocab_size, list(self.eos_token_ids)
+            self.structured_outputs = StructuredOutputManager(lambda: XgrammarBackend.from_tokenizer(load_tokenizer(path), vocab, eos))
+        return self.structured_outputs
+
+    def _attach_grammar(self, top: Request, grammar) -> None:
+        """Each sequence that samples gets its own matcher (n > 1: one per completion)."""
+        for seq in top.sequences:
+            seq.grammar = self.structured_outputs.matcher(grammar)
+
+    def _admit_compiled(self, outputs: list[EngineCoreOutput]) -> None:
+        """Requests whose grammar compiled since the last step join the scheduler; one that failed to compile ends alone."""
+        still = []
+        for top, spec, fut in self._compiling:
+            if top.is_finished:  # aborted while its grammar compiled
+                continue
+            if not fut.done():
+                still.append((top, spec, fut))
+                continue
+            try:
+                grammar = self.structured_outputs.collect(spec, fut)
+            except Exception as exc:
+                self._fail(top, exc, outputs)
+                continue
+            self._attach_grammar(top, grammar)
+            self.scheduler.add_request(top)
+        self._compiling = still
 
     def _sequence(self, req: EngineCoreRequest, request_id: str, *, index: int, seed: int | None, parent=None) -> Request:
         return Request(request_id, req.prompt_token_ids, req.sampling_params, eos_token_ids=self.eos_token_ids,
@@ -136,14 +180,19 @@ class EngineCore:
                 del self.requests[request_id]
 
     def has_work(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self._outputs) or bool(self.scheduler.finished_req_ids)
+        return (self.scheduler.has_unfinished_requests() or bool(self._outputs) or bool(self.scheduler.finished_req_ids)
+                or bool(self._compiling))
 
     # --- one step ---------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
         outputs, self._outputs = self._outputs, []
+        if self._compiling:
+            self._admit_compiled(outputs)
         out = self.scheduler.schedule()
         if out.is_empty:
             self.runner.execute(out)  # nothing to run, but the runner drops the state of finished requests
+            if self._compiling and not outputs:  # only grammars to wait for: wait for them, not in a busy loop
+                self.structured_outputs.wait([fut for _, _, fut in self._compiling], timeout=0.05)
             return EngineCoreOutputs(outputs)
         self.num_steps += 1
         results = self._execute(out, outputs)
@@ -156,6 +205,9 @@ class EngineCore:
                 continue  # failed in this step already
             if isinstance(sampled, Exception):
                 self._fail(top, sampled, outputs)
+                continue
+            if seq.grammar is not None and not seq.grammar.accept(sampled.token_id):
+                self._fail(top, ValueError(f"token {sampled.token_id} does not continue the request's grammar"), outputs)
                 continue
             if seq.parent is not None and not top.is_finished:
                 self._fork(top)
@@ -238,6 +290,8 @@ class EngineCore:
                 reason = FinishReason.STOP
             elif token in params.stop_token_ids:
                 reason, req.stop_reason = FinishReason.STOP, token
+        if reason is None and req.grammar is not None and req.grammar.is_terminated:
+            reason = FinishReason.STOP  # the grammar is complete and took its stop token: nothing may follow
         if reason is None and (
             (params.max_tokens is not None and n >= params.max_tokens) or req.num_tokens >= self.max_model_len
         ):

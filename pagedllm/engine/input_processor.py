@@ -39,11 +39,22 @@ class InputProcessor:
         else:
             raise ValueError(f"{_PROMPT_SHAPES}, got {repr(prompt)[:80]}")
         self._check_token_ids(token_ids)
+        self._check_vocab_params(params)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         elif not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         return EngineCoreRequest(request_id, [int(t) for t in token_ids], params, prompt=text)
+
+    def _check_vocab_params(self, params: SamplingParams) -> None:
+        """Token ids in logit_bias and allowed_token_ids must be in the vocabulary; bad_words become token ids."""
+        vocab = self.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"{name} has token id {bad[0]}, out of range: token ids must be in [0, {vocab})")
+        if params.bad_words and params.bad_words_token_ids is None:
+            params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
 
     def _check_token_ids(self, token_ids) -> None:
         if not isinstance(token_ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
@@ -59,3 +70,15 @@ class InputProcessor:
                 f"the prompt has {len(token_ids)} tokens but the model's context (max_model_len) is {self.max_model_len}: "
                 f"at most {self.max_model_len - 1} prompt tokens leave room for an output token"
             )
+
+
+def bad_words_token_ids(tokenizer: Any, words: list[str]) -> list[list[int]]:
+    """Each bad word as the tokens it is written with, alone and after a space (as vLLM bans them): mid-text,
+    most tokenizers spell " word" with other tokens than "word"."""
+    sequences: list[list[int]] = []
+    for word in words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = [int(t) for t in tokenizer.encode(text, add_special_tokens=False)]
+            if ids and ids not in sequences:
+                sequences.append(ids)
+    return sequences

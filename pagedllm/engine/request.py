@@ -53,6 +53,9 @@ class Request:
     children: list["Request"] = field(default_factory=list)
     index: int = 0  # which completion of its parent this sequence is
     seed: int | None = None  # this sequence's sampling seed (the parent's seed + index)
+    # Structured outputs: this sequence's place in its grammar (structured_output/backend.GrammarState),
+    # set once the grammar is compiled; the runner masks its logits with it, the core advances it.
+    grammar: Any = None
 
     def __post_init__(self) -> None:
         # One list that grows by appends, so the scheduler and the runner can

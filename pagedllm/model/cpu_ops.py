@@ -37,8 +37,9 @@ def _lib() -> ctypes.CDLL | None:
     lib.silu_and_mul_f32.argtypes = [p, p, i32, i32, i32]
     lib.argmax_rows_f32.argtypes = [p, i64, i32, i32, p]
     lib.rms_norm_bf16_widened.argtypes = [p, i32, i64, p, p, p, i32, i32, i32, f32]
+    lib.apply_token_bitmask_f32.argtypes = [p, i64, p, i64, p, i32, i32]
     for name in ("rms_norm_bf16", "rms_norm_f32", "rms_norm_bf16_widened", "rope_store_bf16", "rope_store_f32", "silu_and_mul_bf16",
-                 "silu_and_mul_f32", "argmax_rows_f32"):
+                 "silu_and_mul_f32", "argmax_rows_f32", "apply_token_bitmask_f32"):
         getattr(lib, name).restype = None
     return lib
 
@@ -108,6 +109,15 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     out = torch.empty(logits.shape[0], dtype=torch.int64)
     _lib().argmax_rows_f32(logits.data_ptr(), logits.stride(0), logits.shape[0], logits.shape[1], out.data_ptr())
     return out
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """In place: -inf in logits[r, t] for each r in rows whose bitmask bit t is 0 (xgrammar's int32 bitmask)."""
+    assert logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(-1) == 1
+    assert bitmask.dtype == torch.int32 and bitmask.is_contiguous() and bitmask.shape[1] * 32 >= logits.shape[1]
+    idx = torch.tensor(rows, dtype=torch.int64)
+    _lib().apply_token_bitmask_f32(logits.data_ptr(), logits.stride(0), bitmask.data_ptr(), bitmask.shape[1],
+                                   idx.data_ptr(), len(rows), logits.shape[1])
 
 
 def rope_and_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,

@@ -171,8 +171,16 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, targets: list) -> list["SampledToken | Exception"]:
         results: list = [None] * len(targets)
+        grammar_rows = [(i, t.grammar) for i, t in enumerate(targets) if t.grammar is not None]
+        if grammar_rows:  # structured outputs: what the grammar forbids next is never sampled
+            from pagedllm.structured_output.bitmask import apply_grammar_masks
+
+            for i, exc in apply_grammar_masks(logits, grammar_rows).items():
+                results[i] = exc
         ok, rows = [], []
         for i, t in enumerate(targets):
+            if results[i] is not None:
+                continue
             try:
                 rows.append(self._sampling_row(t))
                 ok.append(i)

@@ -6,6 +6,8 @@ when no row asks for it; the only per-row Python is one uniform draw for each
 seeded row. Semantics follow vLLM: logprobs come from the raw logits; then
 min_tokens, repetition, frequency and presence penalties; greedy rows take the
 argmax; random rows apply temperature, top-k, top-p and min-p, then sample.
+logit_bias, allowed_token_ids and bad_words change the logits with the
+penalties, after the logprobs are taken (vLLM's order too).
 """
 
 from __future__ import annotations
@@ -64,10 +66,11 @@ class Sampler:
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
         random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
-        blocked = _min_tokens_blocked(rows, vocab)
+        blocked = _min_tokens_blocked(rows, vocab) + [(i, t) for i, t in _bad_words_blocked(rows) if t < vocab]
+        proc_rows = [i for i, p in enumerate(params) if p.logit_bias or p.allowed_token_ids]
 
         # The common decode step: everything greedy and plain.
-        if not (lp_rows or pen_rows or random_rows or blocked):
+        if not (lp_rows or pen_rows or random_rows or blocked or proc_rows):
             return SamplerOutput(_argmax(logits).tolist(), [None] * num_rows)
 
         raw_logprobs = None
@@ -75,8 +78,10 @@ class Sampler:
             raw_logprobs = torch.log_softmax(_rows(logits, lp_rows), dim=-1, dtype=torch.float32)
 
         x = logits
-        if blocked or pen_rows:
+        if blocked or pen_rows or proc_rows:
             x = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+            if proc_rows:
+                _apply_bias_and_allowed(x, params, proc_rows)
             if blocked:
                 r_idx, t_idx = zip(*blocked)
                 x[list(r_idx), list(t_idx)] = float("-inf")
@@ -121,6 +126,32 @@ def _min_tokens_blocked(rows: list[SamplingRow], vocab: int) -> list[tuple[int, 
                 stops.update(r.eos_token_ids)
             blocked.extend((i, t) for t in stops if 0 <= t < vocab)
     return blocked
+
+
+def _bad_words_blocked(rows: list[SamplingRow]) -> list[tuple[int, int]]:
+    """(row, token) pairs that would complete a bad word: its last token, once the output ends with the rest of it."""
+    blocked = []
+    for i, r in enumerate(rows):
+        for word in r.params.bad_words_token_ids or ():
+            *head, last = word
+            out = r.output_token_ids
+            if not head or (len(out) >= len(head) and list(out[len(out) - len(head):]) == head):
+                blocked.append((i, last))
+    return blocked
+
+
+def _apply_bias_and_allowed(x: torch.Tensor, params: list[SamplingParams], idx: list[int]) -> None:
+    """logit_bias added, and every token outside allowed_token_ids set to -inf, in place on rows idx."""
+    for i in idx:
+        p = params[i]
+        if p.allowed_token_ids:
+            keep = torch.tensor(p.allowed_token_ids, dtype=torch.long, device=x.device)
+            kept = x[i, keep]
+            x[i].fill_(float("-inf"))
+            x[i, keep] = kept
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=x.device)
+            x[i, ids] += torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=x.device)
 
 
 def _flat_token_index(seqs: list[Sequence[int]], row_ids: list[int], vocab: int,

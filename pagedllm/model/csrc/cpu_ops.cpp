@@ -6,6 +6,7 @@
 // rounds), so results match torch's bits (up to the order of a sum of squares
 // in the norm).
 // Built at first use by model/native.py; called through ctypes (model/cpu_ops.py).
+#include <limits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -376,6 +377,33 @@ void argmax_rows_f32(const float* x, int64_t stride, int rows, int cols, int64_t
                 if (row[i] != row[i]) { best_i = i; break; }
         }
         out[r] = best_i;
+    }
+}
+
+// Structured outputs: x[rows[j], t] = -inf wherever bit t of bitmask row rows[j] is 0
+// (xgrammar's layout: bit t % 32 of int32 word t / 32 says whether token t may come
+// next). Most of a grammar's words are 0 (32 tokens at once, a plain vector fill) or
+// all ones (nothing to do); only the rest goes bit by bit.
+void apply_token_bitmask_f32(float* x, int64_t stride, const int32_t* bitmask, int64_t words_stride,
+                             const int64_t* rows, int num_rows, int cols) {
+    const float ninf = -std::numeric_limits<float>::infinity();
+    for (int j = 0; j < num_rows; ++j) {
+        float* row = x + rows[j] * stride;
+        const uint32_t* bits = reinterpret_cast<const uint32_t*>(bitmask + rows[j] * words_stride);
+        int t = 0;
+        for (; t + 32 <= cols; t += 32) {
+            const uint32_t w = bits[t / 32];
+            if (w == 0xffffffffu) continue;
+            float* out = row + t;
+            if (w == 0) {
+                for (int k = 0; k < 32; ++k) out[k] = ninf;
+                continue;
+            }
+            for (int k = 0; k < 32; ++k)
+                if (!((w >> k) & 1u)) out[k] = ninf;
+        }
+        for (; t < cols; ++t)
+            if (!((bits[t / 32] >> (t % 32)) & 1u)) row[t] = ninf;
     }
 }
 
