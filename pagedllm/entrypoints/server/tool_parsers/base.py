@@ -11,8 +11,8 @@ returns a ToolCallStream that reads it a step at a time. Over a whole stream:
     ensure_ascii=False), so streamed and whole responses agree byte for byte.
 
 Text is held back only while it could still be the start of a call (a
-partial "<tool_ca", and the whitespace before it, since whitespace that
-touches a call is not content). A call whose JSON is invalid or cut off (by
+partial "<tool_ca", and the whitespace before it, since whitespace before a
+call is not content; see call_stream.py for the whitespace rules). A call whose JSON is invalid or cut off (by
 max_tokens) is not a call: its text stays in the content, as in vLLM. In a
 stream such a call is only known to be broken at the point where it breaks;
 the deltas sent before that point are sent once the call's name and the start

@@ -12,8 +12,9 @@ A format's stream is a small state machine over the text not yet consumed
   call already announced);
 - _read_call_list(): a JSON list of call objects ([{...}, {...}]).
 
-Whitespace that touches a call (before its marker, between calls, after the
-last one) is not content.
+Whitespace before a call, between calls, after the last one, and after a
+call at the start of the output is not content; whitespace between a call and
+content on both sides separates that content.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class CallStream(ToolCallStream):
         self._announced = 0
         self._attempt: _Attempt | None = None
         self._after_call = False  # nothing but whitespace since the last call ended
+        self._sent_content = False
         self._list_state = "first"
         self._finished = False
 
@@ -92,13 +94,18 @@ class CallStream(ToolCallStream):
     # content
 
     def _content(self, text: str) -> None:
+        """Send content. Mid-stream it never ends in whitespace (that is held back), so whitespace alone
+        after a call is the output's end, dropped; before text it separates that text from earlier content."""
         if self._after_call:
-            text = text.lstrip(WHITESPACE)
-            if not text:
+            stripped = text.lstrip(WHITESPACE)
+            if not stripped:
                 return
+            if not self._sent_content:
+                text = stripped
             self._after_call = False
         if text:
             self._content_out.append(text)
+            self._sent_content = True
 
     def _text_until(self, markers: tuple[str, ...], final: bool) -> str | None:
         """Send content up to the first marker; return that marker (consumed, an attempt begun), or None."""
@@ -116,9 +123,11 @@ class CallStream(ToolCallStream):
         self._buf = buf[at + len(marker):]
         return marker
 
-    def _rest_is_content(self) -> None:
-        self._content(self._buf)
-        self._buf = ""
+    def _rest_is_content(self, final: bool) -> None:
+        """No call can follow: all of _buf is content (but trailing whitespace, until the end)."""
+        keep = 0 if final else len(self._buf) - len(self._buf.rstrip(WHITESPACE))
+        self._content(self._buf[: len(self._buf) - keep])
+        self._buf = self._buf[len(self._buf) - keep:]
 
     # attempts
 
@@ -205,13 +214,13 @@ class CallStream(ToolCallStream):
                 if result != "done":
                     return result
                 self._list_state = "after_item"
-            self._buf = self._buf.lstrip(WHITESPACE)
-            if not self._buf:
+            rest = self._buf.lstrip(WHITESPACE)
+            if not rest:
                 return "end" if final else "more"
-            if self._buf[0] != ",":
-                if self._buf[0] == "]":
-                    self._buf = self._buf[1:]
+            if rest[0] not in ",]":
                 return "end"
-            self._buf = self._buf[1:]
+            self._buf = rest[1:]
+            if rest[0] == "]":
+                return "end"
             self._begin(",")
             self._list_state = "item"

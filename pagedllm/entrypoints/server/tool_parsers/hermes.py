@@ -51,10 +51,10 @@ class HermesStream(CallStream):
                 self._mode = "close" if result == "done" else "text"
                 continue
             # close: whitespace, then </tool_call> if it is there
-            self._buf = self._buf.lstrip(WHITESPACE)
-            if self._buf.startswith(CLOSE):
-                self._buf = self._buf[len(CLOSE):]
-            elif CLOSE.startswith(self._buf):
+            rest = self._buf.lstrip(WHITESPACE)
+            if rest.startswith(CLOSE):
+                self._buf = rest[len(CLOSE):]
+            elif CLOSE.startswith(rest):  # also "": whitespace so far
                 if not final:
                     return
                 self._buf = ""  # a closing tag cut short: dropped with the call it closes

@@ -60,4 +60,4 @@ class _ForcedStream(CallStream):
             if result == "more":
                 return
             self._mode = "text"
-        self._rest_is_content()
+        self._rest_is_content(final)

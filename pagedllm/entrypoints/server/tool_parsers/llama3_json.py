@@ -77,5 +77,5 @@ class Llama3JsonStream(CallStream):
                 self._buf = rest
                 self._mode = "text"
             else:
-                self._rest_is_content()
+                self._rest_is_content(final)
                 return
