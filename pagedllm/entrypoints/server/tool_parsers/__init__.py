@@ -1,8 +1,9 @@
 """Tool call parsers: a model's output split into content and tool calls, whole or streamed.
 
-TOOL_PARSERS names the formats a model may write on its own (tool_choice
+registry.py names the formats a model may write on its own (tool_choice
 "auto"); json_calls.py reads the forced ones (tool_choice "required" or a
-named function). base.py states the contract they all keep.
+named function); tool_choice.py plans a request from its tools, tool_choice
+and parallel_tool_calls. base.py states the contract every parser keeps.
 """
 
 from __future__ import annotations
@@ -20,37 +21,11 @@ from pagedllm.entrypoints.server.tool_parsers.hermes import HermesToolParser
 from pagedllm.entrypoints.server.tool_parsers.json_calls import NamedFunctionParser, RequiredCallsParser
 from pagedllm.entrypoints.server.tool_parsers.llama3_json import Llama3JsonToolParser
 from pagedllm.entrypoints.server.tool_parsers.mistral import MistralToolParser
-
-TOOL_PARSERS: dict[str, type[ToolParser]] = {
-    "hermes": HermesToolParser,
-    "llama3_json": Llama3JsonToolParser,
-    "mistral": MistralToolParser,
-}
-
-# What a chat template writes when it renders tools, and the parser for it; the first found wins.
-_TEMPLATE_SIGNS = (("<tool_call>", "hermes"), ("<|python_tag|>", "llama3_json"), ("ipython", "llama3_json"),
-                   ("[TOOL_CALLS]", "mistral"))
-
-
-def choose_tool_parser(chat_template: str | None, name: str | None = None) -> str:
-    """The parser for a model: the name given (--tool-call-parser), else the one its chat template suggests.
-
-    A template that shows none of the formats gets "hermes": pagedllm then
-    adds the tools to the prompt itself, asking for Hermes-style calls
-    (pagedllm/tool_prompt.py).
-    """
-    if name is not None:
-        if name not in TOOL_PARSERS:
-            raise ValueError(f"unknown tool call parser {name!r}; allowed: {', '.join(TOOL_PARSERS)}")
-        return name
-    for sign, parser in _TEMPLATE_SIGNS:
-        if chat_template and sign in chat_template:
-            return parser
-    return "hermes"
-
+from pagedllm.entrypoints.server.tool_parsers.registry import TOOL_PARSERS, choose_tool_parser
+from pagedllm.entrypoints.server.tool_parsers.tool_choice import ToolPlan, plan_tools
 
 __all__ = [
-    "TOOL_PARSERS", "choose_tool_parser", "ExtractedToolCalls", "StreamDelta", "ToolCall", "ToolCallDelta",
-    "ToolCallStream", "ToolParser", "make_call_id", "HermesToolParser", "Llama3JsonToolParser", "MistralToolParser",
-    "NamedFunctionParser", "RequiredCallsParser",
+    "TOOL_PARSERS", "choose_tool_parser", "plan_tools", "ToolPlan", "ExtractedToolCalls", "StreamDelta", "ToolCall",
+    "ToolCallDelta", "ToolCallStream", "ToolParser", "make_call_id", "HermesToolParser", "Llama3JsonToolParser",
+    "MistralToolParser", "NamedFunctionParser", "RequiredCallsParser",
 ]
