@@ -390,3 +390,27 @@ def test_choose_tool_parser(template, name, chosen):
 def test_choose_tool_parser_refuses_unknown_names():
     with pytest.raises(ValueError, match="allowed: hermes, llama3_json, mistral"):
         choose_tool_parser(None, "pythonic")
+
+
+# Random outputs built from each format's pieces: the contract holds for all of them, calls or not
+
+_PIECES = {
+    "hermes": ["<tool_call>", "</tool_call>", "<tool_", "\n", " ", "text", "<", "{", "}", '"', ",",
+               _call("f", {"a": 1}), _call("g", TRICKY_ARGS)],
+    "llama3_json": ["<|python_tag|>", "<|py", ";", " ", "\n", "text", "{", "}", '"',
+                    '{"name": "f", "parameters": {"a": 1}}', '{"name": "g", "arguments": {}}'],
+    "mistral": ["[TOOL_CALLS]", "[ARGS]", "[TOOL", "[", "]", ",", " ", "f", "text", "{", "}", '{"a": 1}',
+                _call("f", {"a": 1})],
+    "named": [" ", "\n", "{", "}", "text", '"', '{"a": 1}', '{"b": [1, {"c": "x"}]}'],
+    "required": ["[", "]", ",", " ", "{", "}", "text", '{"name": "f", "parameters": {"a": 1}}'],
+}
+_PARSERS = {"hermes": HermesToolParser, "llama3_json": Llama3JsonToolParser, "mistral": MistralToolParser,
+            "named": lambda: NamedFunctionParser("f"), "required": RequiredCallsParser}
+
+
+@pytest.mark.parametrize("fmt", sorted(_PIECES))
+def test_contract_on_random_outputs(fmt):
+    rng = random.Random(fmt)
+    parser = _PARSERS[fmt]()
+    for _ in range(150):
+        check_contract(parser, "".join(rng.choice(_PIECES[fmt]) for _ in range(rng.randrange(1, 9))))
