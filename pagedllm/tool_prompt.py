@@ -7,7 +7,8 @@ probe conversations with it; then only what it cannot do is done here, in the
 Hermes style (Hermes, Qwen 2.5) that the hermes parser reads back:
 
 - tools: a system message (merged into the first one, if the conversation
-  begins with one) lists the functions as JSON inside <tools></tools> and asks
+  begins with one; the first user message, for templates without a system
+  role) lists the functions as JSON inside <tools></tools> and asks
   for calls as <tool_call>{"name": ..., "arguments": ...}</tool_call>;
 - an assistant message's tool_calls: written into its content as
   <tool_call> blocks;
@@ -60,7 +61,8 @@ def fit_tools(render: Render, conversation: list[dict], tools: list[dict] | None
         if _renders_tools(render):
             template_tools = tools
         else:
-            conversation = with_tools_prompt(conversation, tools)
+            system_shown = _shows(render, [{"role": "system", "content": _PROBE_RESULT}, _PROBE_USER], None, _PROBE_RESULT)
+            conversation = with_tools_prompt(conversation, tools, system_shown)
     probe_tools = [_PROBE_TOOL] if template_tools else None
     calls_shown = True
     if any(m.get("tool_calls") for m in conversation) or any(m["role"] == "tool" for m in conversation):
@@ -74,14 +76,23 @@ def fit_tools(render: Render, conversation: list[dict], tools: list[dict] | None
     return conversation, template_tools
 
 
-def with_tools_prompt(conversation: list[dict], tools: list[dict]) -> list[dict]:
-    """The tools listed in the first system message (one is added at the front if there is none)."""
+def with_tools_prompt(conversation: list[dict], tools: list[dict], system: bool = True) -> list[dict]:
+    """The tools listed in the first system message (one is added at the front if there is none).
+
+    system=False, for templates that refuse or drop system messages (Gemma's):
+    the list goes at the start of the first user message instead.
+    """
     text = TOOLS_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
-    first = conversation[0] if conversation else None
-    if first is not None and first["role"] == "system" and isinstance(first["content"], str):
-        merged = f"{first['content']}\n\n{text}" if first["content"] else text
-        return [{**first, "content": merged}, *conversation[1:]]
-    return [{"role": "system", "content": text}, *conversation]
+    role = "system" if system else "user"
+    at = next((i for i, m in enumerate(conversation) if m["role"] == role), None)
+    if system and at != 0:
+        return [{"role": "system", "content": text}, *conversation]
+    if at is None:
+        return [{"role": "user", "content": text}, *conversation]
+    message = conversation[at]
+    joined = [text, message["content"]] if role == "user" else [message["content"], text]
+    merged = {**message, "content": "\n\n".join(part for part in joined if part)}
+    return [*conversation[:at], merged, *conversation[at + 1:]]
 
 
 def calls_as_text(message: dict) -> dict:

@@ -33,6 +33,11 @@ DROPPING_TEMPLATE = (
     "{% for m in messages %}{% if m.role in ['system', 'user', 'assistant'] %}[{{ m.role }}] {{ m.content }}\n{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
 )
+# Refuses system messages, as Gemma's does.
+NO_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +101,13 @@ def test_a_template_that_drops_tool_messages_gets_them_as_user_text(tokenizer):
     assert "[user] <tool_response>\nsunny\n</tool_response>\n<tool_response>\nrain\n</tool_response>\n" in text
     assert '[assistant] <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
     assert text.startswith("[system] # Tools")
+
+
+def test_a_template_without_a_system_role_gets_the_tools_in_the_first_user_message(tokenizer):
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    text = _text(tokenizer, messages, tools=[WEATHER], chat_template=NO_SYSTEM_TEMPLATE)
+    assert text.startswith("<user># Tools") and text.count("<user>") == 1
+    assert text.endswith("</tool_call>\n\nWeather in Paris?</user>")
 
 
 def test_bad_tools_are_refused_naming_the_field(tokenizer):

@@ -12,9 +12,9 @@ A format's stream is a small state machine over the text not yet consumed
   call already announced);
 - _read_call_list(): a JSON list of call objects ([{...}, {...}]).
 
-Whitespace before a call, between calls, after the last one, and after a
-call at the start of the output is not content; whitespace between a call and
-content on both sides separates that content.
+Whitespace before a call and between calls is not content, nor is whitespace
+after a call, unless content comes both before and after that call: then it
+separates the two ("Before <call> after" has the content "Before after").
 """
 
 from __future__ import annotations
