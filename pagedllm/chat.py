@@ -16,10 +16,13 @@ the same way in both, with a ValueError that names the field
 
 A list of parts becomes one string, since most templates render only string
 content. Keys this module does not know are passed to the template as given.
+
+check_tools() checks a request's tools (function definitions) the same way.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -113,3 +116,49 @@ def _check_tool_calls(calls: Any, where: str) -> None:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_TOOL_SHAPE = "each tool must be {'type': 'function', 'function': {'name': str, 'description'?: str, 'parameters'?: JSON schema}}"
+
+
+def check_tools(tools: Any) -> list[dict] | None:
+    """The request's tools, checked as OpenAI checks them; None for none (an empty list counts as none).
+
+    Each comes back as {"type": "function", "function": {...}}, the form chat
+    templates (and transformers) expect; keys not checked here are kept.
+    """
+    if tools is None:
+        return None
+    if not isinstance(tools, (list, tuple)):
+        raise ValueError(f"tools must be a list; {_TOOL_SHAPE}")
+    seen: dict[str, int] = {}
+    out = []
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict):
+            raise ValueError(f"{where} is {_short(tool)}; {_TOOL_SHAPE}")
+        if tool.get("type", "function") != "function":
+            raise ValueError(f"{where}.type is {_short(tool.get('type'))}; only 'function' tools are supported")
+        fn = tool.get("function")
+        if not isinstance(fn, dict):
+            raise ValueError(f"{where}.function must be an object; {_TOOL_SHAPE}")
+        name = fn.get("name")
+        if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+            raise ValueError(f"{where}.function.name is {_short(name)}; a name is 1 to 64 letters, digits, '_' or '-'")
+        if name in seen:
+            raise ValueError(f"{where}.function.name {name!r} is already the name of tools[{seen[name]}]; names must differ")
+        seen[name] = i
+        if "description" in fn and not isinstance(fn["description"], (str, type(None))):
+            raise ValueError(f"{where}.function.description must be a string, got {_short(fn['description'])}")
+        params = fn.get("parameters")
+        if params is not None:
+            if not isinstance(params, dict):
+                raise ValueError(f"{where}.function.parameters must be a JSON schema object, got {_short(params)}")
+            if params.get("type", "object") != "object":
+                raise ValueError(f"{where}.function.parameters.type is {_short(params.get('type'))}; the arguments "
+                                 "of a function are a JSON object, so its schema's type must be 'object'")
+        if "strict" in fn and not isinstance(fn["strict"], (bool, type(None))):
+            raise ValueError(f"{where}.function.strict must be true or false, got {_short(fn['strict'])}")
+        out.append({**tool, "type": "function", "function": dict(fn)})
+    return out or None

@@ -10,7 +10,8 @@ import json
 import os
 from typing import TYPE_CHECKING
 
-from pagedllm.chat import check_messages
+from pagedllm.chat import check_messages, check_tools
+from pagedllm.tool_prompt import fit_tools
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -62,12 +63,17 @@ def apply_chat_template(
     messages: list[dict],
     add_generation_prompt: bool = True,
     chat_template: str | None = None,
+    tools: list[dict] | None = None,
 ) -> list[int]:
     """Token ids of the rendered chat, as a plain list.
 
     The template is rendered to text and then encoded without special tokens:
     templates write their own BOS (e.g. Llama 3's <|begin_of_text|>), so letting
     the tokenizer add one as well would double it.
+
+    tools: OpenAI function tools ({"type": "function", "function": {...}}),
+    given to the template; where the template ignores them (or tool calls, or
+    tool messages), tool_prompt.fit_tools writes them into the messages.
     """
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
@@ -76,24 +82,29 @@ def apply_chat_template(
             "pass chat_template=<jinja template> or send a plain text prompt instead"
         )
     conversation = check_messages(messages)
+    checked_tools = check_tools(tools)
+
+    def render(conv: list[dict], with_tools: list[dict] | None) -> str:
+        return _render(tokenizer, conv, template, add_generation_prompt, with_tools)
+
+    conversation, checked_tools = fit_tools(render, conversation, checked_tools)
     try:
-        text = _render(tokenizer, conversation, template, add_generation_prompt)
+        text = render(conversation, checked_tools)
     except Exception as exc:  # the template's own checks (raise_exception) or a template bug
         # Null content (an assistant's tool calls) breaks templates that only concatenate strings: try it empty.
         if not any(m["content"] is None for m in conversation):
             raise ValueError(f"the chat template could not render these messages: {type(exc).__name__}: {exc}") from None
         try:
-            text = _render(tokenizer, [{**m, "content": m["content"] or ""} for m in conversation], template, add_generation_prompt)
+            text = render([{**m, "content": m["content"] or ""} for m in conversation], checked_tools)
         except Exception:
             raise ValueError(f"the chat template could not render these messages: {type(exc).__name__}: {exc}") from None
-    if not isinstance(text, str):  # a batch of one, from some transformers versions
-        text = text[0]
     ids = tokenizer.encode(text, add_special_tokens=False)
     if hasattr(ids, "input_ids"):  # BatchEncoding or dict-like
         ids = ids["input_ids"]
     return [int(i) for i in ids]
 
 
-def _render(tokenizer, conversation: list[dict], template: str, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(conversation, chat_template=template, add_generation_prompt=add_generation_prompt,
-                                         tokenize=False)
+def _render(tokenizer, conversation: list[dict], template: str, add_generation_prompt: bool, tools: list[dict] | None) -> str:
+    text = tokenizer.apply_chat_template(conversation, chat_template=template, add_generation_prompt=add_generation_prompt,
+                                         tokenize=False, tools=tools)
+    return text if isinstance(text, str) else text[0]  # a batch of one, from some transformers versions

@@ -63,8 +63,13 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"} dicts) or a list of them, through the model's chat template."""
+        """One conversation (a list of {"role", "content"} dicts) or a list of them, through the model's chat template.
+
+        tools: OpenAI function tools, shown to the model (pagedllm/tool_prompt.py); read the
+        calls out of the text with a parser from pagedllm.entrypoints.server.tool_parsers.
+        """
         from pagedllm.tokenizer import apply_chat_template
 
         if not messages:
@@ -72,7 +77,8 @@ class LLM:
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         prompts = []
         for conv in conversations:
-            ids = apply_chat_template(self.engine.tokenizer, conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template)
+            ids = apply_chat_template(self.engine.tokenizer, conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template,
+                                      tools=tools)
             prompts.append({"prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
