@@ -32,6 +32,7 @@ from pagedllm.entrypoints.server.protocol import (
 from pagedllm.entrypoints.server.serving_chat import create_chat_completion
 from pagedllm.entrypoints.server.serving_completions import create_completion
 from pagedllm.entrypoints.server.state import ServerState
+from pagedllm.entrypoints.server.tool_parsers import choose_tool_parser
 from pagedllm.entrypoints.server.streaming import ClientDisconnected
 from pagedllm.metrics import CONTENT_TYPE, ServerMetrics
 from pagedllm.tokenizer import apply_chat_template
@@ -39,11 +40,16 @@ from pagedllm.tokenizer import apply_chat_template
 logger = logging.getLogger(__name__)
 
 
-def build_app(engine, served_model_names: list[str] | None = None, api_key: str | None = None, log_interval: float = 5.0) -> FastAPI:
-    """An app serving `engine` (a loaded LLMEngine) under `served_model_names` (default: its path)."""
+def build_app(engine, served_model_names: list[str] | None = None, api_key: str | None = None, log_interval: float = 5.0,
+              tool_call_parser: str | None = None) -> FastAPI:
+    """An app serving `engine` (a loaded LLMEngine) under `served_model_names` (default: its path).
+
+    tool_call_parser: the format the model writes tool calls in (hermes, llama3_json, mistral); None: read from its chat template."""
     names = list(served_model_names or [engine.model_path])
     metrics = ServerMetrics(names[0])
-    state = ServerState(AsyncLLMEngine(engine, observer=metrics, log_interval=log_interval), names, metrics, api_key or None)
+    parser = choose_tool_parser(getattr(engine.tokenizer, "chat_template", None), tool_call_parser)
+    state = ServerState(AsyncLLMEngine(engine, observer=metrics, log_interval=log_interval), names, metrics, api_key or None,
+                        tool_parser=parser)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

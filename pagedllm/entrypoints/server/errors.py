@@ -53,7 +53,7 @@ def from_value_error(exc: ValueError, fields: set[str], renames: dict[str, str] 
     when that name is a request field it becomes the error's param.
     """
     message = str(exc)
-    first = message.split(" ", 1)[0].rstrip(":,")
+    first = message.split(" ", 1)[0].rstrip(":,").split("[", 1)[0].split(".", 1)[0]  # logit_bias['5'], structured_outputs.json
     renames = renames or {}
     param = renames.get(first, first if first in fields else None)
     if param is not None and first in renames:

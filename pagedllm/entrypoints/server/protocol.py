@@ -40,7 +40,7 @@ class SamplingRequest(_Request):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     seed: int | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, JSON's keys) -> bias in [-100, 100]
     user: str | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -54,6 +54,17 @@ class SamplingRequest(_Request):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     return_tokens_as_token_ids: bool | None = None  # logprob tokens as "token_id:<id>"
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    # Structured outputs (structured.py reads them into one spec): OpenAI's, vLLM's, vLLM's older names.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -74,7 +85,7 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: bool | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class TokenizeRequest(_Request):
@@ -137,9 +148,41 @@ class ChatLogprobs(_Response):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCallOut(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_what_changed(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaToolCall(_Response):
+    index: int
+    id: str | None = None  # the first delta of a call carries id, type and name; later ones argument fragments
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+    @model_serializer(mode="wrap")
+    def _only_what_changed(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class ChatMessage(_Response):
     role: str = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] = Field(default_factory=list)  # OpenAI sends [] when there are none
 
 
 class ChatChoice(_Response):
@@ -162,6 +205,7 @@ class ChatCompletionResponse(_Response):
 class DeltaMessage(_Response):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _only_what_changed(self, handler):

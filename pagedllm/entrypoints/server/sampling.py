@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 
 from pagedllm.entrypoints.server.errors import APIError, bad_request, from_value_error
 from pagedllm.entrypoints.server.protocol import SamplingRequest
+from pagedllm.entrypoints.server.structured import structured_outputs_of
 from pagedllm.sampling_params import SamplingParams
+from pagedllm.structured_output.params import StructuredOutputsParams
 
 if TYPE_CHECKING:
     from pagedllm.engine.request import Request
@@ -53,8 +55,6 @@ def reject_unsupported(body: SamplingRequest, allowed_extra: tuple[str, ...] = (
     """400 for OpenAI features this engine does not have, rather than silently ignoring them."""
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
-    if body.logit_bias:
-        raise bad_request("logit_bias is not supported by this server", "logit_bias", "unsupported_parameter")
     extra = sorted(k for k in (body.model_extra or {}) if k not in allowed_extra)
     if extra:
         logger.info("ignoring request fields this server does not use: %s", ", ".join(extra))
@@ -84,18 +84,24 @@ def resolve_max_tokens(
     return requested
 
 
-def sampling_params(body: SamplingRequest, max_tokens: int, logprobs: int | None, renames: dict[str, str] | None = None) -> SamplingParams:
-    """SamplingParams from the request; its range checks become 400s naming the field."""
+def sampling_params(body: SamplingRequest, max_tokens: int, logprobs: int | None, renames: dict[str, str] | None = None,
+                    structured: StructuredOutputsParams | None = None) -> SamplingParams:
+    """SamplingParams from the request; its range checks become 400s naming the field.
+
+    structured: the output's grammar when the caller decided it (a forced tool call); else read from the request."""
     fields = dict(
         n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p, seed=body.seed,
         min_tokens=body.min_tokens, stop=body.stop, stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty, skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output,
+        logit_bias=body.logit_bias or None, allowed_token_ids=body.allowed_token_ids, bad_words=body.bad_words or None,
     )
     given = {k: v for k, v in fields.items() if v is not None}
+    if structured is None:
+        structured, _ = structured_outputs_of(body)
     try:
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **given)
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, structured_outputs=structured, **given)
     except ValueError as exc:
         raise from_value_error(exc, set(type(body).model_fields), renames) from None
 

@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from pagedllm.engine.outputs import CompletionOutput, RequestOutput
-from pagedllm.entrypoints.server import sampling
+from pagedllm.entrypoints.server import sampling, serving_tools
 from pagedllm.entrypoints.server.errors import APIError, bad_request
 from pagedllm.entrypoints.server.logprobs import chat_logprobs
 from pagedllm.entrypoints.server.protocol import (
@@ -29,7 +29,9 @@ from pagedllm.entrypoints.server.protocol import (
     DeltaMessage,
     UsageInfo,
 )
+from pagedllm.entrypoints.server.serving_tools import ToolSetup
 from pagedllm.entrypoints.server.state import ServerState, new_id
+from pagedllm.entrypoints.server.structured import structured_outputs_of
 from pagedllm.entrypoints.server.streaming import DONE, EventStreamResponse, Progress, merge, sse, unless_disconnected
 from pagedllm.sampling_params import MAX_LOGPROBS
 from pagedllm.tokenizer import apply_chat_template
@@ -41,6 +43,7 @@ class _Prepared:
     model: str
     request: object  # the engine Request
     top_logprobs: int | None  # None: no logprobs asked
+    tools: ToolSetup | None = None  # the request's tool plan and parser; None: no tools
 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, raw: Request) -> Response:
@@ -54,14 +57,14 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
 def _prepare(state: ServerState, body: ChatCompletionRequest) -> _Prepared:
     model = state.check_model(body.model)
     sampling.reject_unsupported(body)
-    if body.tools:
-        raise bad_request("tools (function calling) are not supported by this server", "tools", "unsupported_parameter")
-    if body.response_format is not None and body.response_format.get("type", "text") != "text":
-        raise bad_request("only response_format {'type': 'text'} is supported by this server", "response_format", "unsupported_parameter")
+    tools = serving_tools.plan_request(body, state.tool_parser)
+    structured, field = structured_outputs_of(body)
+    forced = serving_tools.forced_grammar(tools, field)
     top = _top_logprobs(body)
     try:
         ids = apply_chat_template(
-            state.tokenizer, body.messages, add_generation_prompt=body.add_generation_prompt is not False
+            state.tokenizer, body.messages, add_generation_prompt=body.add_generation_prompt is not False,
+            tools=tools.plan.tools if tools is not None else None,
         )
     except ValueError as exc:
         raise bad_request(str(exc), "messages") from None
@@ -71,10 +74,12 @@ def _prepare(state: ServerState, body: ChatCompletionRequest) -> _Prepared:
         requested, param = body.max_tokens, "max_tokens"
     max_tokens = sampling.resolve_max_tokens(requested, param, len(ids), state.max_model_len, None, "messages")
     renames = {"max_tokens": param, "logprobs": "top_logprobs"}
-    params = sampling.sampling_params(body, max_tokens, top, renames)
+    params = sampling.sampling_params(body, max_tokens, top, renames, structured=forced or structured)
+    if tools is not None and tools.parser is not None and tools.parser.needs_special_tokens and body.skip_special_tokens is None:
+        params.skip_special_tokens = False  # the call markers are special tokens (Mistral's [TOOL_CALLS])
     response_id = new_id("chatcmpl")
     request = sampling.make_request(state, {"prompt_token_ids": ids}, params, response_id, "messages")
-    return _Prepared(response_id, model, request, top)
+    return _Prepared(response_id, model, request, top, tools)
 
 
 def _top_logprobs(body: ChatCompletionRequest) -> int | None:
@@ -99,13 +104,15 @@ async def _collect(state: ServerState, prep: _Prepared) -> RequestOutput:
 
 
 def _response(body: ChatCompletionRequest, prep: _Prepared, final: RequestOutput) -> ChatCompletionResponse:
-    choices = [
-        ChatChoice(
-            index=comp.index, message=ChatMessage(content=comp.text), logprobs=_logprobs(body, prep, comp, 0),
-            finish_reason=comp.finish_reason, stop_reason=comp.stop_reason,
-        )
-        for comp in final.outputs
-    ]
+    choices = []
+    for comp in final.outputs:
+        message, reason = ChatMessage(content=comp.text), comp.finish_reason
+        if prep.tools is not None and prep.tools.parser is not None:
+            content, calls = serving_tools.whole(prep.tools, comp.text)
+            message = ChatMessage(content=content, tool_calls=calls or [])
+            reason = serving_tools.finish_reason(prep.tools, reason, bool(calls))
+        choices.append(ChatChoice(index=comp.index, message=message, logprobs=_logprobs(body, prep, comp, 0),
+                                  finish_reason=reason, stop_reason=comp.stop_reason))
     return ChatCompletionResponse(id=prep.response_id, model=prep.model, choices=choices, usage=_usage(final))
 
 
@@ -150,9 +157,17 @@ def _delta(body: ChatCompletionRequest, prep: _Prepared, comp: CompletionOutput,
     if not text and not (prep.top_logprobs is not None and len(comp.token_ids) > start) and comp.finish_reason is None:
         return None
     p.chars, p.tokens, p.done = len(comp.text), len(comp.token_ids), comp.finish_reason is not None
+    delta, reason = DeltaMessage(content=text or None), comp.finish_reason
+    if prep.tools is not None and prep.tools.parser is not None:
+        calls = p.tool_calls = p.tool_calls or serving_tools.StreamedCalls(prep.tools)
+        content, tool_calls = calls.feed(text, final=p.done)
+        if content is None and tool_calls is None and not p.done and prep.top_logprobs is None:
+            return None  # held back: it may be the start of a call
+        delta = DeltaMessage(content=content, tool_calls=tool_calls)
+        reason = serving_tools.finish_reason(prep.tools, reason, calls.called)
     return ChatChunkChoice(
-        index=comp.index, delta=DeltaMessage(content=text or None), logprobs=_logprobs(body, prep, comp, start),
-        finish_reason=comp.finish_reason, stop_reason=comp.stop_reason,
+        index=comp.index, delta=delta, logprobs=_logprobs(body, prep, comp, start),
+        finish_reason=reason, stop_reason=comp.stop_reason,
     )
 
 

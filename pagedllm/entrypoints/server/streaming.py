@@ -44,6 +44,7 @@ class Progress:
     tokens: int = 0
     text_offset: int = 0  # for legacy logprobs' text_offset
     done: bool = False  # its finish_reason went out: with n > 1 it rides along until its siblings end
+    tool_calls: object = None  # chat with tools: its serving_tools.StreamedCalls
 
 
 class ClientDisconnected(Exception):
