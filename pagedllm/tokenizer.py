@@ -62,13 +62,19 @@ def apply_chat_template(
     messages: list[dict],
     add_generation_prompt: bool = True,
     chat_template: str | None = None,
+    continue_final_message: bool = False,
 ) -> list[int]:
     """Token ids of the rendered chat, as a plain list.
 
     The template is rendered to text and then encoded without special tokens:
     templates write their own BOS (e.g. Llama 3's <|begin_of_text|>), so letting
-    the tokenizer add one as well would double it.
+    the tokenizer add one as well would double it. continue_final_message leaves
+    the last message open (no end-of-turn after it), for the model to go on with
+    it (a prefilled reply); it cannot be combined with add_generation_prompt.
     """
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt cannot both be true: "
+                         "either the last message is continued or a new one is started")
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
         raise ValueError(
@@ -77,13 +83,14 @@ def apply_chat_template(
         )
     conversation = check_messages(messages)
     try:
-        text = _render(tokenizer, conversation, template, add_generation_prompt)
+        text = _render(tokenizer, conversation, template, add_generation_prompt, continue_final_message)
     except Exception as exc:  # the template's own checks (raise_exception) or a template bug
         # Null content (an assistant's tool calls) breaks templates that only concatenate strings: try it empty.
         if not any(m["content"] is None for m in conversation):
             raise ValueError(f"the chat template could not render these messages: {type(exc).__name__}: {exc}") from None
         try:
-            text = _render(tokenizer, [{**m, "content": m["content"] or ""} for m in conversation], template, add_generation_prompt)
+            text = _render(tokenizer, [{**m, "content": m["content"] or ""} for m in conversation], template,
+                           add_generation_prompt, continue_final_message)
         except Exception:
             raise ValueError(f"the chat template could not render these messages: {type(exc).__name__}: {exc}") from None
     if not isinstance(text, str):  # a batch of one, from some transformers versions
@@ -94,6 +101,8 @@ def apply_chat_template(
     return [int(i) for i in ids]
 
 
-def _render(tokenizer, conversation: list[dict], template: str, add_generation_prompt: bool) -> str:
+def _render(tokenizer, conversation: list[dict], template: str, add_generation_prompt: bool,
+            continue_final_message: bool = False) -> str:
+    extra = {"continue_final_message": True} if continue_final_message else {}
     return tokenizer.apply_chat_template(conversation, chat_template=template, add_generation_prompt=add_generation_prompt,
-                                         tokenize=False)
+                                         tokenize=False, **extra)

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from pagedllm.engine.async_engine import AsyncLLMEngine
 from pagedllm.entrypoints.server.errors import APIError, bad_request, install_error_handlers
+from pagedllm.entrypoints.server.fingerprint import system_fingerprint
 from pagedllm.entrypoints.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -43,7 +44,8 @@ def build_app(engine, served_model_names: list[str] | None = None, api_key: str 
     """An app serving `engine` (a loaded LLMEngine) under `served_model_names` (default: its path)."""
     names = list(served_model_names or [engine.model_path])
     metrics = ServerMetrics(names[0])
-    state = ServerState(AsyncLLMEngine(engine, observer=metrics, log_interval=log_interval), names, metrics, api_key or None)
+    state = ServerState(AsyncLLMEngine(engine, observer=metrics, log_interval=log_interval), names, metrics, api_key or None,
+                        system_fingerprint(engine))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

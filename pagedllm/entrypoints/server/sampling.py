@@ -84,14 +84,17 @@ def resolve_max_tokens(
     return requested
 
 
-def sampling_params(body: SamplingRequest, max_tokens: int, logprobs: int | None, renames: dict[str, str] | None = None) -> SamplingParams:
+def sampling_params(
+    body: SamplingRequest, max_tokens: int, logprobs: int | None, renames: dict[str, str] | None = None,
+    prompt_logprobs: int | None = None,
+) -> SamplingParams:
     """SamplingParams from the request; its range checks become 400s naming the field."""
     fields = dict(
         n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p, seed=body.seed,
         min_tokens=body.min_tokens, stop=body.stop, stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty, skip_special_tokens=body.skip_special_tokens,
-        include_stop_str_in_output=body.include_stop_str_in_output,
+        include_stop_str_in_output=body.include_stop_str_in_output, prompt_logprobs=prompt_logprobs,
     )
     given = {k: v for k, v in fields.items() if v is not None}
     try:

@@ -16,6 +16,7 @@ class ServerState:
     model_names: list[str]  # the first is the name responses carry
     metrics: ServerMetrics
     api_key: str | None = None
+    system_fingerprint: str | None = None  # fingerprint.py: the same for every response of this app
 
     @property
     def tokenizer(self):
