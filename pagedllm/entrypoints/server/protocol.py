@@ -66,6 +66,9 @@ class SamplingRequest(_Request):
     return_tokens_as_token_ids: bool | None = None  # logprob tokens as "token_id:<id>"
     prompt_logprobs: int | None = None  # vLLM's: per prompt token its logprob and the best k
     return_token_ids: bool | None = None  # vLLM's: prompt_token_ids and token_ids in the response
+    use_beam_search: bool | None = None  # vLLM's: n beams, the n best returned
+    length_penalty: float | None = None  # beam search: score = cum_logprob / len ** length_penalty
+    early_stopping: bool | Literal["never"] | None = None  # beam search, as transformers
 
 
 class CompletionRequest(SamplingRequest):

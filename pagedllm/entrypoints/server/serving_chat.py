@@ -22,7 +22,9 @@ from fastapi.responses import Response
 
 from pagedllm.engine.outputs import CompletionOutput, RequestOutput
 from pagedllm.chat import check_messages
+from pagedllm.engine.beam_search import BeamSearchParams
 from pagedllm.entrypoints.server import sampling
+from pagedllm.entrypoints.server.beam_search import beam_params, beam_search
 from pagedllm.entrypoints.server.errors import APIError, bad_request
 from pagedllm.entrypoints.server.logprobs import chat_logprobs, prompt_logprobs_json
 from pagedllm.entrypoints.server.protocol import (
@@ -50,6 +52,7 @@ class _Prepared:
     top_logprobs: int | None  # None: no logprobs asked
     role: str  # the reply's: the assistant's, or the continued last message's
     echo: str  # what the reply starts with (echo), "" for nothing
+    beam: BeamSearchParams | None
 
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest, raw: Request) -> Response:
@@ -88,9 +91,10 @@ def _prepare(state: ServerState, body: ChatCompletionRequest) -> _Prepared:
     max_tokens = sampling.resolve_max_tokens(requested, param, len(ids), state.max_model_len, None, "messages")
     renames = {"max_tokens": param, "logprobs": "top_logprobs"}
     params = sampling.sampling_params(body, max_tokens, top, renames, prompt_logprobs=body.prompt_logprobs)
+    beam = beam_params(body, max_tokens)
     response_id = new_id("chatcmpl")
     request = sampling.make_request(state, {"prompt_token_ids": ids}, params, response_id, "messages")
-    return _Prepared(response_id, model, request, top, role, echo)
+    return _Prepared(response_id, model, request, top, role, echo, beam)
 
 
 def _add_generation_prompt(body: ChatCompletionRequest) -> bool:
@@ -117,6 +121,8 @@ def _top_logprobs(body: ChatCompletionRequest) -> int | None:
 
 
 async def _collect(state: ServerState, prep: _Prepared) -> RequestOutput:
+    if prep.beam is not None:
+        return await beam_search(state, prep.request, prep.beam, prep.top_logprobs is not None)
     final = None
     async for _, out in merge([state.engine.generate(prep.request, final_only=True)]):
         final = out

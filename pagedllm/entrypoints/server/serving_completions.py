@@ -13,6 +13,7 @@ answer holds the prompt alone.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -20,8 +21,10 @@ from dataclasses import dataclass
 from fastapi import Request
 from fastapi.responses import Response
 
+from pagedllm.engine.beam_search import BeamSearchParams
 from pagedllm.engine.outputs import CompletionOutput, RequestOutput
 from pagedllm.entrypoints.server import sampling
+from pagedllm.entrypoints.server.beam_search import beam_params, beam_search
 from pagedllm.entrypoints.server.errors import APIError, bad_request
 from pagedllm.entrypoints.server.logprobs import completion_logprobs, prompt_logprobs_json
 from pagedllm.entrypoints.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse
@@ -38,6 +41,7 @@ class _Prepared:
     prompt_texts: list[str | None]  # for echo: the prompt as given, or decoded from its token ids
     n: int
     prompt_only: bool  # echo with max_tokens=0: the one token generated is not shown
+    beam: BeamSearchParams | None
 
 
 async def create_completion(state: ServerState, body: CompletionRequest, raw: Request) -> Response:
@@ -64,7 +68,7 @@ def _prepare(state: ServerState, body: CompletionRequest) -> _Prepared:
     prompt_only = bool(body.echo) and body.max_tokens == 0
     prompts = sampling.parse_prompts(body.prompt)
     response_id = new_id("cmpl")
-    requests, texts = [], []
+    requests, texts, beam = [], [], None
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
             text, ids = prompt, list(state.tokenizer.encode(prompt))
@@ -75,11 +79,12 @@ def _prepare(state: ServerState, body: CompletionRequest) -> _Prepared:
             requested, "max_tokens", len(ids), state.max_model_len, sampling.COMPLETIONS_DEFAULT_MAX_TOKENS
         )
         params = sampling.sampling_params(body, max_tokens, body.logprobs, prompt_logprobs=_prompt_logprobs(body))
+        beam = beam_params(body, max_tokens)
         requests.append(sampling.make_request(state, {"prompt": text, "prompt_token_ids": ids}, params, f"{response_id}-{i}", "prompt"))
         texts.append(text)
     if body.echo:  # token-id prompts echo as their text
         texts = [t if t is not None else state.tokenizer.decode(r.prompt_token_ids) for t, r in zip(texts, requests)]
-    return _Prepared(response_id, model, requests, texts, requests[0].sampling_params.n, prompt_only)
+    return _Prepared(response_id, model, requests, texts, requests[0].sampling_params.n, prompt_only, beam)
 
 
 def _prompt_logprobs(body: CompletionRequest) -> int | None:
@@ -92,6 +97,8 @@ def _prompt_logprobs(body: CompletionRequest) -> int | None:
 
 
 async def _collect(state: ServerState, body: CompletionRequest, prep: _Prepared) -> list[RequestOutput]:
+    if prep.beam is not None:
+        return list(await asyncio.gather(*(beam_search(state, r, prep.beam, body.logprobs is not None) for r in prep.requests)))
     finals: list[RequestOutput | None] = [None] * len(prep.requests)
     async for i, out in merge([state.engine.generate(r, final_only=True) for r in prep.requests]):
         finals[i] = out
