@@ -5,6 +5,7 @@ usage.prompt_tokens_details.cached_tokens, continuous_usage_stats and system_fin
 from __future__ import annotations
 
 import json
+import logging
 
 import httpx
 import openai
@@ -223,3 +224,39 @@ def test_chat_continue_final_message_and_echo(http, offline):
     r = http.post("/v1/chat/completions", json={**body, "add_generation_prompt": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
     assert "cannot both be true" in r.json()["error"]["message"]
+
+
+UNSUPPORTED = [
+    ("/v1/completions", {"priority": 1}, "priority"),
+    ("/v1/completions", {"lora_request": {"lora_name": "a"}}, "lora_request"),
+    ("/v1/completions", {"truncate_prompt_tokens": 8}, "truncate_prompt_tokens"),
+    ("/v1/completions", {"add_special_tokens": False}, "add_special_tokens"),
+    ("/v1/completions", {"mm_processor_kwargs": {"x": 1}}, "mm_processor_kwargs"),
+    ("/v1/chat/completions", {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+    ("/v1/chat/completions", {"function_call": "auto"}, "function_call"),
+    ("/v1/chat/completions", {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
+    ("/v1/chat/completions", {"prediction": {"type": "content", "content": "x"}}, "prediction"),
+    ("/v1/chat/completions", {"best_of": 2}, "best_of"),
+    ("/v1/chat/completions", {"reasoning_effort": "low"}, "reasoning_effort"),
+]
+
+
+@pytest.mark.parametrize("path,extra,name", UNSUPPORTED, ids=[f"{p.split('/')[-1]}-{n}" for p, _, n in UNSUPPORTED])
+def test_a_defined_field_this_server_cannot_honour_is_a_400(http, path, extra, name):
+    body = {"prompt": PROMPT} if path == "/v1/completions" else {"messages": MSG}
+    r = http.post(path, json={**body, "max_tokens": 1, **extra})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["message"].startswith(f"{name} is not supported by this server") and err["param"] == name
+    assert err["code"] == "unsupported_parameter"
+
+
+def test_harmless_values_metadata_and_unknown_fields_are_accepted(http, caplog):
+    harmless = {"priority": 0, "user": "u1", "metadata": {"team": "a"}, "store": False, "service_tier": "auto",
+                "spaces_between_special_tokens": True}
+    post(http, "/v1/completions", prompt=PROMPT, max_tokens=1, add_special_tokens=True, **harmless)
+    post(http, "/v1/chat/completions", messages=MSG, max_tokens=1, modalities=["text"], best_of=1, **harmless)
+    with caplog.at_level(logging.WARNING, logger="pagedllm.entrypoints.server.unsupported"):
+        post(http, "/v1/completions", prompt=PROMPT, max_tokens=1, frobnicate=3)
+    assert any("frobnicate" in r.getMessage() for r in caplog.records)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from pagedllm.entrypoints.server.errors import APIError, bad_request, from_value_error
 from pagedllm.entrypoints.server.protocol import SamplingRequest
+from pagedllm.entrypoints.server.unsupported import OWNED_ELSEWHERE, check_extra_fields
 from pagedllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -50,14 +51,16 @@ def parse_prompts(prompt) -> list[str | list[int]]:
 
 
 def reject_unsupported(body: SamplingRequest, allowed_extra: tuple[str, ...] = ()) -> None:
-    """400 for OpenAI features this engine does not have, rather than silently ignoring them."""
+    """400 for OpenAI and vLLM features this engine does not have, rather than silently ignoring them (unsupported.py)."""
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
     if body.logit_bias:
         raise bad_request("logit_bias is not supported by this server", "logit_bias", "unsupported_parameter")
-    extra = sorted(k for k in (body.model_extra or {}) if k not in allowed_extra)
-    if extra:
-        logger.info("ignoring request fields this server does not use: %s", ", ".join(extra))
+    extra = {k: v for k, v in (body.model_extra or {}).items() if k not in allowed_extra}
+    owned = sorted(k for k in extra if k in OWNED_ELSEWHERE)
+    if owned:
+        logger.info("ignoring request fields this server does not use: %s", ", ".join(owned))
+    check_extra_fields(extra, chat=hasattr(body, "messages"))
 
 
 def resolve_max_tokens(
