@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from pagedllm.engine.async_engine import AsyncLLMEngine
+from pagedllm.entrypoints.server.cors import CorsSettings, add_cors
 from pagedllm.entrypoints.server.errors import APIError, bad_request, install_error_handlers
 from pagedllm.entrypoints.server.fingerprint import system_fingerprint
 from pagedllm.entrypoints.server.protocol import (
@@ -40,8 +41,14 @@ from pagedllm.tokenizer import apply_chat_template
 logger = logging.getLogger(__name__)
 
 
-def build_app(engine, served_model_names: list[str] | None = None, api_key: str | None = None, log_interval: float = 5.0) -> FastAPI:
-    """An app serving `engine` (a loaded LLMEngine) under `served_model_names` (default: its path)."""
+def build_app(
+    engine, served_model_names: list[str] | None = None, api_key: str | None = None, log_interval: float = 5.0,
+    cors: CorsSettings | None = None,
+) -> FastAPI:
+    """An app serving `engine` (a loaded LLMEngine) under `served_model_names` (default: its path).
+
+    cors: which web pages may call it from a browser (default: local pages only; cors.py).
+    """
     names = list(served_model_names or [engine.model_path])
     metrics = ServerMetrics(names[0])
     state = ServerState(AsyncLLMEngine(engine, observer=metrics, log_interval=log_interval), names, metrics, api_key or None,
@@ -58,6 +65,7 @@ def build_app(engine, served_model_names: list[str] | None = None, api_key: str 
     app = FastAPI(title="pagedllm", lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
+    add_cors(app, cors)
 
     # Dependencies are coroutines: FastAPI would run plain functions in its thread pool, a thread hop per request.
     async def require_key(request: Request) -> None:
