@@ -14,16 +14,22 @@ import hmac
 import logging
 from contextlib import asynccontextmanager
 
+import pagedllm
+
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from pagedllm.engine.async_engine import AsyncLLMEngine
 from pagedllm.entrypoints.server.cors import CorsSettings, add_cors
 from pagedllm.entrypoints.server.errors import APIError, bad_request, install_error_handlers
 from pagedllm.entrypoints.server.fingerprint import system_fingerprint
+from pagedllm.entrypoints.server.openapi import error_responses, install_openapi
 from pagedllm.entrypoints.server.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     ModelCard,
@@ -62,9 +68,10 @@ def build_app(
         finally:
             state.engine.shutdown()
 
-    app = FastAPI(title="pagedllm", lifespan=lifespan)
+    app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
+    install_openapi(app)
     add_cors(app, cors)
 
     # Dependencies are coroutines: FastAPI would run plain functions in its thread pool, a thread hop per request.
@@ -84,29 +91,35 @@ def build_app(
     open_routes = APIRouter()
     guarded = APIRouter(dependencies=[Depends(require_key), Depends(require_engine)])
 
-    @open_routes.get("/health")
+    def generation(model, chunk) -> dict:
+        ok = {"model": model, "description": "The completion; with stream true, Server-Sent Events of chunks "
+              f"({chunk.__name__}) ending with 'data: [DONE]'.", "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+        return {200: ok, **error_responses(400, 401, 404, 500, 503)}
+
+    @open_routes.get("/health", responses={200: {"description": "The engine is running."}, **error_responses(503)})
     async def health():
         await require_engine()
         return JSONResponse({"status": "ok"})
 
-    @open_routes.get("/metrics")
+    @open_routes.get("/metrics", response_class=PlainTextResponse,
+                     responses={200: {"description": "Prometheus metrics, in its text exposition format."}})
     async def metrics_route():
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @guarded.get("/v1/models")
+    @guarded.get("/v1/models", response_model=ModelList, responses=error_responses(401, 503))
     async def models():
         cards = [ModelCard(id=n, root=engine.model_path, max_model_len=state.max_model_len) for n in names]
         return ModelList(data=cards)
 
-    @guarded.post("/v1/completions")
+    @guarded.post("/v1/completions", responses=generation(CompletionResponse, CompletionResponse))
     async def completions(body: CompletionRequest, raw: Request):
         return await _disconnect_safe(create_completion(state, body, raw))
 
-    @guarded.post("/v1/chat/completions")
+    @guarded.post("/v1/chat/completions", responses=generation(ChatCompletionResponse, ChatCompletionChunk))
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         return await _disconnect_safe(create_chat_completion(state, body, raw))
 
-    @guarded.post("/tokenize")
+    @guarded.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 401, 404, 503))
     async def tokenize(body: TokenizeRequest):
         state.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
@@ -121,7 +134,7 @@ def build_app(
         tokens = [int(t) for t in tokens]
         return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=state.max_model_len)
 
-    @guarded.post("/detokenize")
+    @guarded.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(400, 401, 404, 503))
     async def detokenize(body: DetokenizeRequest):
         state.check_model(body.model)
         vocab = engine.model_config.vocab_size

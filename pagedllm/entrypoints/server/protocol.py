@@ -111,6 +111,19 @@ class DetokenizeRequest(_Request):
 # --- responses -----------------------------------------------------------
 
 
+class ErrorDetail(_Response):
+    message: str
+    type: str
+    param: str | None = None  # the request field at fault, when one is
+    code: str | None = None
+
+
+class ErrorResponse(_Response):
+    """Every failure's body, in OpenAI's shape (errors.py)."""
+
+    error: ErrorDetail
+
+
 class PromptTokensDetails(_Response):
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
