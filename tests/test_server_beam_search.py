@@ -95,6 +95,7 @@ def test_chat_beams_equal_the_offline_search_on_the_chat_prompt(tiny_server, tin
     ({"n": 65}, "n", "n (the beam width) must be an integer in [1, 64]"),
     ({"use_beam_search": False, "length_penalty": 0.5}, "length_penalty", "applies only to beam search"),
     ({"early_stopping": "sometimes"}, "early_stopping", "early_stopping"),
+    ({"echo": True, "logprobs": 1}, "echo", "echo with logprobs is not supported with use_beam_search"),
 ])
 def test_what_beam_search_cannot_honour_is_a_400(tiny_server, body, param, words):
     r = httpx.post(tiny_server.url + "/v1/completions",

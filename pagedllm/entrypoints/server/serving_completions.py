@@ -65,6 +65,9 @@ def _prepare(state: ServerState, body: CompletionRequest) -> _Prepared:
     if body.max_tokens == 0 and not body.echo:
         raise bad_request("max_tokens must be >= 1, got 0 (0 is allowed only with echo, to score the prompt alone)",
                           "max_tokens")
+    if body.use_beam_search and body.echo and body.logprobs is not None:
+        raise bad_request("echo with logprobs is not supported with use_beam_search (beams do not score the prompt): "
+                          "drop echo or logprobs", "echo", "unsupported_parameter")
     prompt_only = bool(body.echo) and body.max_tokens == 0
     prompts = sampling.parse_prompts(body.prompt)
     response_id = new_id("cmpl")
