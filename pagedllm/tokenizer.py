@@ -64,17 +64,23 @@ def apply_chat_template(
     add_generation_prompt: bool = True,
     chat_template: str | None = None,
     tools: list[dict] | None = None,
+    continue_final_message: bool = False,
 ) -> list[int]:
     """Token ids of the rendered chat, as a plain list.
 
     The template is rendered to text and then encoded without special tokens:
     templates write their own BOS (e.g. Llama 3's <|begin_of_text|>), so letting
-    the tokenizer add one as well would double it.
+    the tokenizer add one as well would double it. continue_final_message leaves
+    the last message open (no end-of-turn after it), for the model to go on with
+    it (a prefilled reply); it cannot be combined with add_generation_prompt.
 
     tools: OpenAI function tools ({"type": "function", "function": {...}}),
     given to the template; where the template ignores them (or tool calls, or
     tool messages), tool_prompt.fit_tools writes them into the messages.
     """
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt cannot both be true: "
+                         "either the last message is continued or a new one is started")
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
         raise ValueError(
@@ -85,7 +91,7 @@ def apply_chat_template(
     checked_tools = check_tools(tools)
 
     def render(conv: list[dict], with_tools: list[dict] | None) -> str:
-        return _render(tokenizer, conv, template, add_generation_prompt, with_tools)
+        return _render(tokenizer, conv, template, add_generation_prompt, with_tools, continue_final_message)
 
     conversation, checked_tools = fit_tools(render, conversation, checked_tools)
     try:
@@ -104,7 +110,9 @@ def apply_chat_template(
     return [int(i) for i in ids]
 
 
-def _render(tokenizer, conversation: list[dict], template: str, add_generation_prompt: bool, tools: list[dict] | None) -> str:
+def _render(tokenizer, conversation: list[dict], template: str, add_generation_prompt: bool, tools: list[dict] | None,
+            continue_final_message: bool = False) -> str:
+    extra = {"continue_final_message": True} if continue_final_message else {}
     text = tokenizer.apply_chat_template(conversation, chat_template=template, add_generation_prompt=add_generation_prompt,
-                                         tokenize=False, tools=tools)
+                                         tokenize=False, tools=tools, **extra)
     return text if isinstance(text, str) else text[0]  # a batch of one, from some transformers versions

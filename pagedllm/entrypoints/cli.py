@@ -86,6 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from pagedllm.engine.engine import LLMEngine
     from pagedllm.entrypoints.server.app import build_app
+    from pagedllm.entrypoints.server.cors import CorsSettings
 
     if args.model_tag is not None and args.model is not None and args.model_tag != args.model:
         raise ValueError(f"the model is named twice, as {args.model_tag!r} and --model {args.model!r}: give one")
@@ -97,7 +98,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pagedllm.model.loader import default_model_name
 
     names = args.served_model_name or [args.model or default_model_name()]
-    app = build_app(engine, names, api_key=args.api_key, log_interval=args.log_interval)
+    cors = CorsSettings(args.allowed_origins, args.allowed_methods, args.allowed_headers, args.allow_credentials)
+    app = build_app(engine, names, api_key=args.api_key, log_interval=args.log_interval, cors=cors,
+                    tool_call_parser=args.tool_call_parser)
     logging.getLogger("pagedllm.serve").info(
         "serving %s as %s on http://%s:%d (engine loaded in %.1fs)%s",
         engine.model_path, ", ".join(names), args.host, args.port, time.perf_counter() - t0,
@@ -154,6 +157,23 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--access-log", action="store_true", help="also log every HTTP request (uvicorn's access log)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM or Ctrl-C, seconds to let requests in flight finish before they are aborted (default 30)")
+    g.add_argument("--allowed-origins", type=_list_flag, default=None,
+                   help="web pages (origins) that may call the API from a browser, as a JSON list or a comma list; "
+                        "'[\"*\"]' for any (default: local pages only, http://localhost:*, 127.0.0.1 and [::1])")
+    g.add_argument("--allowed-methods", type=_list_flag, default=["*"], help="CORS: allowed methods (default: all)")
+    g.add_argument("--allowed-headers", type=_list_flag, default=["*"], help="CORS: allowed request headers (default: all)")
+    g.add_argument("--allow-credentials", action="store_true", help="CORS: let pages send cookies and credentials")
+    g.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral"],
+                   help="how the model writes tool calls (default: read from its chat template; hermes where it says nothing)")
+
+
+def _list_flag(text: str) -> list[str]:
+    from pagedllm.entrypoints.server.cors import parse_list
+
+    try:
+        return parse_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

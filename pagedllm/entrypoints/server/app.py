@@ -14,14 +14,22 @@ import hmac
 import logging
 from contextlib import asynccontextmanager
 
+import pagedllm
+
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from pagedllm.engine.async_engine import AsyncLLMEngine
+from pagedllm.entrypoints.server.cors import CorsSettings, add_cors
 from pagedllm.entrypoints.server.errors import APIError, bad_request, install_error_handlers
+from pagedllm.entrypoints.server.fingerprint import system_fingerprint
+from pagedllm.entrypoints.server.openapi import error_responses, install_openapi
 from pagedllm.entrypoints.server.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
     ModelCard,
@@ -40,16 +48,20 @@ from pagedllm.tokenizer import apply_chat_template
 logger = logging.getLogger(__name__)
 
 
-def build_app(engine, served_model_names: list[str] | None = None, api_key: str | None = None, log_interval: float = 5.0,
-              tool_call_parser: str | None = None) -> FastAPI:
+def build_app(
+    engine, served_model_names: list[str] | None = None, api_key: str | None = None, log_interval: float = 5.0,
+    cors: CorsSettings | None = None, tool_call_parser: str | None = None,
+) -> FastAPI:
     """An app serving `engine` (a loaded LLMEngine) under `served_model_names` (default: its path).
 
-    tool_call_parser: the format the model writes tool calls in (hermes, llama3_json, mistral); None: read from its chat template."""
+    cors: which web pages may call it from a browser (default: local pages only; cors.py).
+    tool_call_parser: the format the model writes tool calls in (hermes, llama3_json, mistral); None: read from its chat template.
+    """
     names = list(served_model_names or [engine.model_path])
     metrics = ServerMetrics(names[0])
     parser = choose_tool_parser(getattr(engine.tokenizer, "chat_template", None), tool_call_parser)
     state = ServerState(AsyncLLMEngine(engine, observer=metrics, log_interval=log_interval), names, metrics, api_key or None,
-                        tool_parser=parser)
+                        system_fingerprint(engine), tool_parser=parser)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -59,9 +71,11 @@ def build_app(engine, served_model_names: list[str] | None = None, api_key: str 
         finally:
             state.engine.shutdown()
 
-    app = FastAPI(title="pagedllm", lifespan=lifespan)
+    app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
+    install_openapi(app)
+    add_cors(app, cors)
 
     # Dependencies are coroutines: FastAPI would run plain functions in its thread pool, a thread hop per request.
     async def require_key(request: Request) -> None:
@@ -80,29 +94,35 @@ def build_app(engine, served_model_names: list[str] | None = None, api_key: str 
     open_routes = APIRouter()
     guarded = APIRouter(dependencies=[Depends(require_key), Depends(require_engine)])
 
-    @open_routes.get("/health")
+    def generation(model, chunk) -> dict:
+        ok = {"model": model, "description": "The completion; with stream true, Server-Sent Events of chunks "
+              f"({chunk.__name__}) ending with 'data: [DONE]'.", "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+        return {200: ok, **error_responses(400, 401, 404, 500, 503)}
+
+    @open_routes.get("/health", responses={200: {"description": "The engine is running."}, **error_responses(503)})
     async def health():
         await require_engine()
         return JSONResponse({"status": "ok"})
 
-    @open_routes.get("/metrics")
+    @open_routes.get("/metrics", response_class=PlainTextResponse,
+                     responses={200: {"description": "Prometheus metrics, in its text exposition format."}})
     async def metrics_route():
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @guarded.get("/v1/models")
+    @guarded.get("/v1/models", response_model=ModelList, responses=error_responses(401, 503))
     async def models():
         cards = [ModelCard(id=n, root=engine.model_path, max_model_len=state.max_model_len) for n in names]
         return ModelList(data=cards)
 
-    @guarded.post("/v1/completions")
+    @guarded.post("/v1/completions", responses=generation(CompletionResponse, CompletionResponse))
     async def completions(body: CompletionRequest, raw: Request):
         return await _disconnect_safe(create_completion(state, body, raw))
 
-    @guarded.post("/v1/chat/completions")
+    @guarded.post("/v1/chat/completions", responses=generation(ChatCompletionResponse, ChatCompletionChunk))
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         return await _disconnect_safe(create_chat_completion(state, body, raw))
 
-    @guarded.post("/tokenize")
+    @guarded.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 401, 404, 503))
     async def tokenize(body: TokenizeRequest):
         state.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
@@ -117,7 +137,7 @@ def build_app(engine, served_model_names: list[str] | None = None, api_key: str 
         tokens = [int(t) for t in tokens]
         return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=state.max_model_len)
 
-    @guarded.post("/detokenize")
+    @guarded.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(400, 401, 404, 503))
     async def detokenize(body: DetokenizeRequest):
         state.check_model(body.model)
         vocab = engine.model_config.vocab_size

@@ -11,7 +11,7 @@ use for.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
@@ -21,11 +21,21 @@ class _Request(BaseModel):
 
 
 class _Response(BaseModel):
-    pass
+    # vLLM's extension fields, left out of the JSON while unset so OpenAI's shapes stay as they were.
+    _OMIT_IF_NONE: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_extensions(self, handler):
+        data = handler(self)
+        for name in self._OMIT_IF_NONE:
+            if data.get(name, 0) is None:
+                del data[name]
+        return data
 
 
 class StreamOptions(_Request):
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM's: usage on every chunk, not only at the end
 
 
 class SamplingRequest(_Request):
@@ -54,6 +64,11 @@ class SamplingRequest(_Request):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     return_tokens_as_token_ids: bool | None = None  # logprob tokens as "token_id:<id>"
+    prompt_logprobs: int | None = None  # vLLM's: per prompt token its logprob and the best k
+    return_token_ids: bool | None = None  # vLLM's: prompt_token_ids and token_ids in the response
+    use_beam_search: bool | None = None  # vLLM's: n beams, the n best returned
+    length_penalty: float | None = None  # beam search: score = cum_logprob / len ** length_penalty
+    early_stopping: bool | Literal["never"] | None = None  # beam search, as transformers
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     # Structured outputs (structured.py reads them into one spec): OpenAI's, vLLM's, vLLM's older names.
@@ -83,6 +98,9 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None  # vLLM's: the last message is continued, left open
+    echo: bool | None = None  # vLLM's: the reply starts with the last message when it has the reply's role
+    chat_template: str | None = None  # vLLM's: a Jinja template instead of the tokenizer's
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -104,10 +122,33 @@ class DetokenizeRequest(_Request):
 # --- responses -----------------------------------------------------------
 
 
+class ErrorDetail(_Response):
+    message: str
+    type: str
+    param: str | None = None  # the request field at fault, when one is
+    code: str | None = None
+
+
+class ErrorResponse(_Response):
+    """Every failure's body, in OpenAI's shape (errors.py)."""
+
+    error: ErrorDetail
+
+
+class PromptTokensDetails(_Response):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
 class UsageInfo(_Response):
+    _OMIT_IF_NONE = ("prompt_tokens_details",)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+# vLLM's prompt_logprobs: per prompt token null (the first) or {token id: {logprob, rank, decoded_token}}.
+PromptLogprobs = list[dict[str, dict[str, Any]] | None]
 
 
 class CompletionLogprobs(_Response):
@@ -118,11 +159,15 @@ class CompletionLogprobs(_Response):
 
 
 class CompletionChoice(_Response):
+    _OMIT_IF_NONE = ("prompt_logprobs", "prompt_token_ids", "token_ids")
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None  # vLLM's: the stop string or token id that ended it
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids: in a stream, on each choice's first chunk
+    token_ids: list[int] | None = None  # return_token_ids: in a stream, this chunk's new tokens
 
 
 class CompletionResponse(_Response):
@@ -130,6 +175,7 @@ class CompletionResponse(_Response):
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+    system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
 
@@ -186,20 +232,26 @@ class ChatMessage(_Response):
 
 
 class ChatChoice(_Response):
+    _OMIT_IF_NONE = ("token_ids",)
     index: int
     message: ChatMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids
 
 
 class ChatCompletionResponse(_Response):
+    _OMIT_IF_NONE = ("prompt_logprobs", "prompt_token_ids")
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM puts chat's at the top level
+    prompt_token_ids: list[int] | None = None  # return_token_ids
 
 
 class DeltaMessage(_Response):
@@ -214,20 +266,25 @@ class DeltaMessage(_Response):
 
 
 class ChatChunkChoice(_Response):
+    _OMIT_IF_NONE = ("token_ids",)
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids: this chunk's new tokens
 
 
 class ChatCompletionChunk(_Response):
+    _OMIT_IF_NONE = ("prompt_token_ids",)
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids: on the first chunk only
 
 
 class ModelCard(_Response):

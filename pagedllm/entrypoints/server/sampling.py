@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from pagedllm.entrypoints.server.errors import APIError, bad_request, from_value_error
 from pagedllm.entrypoints.server.protocol import SamplingRequest
 from pagedllm.entrypoints.server.structured import structured_outputs_of
+from pagedllm.entrypoints.server.unsupported import check_extra_fields
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.structured_output.params import StructuredOutputsParams
 
@@ -52,12 +53,11 @@ def parse_prompts(prompt) -> list[str | list[int]]:
 
 
 def reject_unsupported(body: SamplingRequest, allowed_extra: tuple[str, ...] = ()) -> None:
-    """400 for OpenAI features this engine does not have, rather than silently ignoring them."""
+    """400 for OpenAI and vLLM features this engine does not have, rather than silently ignoring them (unsupported.py)."""
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
-    extra = sorted(k for k in (body.model_extra or {}) if k not in allowed_extra)
-    if extra:
-        logger.info("ignoring request fields this server does not use: %s", ", ".join(extra))
+    extra = {k: v for k, v in (body.model_extra or {}).items() if k not in allowed_extra}
+    check_extra_fields(extra, chat=hasattr(body, "messages"))
 
 
 def resolve_max_tokens(
@@ -84,8 +84,10 @@ def resolve_max_tokens(
     return requested
 
 
-def sampling_params(body: SamplingRequest, max_tokens: int, logprobs: int | None, renames: dict[str, str] | None = None,
-                    structured: StructuredOutputsParams | None = None) -> SamplingParams:
+def sampling_params(
+    body: SamplingRequest, max_tokens: int, logprobs: int | None, renames: dict[str, str] | None = None,
+    prompt_logprobs: int | None = None, structured: StructuredOutputsParams | None = None,
+) -> SamplingParams:
     """SamplingParams from the request; its range checks become 400s naming the field.
 
     structured: the output's grammar when the caller decided it (a forced tool call); else read from the request."""
@@ -94,7 +96,7 @@ def sampling_params(body: SamplingRequest, max_tokens: int, logprobs: int | None
         min_tokens=body.min_tokens, stop=body.stop, stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty, skip_special_tokens=body.skip_special_tokens,
-        include_stop_str_in_output=body.include_stop_str_in_output,
+        include_stop_str_in_output=body.include_stop_str_in_output, prompt_logprobs=prompt_logprobs,
         logit_bias=body.logit_bias or None, allowed_token_ids=body.allowed_token_ids, bad_words=body.bad_words or None,
     )
     given = {k: v for k, v in fields.items() if v is not None}

@@ -16,6 +16,7 @@ class ServerState:
     model_names: list[str]  # the first is the name responses carry
     metrics: ServerMetrics
     api_key: str | None = None
+    system_fingerprint: str | None = None  # fingerprint.py: the same for every response of this app
     tool_parser: str = "hermes"  # how this model writes tool calls (tool_parsers.choose_tool_parser)
 
     @property
