@@ -90,8 +90,8 @@ def test_chat_beams_equal_the_offline_search_on_the_chat_prompt(tiny_server, tin
 @pytest.mark.parametrize("body,param,words", [
     ({"stream": True}, "stream", "streaming is not supported with use_beam_search"),
     ({"temperature": 0.7}, "temperature", "temperature must be 0"),
-    ({"top_p": 0.5}, "top_p", "no effect with use_beam_search"),
-    ({"stop": ["."]}, "stop", "no effect with use_beam_search"),
+    ({"top_p": 0.5}, "top_p", "cannot be used with use_beam_search"),
+    ({"stop": ["."]}, "stop", "cannot be used with use_beam_search"),
     ({"n": 65}, "n", "n (the beam width) must be an integer in [1, 64]"),
     ({"use_beam_search": False, "length_penalty": 0.5}, "length_penalty", "applies only to beam search"),
     ({"early_stopping": "sometimes"}, "early_stopping", "early_stopping"),

@@ -228,7 +228,14 @@ class DeltaToolCall(_Response):
 class ChatMessage(_Response):
     role: str = "assistant"
     content: str | None = None
-    tool_calls: list[ToolCallOut] = Field(default_factory=list)  # OpenAI sends [] when there are none
+    tool_calls: list[ToolCallOut] | None = None  # left out when there are none, as OpenAI does
+
+    @model_serializer(mode="wrap")
+    def _no_empty_tool_calls(self, handler):
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(_Response):

@@ -143,7 +143,7 @@ def _response(state: ServerState, body: ChatCompletionRequest, prep: _Prepared, 
         message, reason = ChatMessage(role=prep.role, content=prep.echo + comp.text), comp.finish_reason
         if prep.tools is not None and prep.tools.parser is not None:
             content, calls = serving_tools.whole(prep.tools, comp.text)
-            message = ChatMessage(role=prep.role, content=content, tool_calls=calls or [])
+            message = ChatMessage(role=prep.role, content=content, tool_calls=calls)
             reason = serving_tools.finish_reason(prep.tools, reason, bool(calls))
         choices.append(ChatChoice(
             index=comp.index, message=message, logprobs=_logprobs(body, prep, comp, 0), finish_reason=reason,
