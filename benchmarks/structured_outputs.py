@@ -32,8 +32,9 @@ WORKLOAD = dict(n=48, input_len=(32, 384), output_len=(32, 192), seed=0)
 
 
 def _items_schema(i: int) -> dict:
-    """A schema whose output can run on for any length (so max_tokens ends it, as with ignore_eos); 8 distinct ones."""
-    return {"type": "object", "properties": {f"list{i % 8}": {"type": "array", "items": {
+    """A schema no output of the workload's lengths can complete (at least 400 items), so that max_tokens ends
+    every request, as ignore_eos does on the plain side, and both sides make the same tokens; 8 distinct ones."""
+    return {"type": "object", "properties": {f"list{i % 8}": {"type": "array", "minItems": 400, "items": {
         "type": "object", "properties": {"word": {"type": "string", "maxLength": 12}, "n": {"type": "integer"}},
         "required": ["word", "n"]}}}, "required": [f"list{i % 8}"]}
 
@@ -41,19 +42,18 @@ def _items_schema(i: int) -> dict:
 def side(kind: str) -> dict:
     """One timed pass of the workload in this process (plain or json)."""
     from pagedllm import LLM, SamplingParams, StructuredOutputsParams
-    from pagedllm.entrypoints.bench.throughput import warm_up
     from pagedllm.entrypoints.bench.workload import make_workload
 
     llm = LLM()
     vocab = llm.engine.model_config.vocab_size
-    w = make_workload(WORKLOAD["n"], WORKLOAD["input_len"], WORKLOAD["output_len"], vocab, WORKLOAD["seed"])
-    warm_up(llm, w)
+    prompts, output_lens = make_workload(WORKLOAD["n"], WORKLOAD["input_len"], WORKLOAD["output_len"], vocab, WORKLOAD["seed"])
+    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)  # warm-up
     params = []
-    for i, n in enumerate(w.output_lens):
+    for i, n in enumerate(output_lens):
         so = StructuredOutputsParams(json=_items_schema(i)) if kind == "json" else None
         params.append(SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, structured_outputs=so))
     t0 = time.perf_counter()
-    outs = llm.generate(w.prompts, params, use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     reasons = sorted({o.outputs[0].finish_reason for o in outs})

@@ -57,3 +57,20 @@ def test_chat_uses_the_models_template():
 
 def tokenizer_text(llm, ids):
     return llm.get_tokenizer().decode(ids)
+
+
+def test_prompt_logprobs_equal_transformers(default_model_path):
+    """Teacher-forced logprobs of real text, as lm-evaluation-harness scores it, through prefill chunks."""
+    llm = LLM(dtype="float32", max_num_batched_tokens=64, kv_cache_memory="128MiB", max_model_len=1024)
+    tok = llm.get_tokenizer()
+    ids = tok.encode(TEXTS[3])  # about 240 tokens: four chunks
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2), use_tqdm=False)[0]
+    model = transformers.AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0], dim=-1)
+    plp = out.prompt_logprobs
+    assert plp[0] is None and len(plp) == len(ids)
+    got = torch.tensor([plp[i][ids[i]].logprob for i in range(1, len(ids))])
+    want = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+    assert [plp[i][ids[i]].rank for i in range(1, len(ids))] == [int((ref[i - 1] > want[i - 1]).sum()) + 1 for i in range(1, len(ids))]
