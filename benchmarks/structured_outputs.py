@@ -12,6 +12,8 @@
         16 running requests, their inter-token latency (the time between one step's outputs and
         the next) with no new grammar and while 20 requests with new schemas arrive, one every
         few steps: p50 and p99. Compiles run beside the steps, so p99 should barely move.
+    python benchmarks/structured_outputs.py masks [--json F]
+        One step's grammar work for 48 rows: filling the bitmasks, applying them (our kernel, xgrammar's).
 """
 
 from __future__ import annotations
@@ -115,6 +117,48 @@ def itl(rounds: int) -> dict:
     return result
 
 
+def masks(rows: int = 48) -> dict:
+    """A step's grammar work for `rows` sequences inside a JSON string (most tokens allowed) and between
+    values (few allowed): filling the bitmasks, and applying them with our kernel and with xgrammar's."""
+    import torch
+    import xgrammar as xgr
+
+    from pagedllm.model import cpu_ops
+    from pagedllm.model.loader import resolve_model
+    from pagedllm.structured_output.backend import XgrammarBackend
+    from pagedllm.structured_output.params import StructuredOutputsParams
+    from pagedllm.tokenizer import load_tokenizer
+
+    source = resolve_model(None)
+    vocab = source.config.vocab_size
+    backend = XgrammarBackend.from_tokenizer(load_tokenizer(source.path), vocab, source.eos_token_ids)
+    grammar = backend.compile(StructuredOutputsParams(json=_items_schema(0)))
+    tok = load_tokenizer(source.path)
+
+    def timed(fn, n=50) -> float:
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return round((time.perf_counter() - t0) / n * 1e3, 3)
+
+    result = {"rows": rows, "vocab": vocab}
+    for where, text in (("between values", '{"list0": ['), ("inside a string", '{"list0": [{"word": "ab')):
+        states = [backend.matcher(grammar) for _ in range(rows)]
+        for st in states:
+            for t in tok.encode(text, add_special_tokens=False):
+                assert st.accept(t)
+        bitmask = xgr.allocate_token_bitmask(rows, vocab)
+        fill = timed(lambda: [st.fill_bitmask(bitmask, i) for i, st in enumerate(states)])
+        logits = torch.randn(rows, vocab)
+        idx = list(range(rows))
+        ours = timed(lambda: cpu_ops.apply_token_bitmask(logits, bitmask, idx))
+        theirs = timed(lambda: xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, backend="cpu"))
+        allowed = int(sum(bin(w & 0xFFFFFFFF).count("1") for w in bitmask[0].tolist()))
+        result[where] = {"tokens_allowed": allowed, "fill_ms": fill, "apply_native_ms": ours, "apply_xgrammar_ms": theirs}
+    return result
+
+
 def schemas() -> dict:
     import concurrent.futures
 
@@ -157,7 +201,7 @@ def main() -> int:
         print(json.dumps(side(sys.argv[2])))
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["schemas", "throughput", "itl"])
+    parser.add_argument("what", choices=["schemas", "throughput", "itl", "masks"])
     parser.add_argument("--repeat", type=int, default=3, help="throughput: rounds (each side once per round); itl: rounds")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -165,6 +209,8 @@ def main() -> int:
         figures = throughput(args.repeat)
     elif args.what == "itl":
         figures = itl(args.repeat)
+    elif args.what == "masks":
+        figures = masks()
     else:
         figures = schemas()
     summary = {k: v for k, v in figures.items() if k not in ("runs", "results")}

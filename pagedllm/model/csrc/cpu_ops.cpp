@@ -399,8 +399,8 @@ void apply_token_bitmask_f32(float* x, int64_t stride, const int32_t* bitmask, i
                 for (int k = 0; k < 32; ++k) out[k] = ninf;
                 continue;
             }
-            for (int k = 0; k < 32; ++k)
-                if (!((w >> k) & 1u)) out[k] = ninf;
+            for (int k = 0; k < 32; ++k)  // a select, not a branch: the compiler makes it a vector blend
+                out[k] = ((w >> k) & 1u) ? out[k] : ninf;
         }
         for (; t < cols; ++t)
             if (!((bits[t / 32] >> (t % 32)) & 1u)) row[t] = ninf;
