@@ -32,6 +32,12 @@ def test_decode_attention_times_both_pools(tmp_path):
 
     if not CpuPagedAttention.available():
         pytest.skip("CPU kernels did not build")
+    import torch
+
+    from pagedllm.model.attention import cpu_kernels
+
+    if not cpu_kernels.supports(torch.bfloat16, torch.int8, 64):
+        pytest.skip("the int8 decode kernel needs AVX-512 (int8 pools use the torch path elsewhere)")
     out = tmp_path / "d.json"
     assert decode_attention.main(["--seqs", "4", "--context", "40", "--layers", "2", "--repeat", "1", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
