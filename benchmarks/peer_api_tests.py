@@ -310,14 +310,16 @@ def _packages(root: Path, top: Path) -> None:
 
 
 def _pytest(workdir: Path, targets: list[tuple[str, str | None]], env: dict, junit: Path, timeout: int,
-            extra: list[str]) -> int:
+            extra: list[str], and_k: str | None = None) -> int:
     rc = 0
     for i, (rel, k) in enumerate(targets):
         cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "-q", "--rootdir", str(workdir),
                f"--junitxml={junit}.{i}.xml", "-o", "asyncio_default_fixture_loop_scope=function",
                "-o", "junit_family=xunit1", str(workdir / rel), *extra]
-        if k:
-            cmd += ["-k", k]
+        if k and and_k:
+            cmd += ["-k", f"({k}) and ({and_k})"]
+        elif k or and_k:
+            cmd += ["-k", k or and_k]
         print("+", " ".join(cmd), flush=True)
         try:
             r = subprocess.run(cmd, cwd=workdir, env=env, timeout=timeout)
@@ -361,7 +363,7 @@ def run_vllm(peer: Path, tmp: Path, env: dict, timeout: int, extra: list[str]) -
     (work / "conftest.py").write_text("import vllm_stub  # noqa: F401  (installs the stand-in vllm package)\n")
     env = dict(env, PYTHONPATH=os.pathsep.join([str(work), env.get("PYTHONPATH", "")]))
     junit = tmp / "junit-vllm"
-    _pytest(work, targets, env, junit, timeout, extra)
+    _pytest(work, targets, env, junit, timeout, extra, os.environ.get("PEER_K"))
     return _results(junit, "vllm")
 
 
@@ -383,7 +385,7 @@ def run_llama(peer: Path, tmp: Path, env: dict, timeout: int, extra: list[str]) 
                PYTHONPATH=os.pathsep.join([str(tests_dir), env.get("PYTHONPATH", "")]))
     junit = tmp / "junit-llama"
     _pytest(tests_dir, [(str(Path(r).relative_to("tools/server/tests")), k) for r, k in targets], env, junit,
-            timeout, extra)
+            timeout, extra, os.environ.get("PEER_K"))
     return _results(junit, "llama.cpp")
 
 
@@ -396,11 +398,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="command that starts the server (default: %(default)s)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per test file")
+    ap.add_argument("-k", dest="k", help="narrow the selection further (ANDed with each file's -k)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
     a = ap.parse_args(argv)
     if not (a.vllm or a.llama_cpp):
         ap.error("give --vllm and/or --llama-cpp")
+    if a.k:
+        os.environ["PEER_K"] = a.k
     env = dict(os.environ, PEER_PAGEDLLM_CMD=a.pagedllm, PEER_DTYPE=a.dtype, PEER_DEFAULT_NAME=DEFAULT_MODEL_NAME)
     tmp = Path(tempfile.mkdtemp(prefix="peer-api-"))
     results = []
