@@ -190,6 +190,14 @@ def test_continuous_usage_stats_and_system_fingerprint(http):
         assert fingerprints == {whole["system_fingerprint"]} and whole["system_fingerprint"].startswith("fp_")
 
 
+def test_continuous_usage_stats_without_include_usage_sends_no_usage(http):
+    # vLLM's meaning: continuous_usage_stats adds usage to every chunk only where include_usage asks for usage at all.
+    options = {"include_usage": False, "continuous_usage_stats": True}
+    for path, extra in (("/v1/completions", {"prompt": PROMPT}), ("/v1/chat/completions", {"messages": MSG})):
+        chunks = stream(http, path, max_tokens=3, stream_options=options, **extra, **NO_EOS)
+        assert chunks and all(c.get("usage") is None for c in chunks)
+
+
 def test_openai_client_reads_the_extras(server):
     with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60) as client:
         r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0, echo=True, logprobs=1)

@@ -102,10 +102,21 @@ def test_bad_specs_are_400s_that_name_the_field(client):
         assert words in info.value.body["message"]
 
 
-def test_a_spec_that_does_not_compile_fails_that_request_only(client):
-    with pytest.raises(openai.InternalServerError) as info:
+def test_a_spec_that_does_not_compile_is_a_400_for_that_request_only(client):
+    # The engine compiles the grammar after accepting the request; a spec that does not compile is still the
+    # client's mistake (vLLM answers 400 too), for a JSON schema, a regex or an EBNF grammar, whole or streamed.
+    for so in ({"regex": "(unclosed"}, {"json": {"type": "object", "properties": {"a": "not a schema"}}},
+               {"grammar": 'root ::= undefined_rule'}):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model=MODEL, prompt="x", max_tokens=5, extra_body={"structured_outputs": so})
+        assert "could not be compiled" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="x", max_tokens=5, extra_body={"guided_regex": "(unclosed"})
-    assert "could not be compiled" in info.value.body["message"]
+    with pytest.raises(openai.APIError) as info:
+        for _ in client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, stream=True,
+                                                extra_body={"guided_regex": "(unclosed"}):
+            pass
+    assert "could not be compiled" in str(info.value)
     assert client.completions.create(model=MODEL, prompt="x", max_tokens=3).choices[0].finish_reason == "length"
 
 

@@ -46,6 +46,20 @@ def bad_request(message: str, param: str | None = None, code: str | None = "inva
     return APIError(400, message, param, code)
 
 
+def generation_failed(error: str | None) -> APIError:
+    """The error for a request the engine ended with finish_reason "error".
+
+    A grammar that does not compile (an invalid JSON schema, regex or EBNF) is
+    found by the engine when it compiles it, after the request was accepted:
+    that is the client's mistake, a 400 as for any other invalid field; the
+    rest are the server's, a 500.
+    """
+    kind, _, message = (error or "").partition(": ")
+    if kind == "ValueError" and "could not be compiled" in message:
+        return bad_request(message)
+    return APIError(500, f"generation failed: {error}", code="internal_error")
+
+
 def from_value_error(exc: ValueError, fields: set[str], renames: dict[str, str] | None = None) -> APIError:
     """A 400 from a ValueError raised by SamplingParams or the engine's checks.
 

@@ -25,7 +25,7 @@ from pagedllm.chat import check_messages
 from pagedllm.engine.beam_search import BeamSearchParams
 from pagedllm.entrypoints.server import sampling, serving_tools
 from pagedllm.entrypoints.server.beam_search import beam_params, beam_search
-from pagedllm.entrypoints.server.errors import APIError, bad_request
+from pagedllm.entrypoints.server.errors import APIError, bad_request, generation_failed
 from pagedllm.entrypoints.server.logprobs import chat_logprobs, prompt_logprobs_json
 from pagedllm.entrypoints.server.protocol import (
     ChatChoice,
@@ -133,7 +133,7 @@ async def _collect(state: ServerState, prep: _Prepared) -> RequestOutput:
     async for _, out in merge([state.engine.generate(prep.request, final_only=True)]):
         final = out
     if final is not None and final.error:
-        raise APIError(500, f"generation failed: {final.error}", code="internal_error")
+        raise generation_failed(final.error)
     return final
 
 
@@ -160,7 +160,7 @@ def _response(state: ServerState, body: ChatCompletionRequest, prep: _Prepared, 
 async def _stream(state: ServerState, body: ChatCompletionRequest, prep: _Prepared):
     created = int(time.time())
     options = body.stream_options
-    continuous = options is not None and bool(options.continuous_usage_stats)
+    continuous = options is not None and bool(options.continuous_usage_stats) and bool(options.include_usage)
     num_prompt = len(prep.request.prompt_token_ids)
 
     def chunk(choices, usage=None, **extra) -> str:
@@ -186,7 +186,7 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, prep: _Prepar
                 final = out
                 if out.error:
                     failed = True
-                    yield sse(APIError(500, f"generation failed: {out.error}", code="internal_error").body())
+                    yield sse(generation_failed(out.error).body())
                     break
                 for comp in out.outputs:
                     choice = _delta(body, prep, comp, sent)

@@ -25,7 +25,7 @@ from pagedllm.engine.beam_search import BeamSearchParams
 from pagedllm.engine.outputs import CompletionOutput, RequestOutput
 from pagedllm.entrypoints.server import sampling
 from pagedllm.entrypoints.server.beam_search import beam_params, beam_search
-from pagedllm.entrypoints.server.errors import APIError, bad_request
+from pagedllm.entrypoints.server.errors import APIError, bad_request, generation_failed
 from pagedllm.entrypoints.server.logprobs import completion_logprobs, prompt_logprobs_json
 from pagedllm.entrypoints.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from pagedllm.entrypoints.server.state import ServerState, new_id
@@ -107,7 +107,7 @@ async def _collect(state: ServerState, body: CompletionRequest, prep: _Prepared)
         finals[i] = out
     for out in finals:
         if out is not None and out.error:
-            raise APIError(500, f"generation failed: {out.error}", code="internal_error")
+            raise generation_failed(out.error)
     return finals  # type: ignore[return-value]
 
 
@@ -157,7 +157,7 @@ async def _stream(state: ServerState, body: CompletionRequest, prep: _Prepared):
     failed = False
     sent: dict[tuple[int, int], Progress] = {}  # by (prompt, completion index)
     options = body.stream_options
-    continuous = options is not None and bool(options.continuous_usage_stats)
+    continuous = options is not None and bool(options.continuous_usage_stats) and bool(options.include_usage)
 
     def chunk(choices, usage=None) -> str:
         return sse(CompletionResponse(id=prep.response_id, created=created, model=prep.model,
@@ -169,7 +169,7 @@ async def _stream(state: ServerState, body: CompletionRequest, prep: _Prepared):
                 finals[i] = out
                 if out.error:
                     failed = True
-                    yield sse(APIError(500, f"generation failed: {out.error}", code="internal_error").body())
+                    yield sse(generation_failed(out.error).body())
                     break
                 for comp in out.outputs:
                     choice = _delta(state, body, prep, i, out, comp, sent)
