@@ -159,7 +159,8 @@ class CompletionLogprobs(_Response):
 
 
 class CompletionChoice(_Response):
-    _OMIT_IF_NONE = ("prompt_logprobs", "prompt_token_ids", "token_ids")
+    # prompt_logprobs stays, null when not asked for, as vLLM sends it: its clients read choice.prompt_logprobs.
+    _OMIT_IF_NONE = ("prompt_token_ids", "token_ids")
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
@@ -249,7 +250,7 @@ class ChatChoice(_Response):
 
 
 class ChatCompletionResponse(_Response):
-    _OMIT_IF_NONE = ("prompt_logprobs", "prompt_token_ids")
+    _OMIT_IF_NONE = ("prompt_token_ids",)  # prompt_logprobs stays, null when not asked for (vLLM's clients read it)
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
