@@ -125,8 +125,9 @@ def test_native_decode_over_an_int8_pool_matches_the_reference(dtype, heads, hea
     h, kvh = heads
     lens = [40, 0, 17, 1, 95, 16, 33]
     live = [i for i, n in enumerate(lens) if n]
+    if not cpu_kernels.supports(dtype, INT8, head_dim):
+        pytest.skip("the int8 decode kernel needs AVX-512 (int8 pools use the torch path elsewhere)")
     cache, tables = _filled_pool([n or 1 for n in lens], block_size, kvh, head_dim, seed=block_size + head_dim)
-    assert cpu_kernels.supports(dtype, INT8, head_dim)
     q = torch.randn(len(lens), h, head_dim).to(dtype)
     scale = head_dim**-0.5
     seq_lens = torch.tensor(lens, dtype=torch.int32)

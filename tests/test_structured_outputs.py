@@ -14,6 +14,14 @@ from pydantic import BaseModel, Field
 from pagedllm import LLMEngine, SamplingParams, StructuredOutputsParams
 from pagedllm.config import EngineConfig
 from pagedllm.structured_output.backend import XgrammarBackend, choice_grammar
+from test_isolation import prompts as _prompts
+from test_isolation import run_all
+
+
+def _run(engine: LLMEngine, reqs: list[tuple[str, dict, SamplingParams]]) -> dict:
+    done = run_all(engine, reqs)
+    engine.check_invariants()
+    return done
 
 xgr = pytest.importorskip("xgrammar")
 
@@ -153,23 +161,6 @@ class Pet(BaseModel):
 
 def _greedy(max_tokens: int, **kw) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
-
-
-def _run(engine: LLMEngine, reqs: list[tuple[str, dict, SamplingParams]]) -> dict:
-    for rid, prompt, params in reqs:
-        engine.add_request(rid, prompt, params)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    engine.check_invariants()
-    return done
-
-
-def _prompts(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    return [{"prompt_token_ids": [rng.randrange(3, 4000) for _ in range(rng.randint(5, 40))]} for _ in range(n)]
 
 
 @pytest.fixture(scope="module")

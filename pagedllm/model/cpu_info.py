@@ -20,3 +20,10 @@ def native_bf16() -> bool:
     """True where the CPU has bf16 matrix instructions (avx512_bf16 or AMX): bf16 matmuls run ~4x faster than fp32
     there, and ~5x slower elsewhere, where oneDNN emulates them."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def onednn_bf16() -> bool:
+    """True where oneDNN runs bf16 matmuls at all (natively or emulated): it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT.
+    Elsewhere (e.g. AMD Zen 3) a bf16 layer must compute in float32."""
+    flags = cpu_flags()
+    return {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags

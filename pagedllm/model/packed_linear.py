@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from pagedllm.model import skinny_gemm
-from pagedllm.model.cpu_info import native_bf16
+from pagedllm.model.cpu_info import native_bf16, onednn_bf16
 
 _BATCH_HINT = 64  # oneDNN picks its blocking for about this many rows; other sizes run fine
 _SKINNY_ROWS = 64  # widened layers multiply up to this many rows in the skinny kernel (oneDNN is ahead from ~96)
@@ -63,6 +63,9 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
         self.upcast = weight.dtype == torch.bfloat16 and (not native_bf16() if upcast is None else upcast)
+        if weight.dtype == torch.bfloat16 and not self.upcast and not onednn_bf16():
+            raise ValueError("this CPU has no bf16 matmul in oneDNN (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT): "
+                             "a bf16 layer must compute in float32 here (upcast=True)")
         compute = torch.float32 if self.upcast else weight.dtype
         self.packed = _pack(weight.detach().to(compute))
         self.bias = None if bias is None else bias.detach().to(compute)
