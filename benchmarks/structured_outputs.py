@@ -10,8 +10,9 @@
         process, in turn; medians of output tokens/s and their ratio.
     python benchmarks/structured_outputs.py itl [--json F]
         16 running requests, their inter-token latency (the time between one step's outputs and
-        the next) with no new grammar and while 20 requests with new schemas arrive, one every
-        few steps: p50 and p99. Compiles run beside the steps, so p99 should barely move.
+        the next) with nothing arriving, while 20 plain requests arrive one every few steps, and
+        while 20 requests with new schemas arrive the same way: p50 and p99. Compiles run beside
+        the steps, so the last should be close to the second.
     python benchmarks/structured_outputs.py masks [--json F]
         One step's grammar work for 48 rows: filling the bitmasks, applying them (our kernel, xgrammar's).
 """
@@ -84,10 +85,11 @@ def itl(rounds: int) -> dict:
 
     engine = LLMEngine(EngineConfig(None))
     rng = random.Random(0)
-    phases = {"no new schemas": [], "20 new schemas": []}
+    # The same 20 arrivals without a grammar show what the extra requests cost by themselves.
+    phases = {"no arrivals": [], "20 new requests, no grammar": [], "20 new schemas": []}
     for r in range(rounds):
         for phase in phases if r % 2 == 0 else reversed(list(phases)):
-            arrivals = 20 if phase == "20 new schemas" else 0
+            arrivals = 0 if phase == "no arrivals" else 20
             for i in range(16):
                 prompt = {"prompt_token_ids": [rng.randrange(100, 40000) for _ in range(64)]}
                 engine.add_request(f"{r}-{phase}-{i}", prompt, SamplingParams(temperature=0, max_tokens=120, ignore_eos=True))
@@ -97,8 +99,9 @@ def itl(rounds: int) -> dict:
                     k = f"{r}-{arrivals}-{time.time_ns()}"
                     schema = {"type": "object", "properties": {f"f{k}_{j}": {"type": "string", "maxLength": 6} for j in range(12)},
                               "required": [f"f{k}_0"]}
+                    so = StructuredOutputsParams(json=schema) if phase == "20 new schemas" else None
                     engine.add_request(f"s{k}", {"prompt_token_ids": [5, 6, 7]},
-                                       SamplingParams(temperature=0, max_tokens=8, structured_outputs=StructuredOutputsParams(json=schema)))
+                                       SamplingParams(temperature=0, max_tokens=8, ignore_eos=so is None, structured_outputs=so))
                     arrivals -= 1
                 outs = engine.step()
                 step += 1

@@ -11,6 +11,8 @@ compile fails only the requests that asked for it.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, wait, FIRST_COMPLETED
@@ -29,11 +31,16 @@ class StructuredOutputManager:
         """make_backend: builds the XgrammarBackend (loads the tokenizer), on the compile thread at first use."""
         self._make_backend = make_backend
         self._backend = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedllm-grammar")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagedllm-grammar", initializer=_lower_priority)
         self._cache: OrderedDict[tuple, Any] = OrderedDict()
         self._compiling: dict[tuple, Future] = {}
         self.num_compiled = 0
         self.compile_seconds = 0.0
+
+    def _ensure_backend(self):
+        if self._backend is None:
+            self._backend = self._make_backend()
+        return self._backend
 
     def cached(self, params: StructuredOutputsParams):
         """The compiled grammar if this spec was compiled before, else None."""
@@ -69,10 +76,9 @@ class StructuredOutputManager:
         return self._backend.matcher(grammar)
 
     def _compile(self, params: StructuredOutputsParams):
-        if self._backend is None:
-            self._backend = self._make_backend()
+        backend = self._ensure_backend()
         t0 = time.perf_counter()
-        grammar = self._backend.compile(params)
+        grammar = backend.compile(params)
         dt = time.perf_counter() - t0
         self.num_compiled += 1
         self.compile_seconds += dt
@@ -81,3 +87,12 @@ class StructuredOutputManager:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _lower_priority() -> None:
+    """The compile thread yields to the step's threads: on a machine with as many cores as OpenMP threads, a
+    compile at equal priority takes a core from the model and the whole step waits for its slowest thread."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: compiles run at the step's priority
+        pass
