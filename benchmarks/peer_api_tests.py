@@ -118,6 +118,13 @@ def translate(model, args):
         i += step
     out += ["--dtype", os.environ.get("PEER_DTYPE", "float32")]
     out += ["--served-model-name", model, os.environ.get("PEER_DEFAULT_NAME", "SmolLM2-135M-Instruct")]
+    cap = os.environ.get("PEER_MAX_MODEL_LEN")
+    if cap:  # a request without max_tokens generates to the end of the context: keep that short on a CPU
+        if "--max-model-len" in out:
+            j = out.index("--max-model-len")
+            out[j + 1] = str(min(int(out[j + 1]), int(cap)))
+        else:
+            out += ["--max-model-len", cap]
     return out, dropped
 
 
@@ -397,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pagedllm", default=f"{sys.executable} -m pagedllm.entrypoints.cli serve",
                     help="command that starts the server (default: %(default)s)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="cap the context of the servers the vLLM tests start, so that tests sending no max_tokens end "
+                         "in reasonable time on a CPU")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per test file")
     ap.add_argument("-k", dest="k", help="narrow the selection further (ANDed with each file's -k)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
@@ -406,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give --vllm and/or --llama-cpp")
     if a.k:
         os.environ["PEER_K"] = a.k
-    env = dict(os.environ, PEER_PAGEDLLM_CMD=a.pagedllm, PEER_DTYPE=a.dtype, PEER_DEFAULT_NAME=DEFAULT_MODEL_NAME)
+    env = dict(os.environ, PEER_PAGEDLLM_CMD=a.pagedllm, PEER_DTYPE=a.dtype, PEER_DEFAULT_NAME=DEFAULT_MODEL_NAME,
+               PEER_MAX_MODEL_LEN=str(a.max_model_len or ""))
     tmp = Path(tempfile.mkdtemp(prefix="peer-api-"))
     results = []
     try:
