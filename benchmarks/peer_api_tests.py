@@ -357,6 +357,8 @@ def run_vllm(peer: Path, tmp: Path, env: dict, timeout: int, extra: list[str]) -
     (work / "tests").mkdir(parents=True)
     targets = []
     for rel, k, _why in VLLM_SELECTION:
+        if os.environ.get("PEER_ONLY") and os.environ["PEER_ONLY"] not in rel:
+            continue
         if _copy(peer, rel, work):
             targets.append((rel, k))
         else:
@@ -409,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                          "in reasonable time on a CPU")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per test file")
     ap.add_argument("-k", dest="k", help="narrow the selection further (ANDed with each file's -k)")
+    ap.add_argument("--only", help="vLLM: run only the selected files whose path contains this")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
     a = ap.parse_args(argv)
@@ -416,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give --vllm and/or --llama-cpp")
     if a.k:
         os.environ["PEER_K"] = a.k
+    if a.only:
+        os.environ["PEER_ONLY"] = a.only
     env = dict(os.environ, PEER_PAGEDLLM_CMD=a.pagedllm, PEER_DTYPE=a.dtype, PEER_DEFAULT_NAME=DEFAULT_MODEL_NAME,
                PEER_MAX_MODEL_LEN=str(a.max_model_len or ""))
     tmp = Path(tempfile.mkdtemp(prefix="peer-api-"))

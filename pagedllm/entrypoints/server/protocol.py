@@ -159,8 +159,8 @@ class CompletionLogprobs(_Response):
 
 
 class CompletionChoice(_Response):
-    # prompt_logprobs stays, null when not asked for, as vLLM sends it: its clients read choice.prompt_logprobs.
-    _OMIT_IF_NONE = ("prompt_token_ids", "token_ids")
+    # vLLM's extensions stay, null when not asked for, as vLLM sends them: its clients read choice.prompt_logprobs,
+    # choice.token_ids (an SDK object has no attribute for a field that never came).
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
@@ -240,7 +240,6 @@ class ChatMessage(_Response):
 
 
 class ChatChoice(_Response):
-    _OMIT_IF_NONE = ("token_ids",)
     index: int
     message: ChatMessage
     logprobs: ChatLogprobs | None = None
@@ -250,7 +249,7 @@ class ChatChoice(_Response):
 
 
 class ChatCompletionResponse(_Response):
-    _OMIT_IF_NONE = ("prompt_token_ids",)  # prompt_logprobs stays, null when not asked for (vLLM's clients read it)
+    # prompt_logprobs and prompt_token_ids stay, null when not asked for, as vLLM sends them (its clients read them).
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
