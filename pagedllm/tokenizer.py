@@ -65,6 +65,7 @@ def apply_chat_template(
     chat_template: str | None = None,
     tools: list[dict] | None = None,
     continue_final_message: bool = False,
+    template_kwargs: dict | None = None,
 ) -> list[int]:
     """Token ids of the rendered chat, as a plain list.
 
@@ -73,6 +74,8 @@ def apply_chat_template(
     the tokenizer add one as well would double it. continue_final_message leaves
     the last message open (no end-of-turn after it), for the model to go on with
     it (a prefilled reply); it cannot be combined with add_generation_prompt.
+    template_kwargs: more variables for the template (vLLM's chat_template_kwargs,
+    e.g. {"enable_thinking": False} for Qwen3's).
 
     tools: OpenAI function tools ({"type": "function", "function": {...}}),
     given to the template; where the template ignores them (or tool calls, or
@@ -81,6 +84,7 @@ def apply_chat_template(
     if continue_final_message and add_generation_prompt:
         raise ValueError("continue_final_message and add_generation_prompt cannot both be true: "
                          "either the last message is continued or a new one is started")
+    _check_template_kwargs(template_kwargs)
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
         raise ValueError(
@@ -91,7 +95,7 @@ def apply_chat_template(
     checked_tools = check_tools(tools)
 
     def render(conv: list[dict], with_tools: list[dict] | None) -> str:
-        return _render(tokenizer, conv, template, add_generation_prompt, with_tools, continue_final_message)
+        return _render(tokenizer, conv, template, add_generation_prompt, with_tools, continue_final_message, template_kwargs)
 
     conversation, checked_tools = fit_tools(render, conversation, checked_tools)
     try:
@@ -110,9 +114,26 @@ def apply_chat_template(
     return [int(i) for i in ids]
 
 
+# What apply_chat_template sets itself: chat_template_kwargs may not set these.
+_RESERVED_TEMPLATE_VARS = ("messages", "conversation", "tools", "documents", "add_generation_prompt", "continue_final_message",
+                           "chat_template", "tokenize", "return_dict", "return_tensors", "padding", "truncation", "max_length")
+
+
+def _check_template_kwargs(kwargs) -> None:
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ValueError("chat_template_kwargs must be an object of template variables")
+    taken = sorted(set(kwargs) & set(_RESERVED_TEMPLATE_VARS))
+    if taken:
+        raise ValueError(f"chat_template_kwargs may not set {', '.join(taken)}: give them as the request's own fields")
+
+
 def _render(tokenizer, conversation: list[dict], template: str, add_generation_prompt: bool, tools: list[dict] | None,
-            continue_final_message: bool = False) -> str:
-    extra = {"continue_final_message": True} if continue_final_message else {}
+            continue_final_message: bool = False, template_kwargs: dict | None = None) -> str:
+    extra = dict(template_kwargs or {})
+    if continue_final_message:
+        extra["continue_final_message"] = True
     text = tokenizer.apply_chat_template(conversation, chat_template=template, add_generation_prompt=add_generation_prompt,
                                          tokenize=False, tools=tools, **extra)
     return text if isinstance(text, str) else text[0]  # a batch of one, from some transformers versions

@@ -268,3 +268,13 @@ def test_harmless_values_metadata_and_unknown_fields_are_accepted(http, caplog):
     with caplog.at_level(logging.WARNING, logger="pagedllm.entrypoints.server.unsupported"):
         post(http, "/v1/completions", prompt=PROMPT, max_tokens=1, frobnicate=3)
     assert any("frobnicate" in r.getMessage() for r in caplog.records)
+
+
+def test_chat_template_kwargs_reach_the_template(http, offline):
+    template = "{{ greeting }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    body = dict(messages=MSG, max_tokens=1, chat_template=template, chat_template_kwargs={"greeting": "Hello there. "},
+                return_token_ids=True)
+    r = post(http, "/v1/chat/completions", **body)
+    assert offline.get_tokenizer().decode(r["prompt_token_ids"]).startswith("Hello there. ")
+    bad = http.post("/v1/chat/completions", json={**body, "chat_template_kwargs": {"tools": []}})
+    assert bad.status_code == 400 and "chat_template_kwargs may not set tools" in bad.json()["error"]["message"]

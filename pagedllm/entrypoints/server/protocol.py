@@ -101,6 +101,7 @@ class ChatCompletionRequest(SamplingRequest):
     continue_final_message: bool | None = None  # vLLM's: the last message is continued, left open
     echo: bool | None = None  # vLLM's: the reply starts with the last message when it has the reply's role
     chat_template: str | None = None  # vLLM's: a Jinja template instead of the tokenizer's
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more variables for the template (enable_thinking...)
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None

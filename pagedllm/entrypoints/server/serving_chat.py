@@ -80,7 +80,7 @@ def _prepare(state: ServerState, body: ChatCompletionRequest) -> _Prepared:
         ids = apply_chat_template(
             state.tokenizer, body.messages, add_generation_prompt=add_generation_prompt,
             chat_template=body.chat_template, continue_final_message=bool(body.continue_final_message),
-            tools=tools.plan.tools if tools is not None else None,
+            tools=tools.plan.tools if tools is not None else None, template_kwargs=body.chat_template_kwargs,
         )
         last = check_messages(body.messages)[-1]
     except ValueError as exc:
@@ -210,7 +210,8 @@ def _delta(body: ChatCompletionRequest, prep: _Prepared, comp: CompletionOutput,
     if not text and not (prep.top_logprobs is not None and len(comp.token_ids) > start) and comp.finish_reason is None:
         return None
     p.chars, p.tokens, p.done = len(comp.text), len(comp.token_ids), comp.finish_reason is not None
-    delta, reason = DeltaMessage(content=text or None), comp.finish_reason
+    # content "" rather than absent on a chunk with no new text (the finish chunk), as vLLM: its clients concatenate it.
+    delta, reason = DeltaMessage(content=text), comp.finish_reason
     if prep.tools is not None and prep.tools.parser is not None:
         calls = p.tool_calls = p.tool_calls or serving_tools.StreamedCalls(prep.tools)
         content, tool_calls = calls.feed(text, final=p.done)

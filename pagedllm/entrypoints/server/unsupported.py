@@ -65,7 +65,6 @@ _CHAT: dict[str, tuple] = {
     "verbosity": ((None,), None),
     "best_of": ((None, 1), "best-of sampling is not supported"),
     "documents": ((None,), "documents (RAG templates) are not supported"),
-    "chat_template_kwargs": ((None, {}), "only the template's standard variables are set"),
     "add_special_tokens": ((None, False), "the chat template writes the special tokens"),
     "include_reasoning": ((None, True), None),
     "return_prompt_text": ((None, False), None),
