@@ -59,7 +59,10 @@ def whole(setup: ToolSetup, text: str) -> tuple[str | None, list[ToolCallOut] | 
     extracted = setup.parser.extract(text)
     calls = extracted.tool_calls if setup.plan.parallel_tool_calls else extracted.tool_calls[:1]
     out = [ToolCallOut(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
-    return extracted.content, out or None
+    content = extracted.content
+    if content is None and setup.plan.json_schema is not None:
+        content = ""  # a forced call has no text at all: "" as vLLM answers (its clients take len(content))
+    return content, out or None
 
 
 class StreamedCalls:
