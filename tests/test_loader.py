@@ -369,6 +369,7 @@ def test_tiny_gguf_converts_exactly(tmp_path, cache_dir, arch, rope):
     # GGUF keeps eps as float32 and names its own eos ids; every other number the model is built from is exact.
     assert ours.pop("rms_norm_eps") == pytest.approx(theirs.pop("rms_norm_eps"), rel=1e-6)
     ours.pop("eos_token_id"), theirs.pop("eos_token_id")
+    ours.pop("hf"), theirs.pop("hf")  # the raw config.json: GGUF writes its own keys
     assert ours == theirs
     assert type(transformers.AutoConfig.from_pretrained(source.path)) is type(model.config)
     assert source.eos_token_ids == [1, 3]  # eos plus the end-of-turn token

@@ -36,6 +36,9 @@ CONFIGS = {
         rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
     ),
     "mistral": lambda: transformers.MistralConfig(**COMMON, num_attention_heads=6, num_key_value_heads=2, head_dim=12, sliding_window=None),
+    # Mistral with its sliding window, shorter than most prompts here: keys before the window drop out.
+    "mistral_window": lambda: transformers.MistralConfig(**COMMON, num_attention_heads=6, num_key_value_heads=2, head_dim=12,
+                                                         sliding_window=8),
     "qwen2": lambda: transformers.Qwen2Config(**COMMON, num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True),
     "qwen3": lambda: transformers.Qwen3Config(**COMMON, num_attention_heads=6, num_key_value_heads=2, head_dim=16),
 }

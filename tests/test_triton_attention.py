@@ -214,7 +214,7 @@ def test_llama_takes_the_backend_class():
         assert all(type(layer.self_attn.attn) is backend for layer in model.layers)
         model.init_dummy_weights(0)
         model = model.to(device)
-        model.rotary.build(torch.device(device), torch.float32)
+        model.build_tables(torch.device(device), torch.float32)
         caches = [torch.zeros(2, 4, bs, 3, 8, device=device) for _ in range(2)]
         slots = list(range(lens[0])) + list(range(bs, bs + lens[1]))
         meta = _meta(lens, lens, [[0], [1]], slots, 0, device)

@@ -362,13 +362,7 @@ class EngineCore:
 
 
 def model_context_len(cfg) -> int:
-    n = cfg.max_position_embeddings
-    window = cfg.sliding_window
-    if window:
-        # Sliding-window attention is not implemented: past the window our
-        # outputs would differ from the model's, so the context stops there.
-        n = min(n, window)
-    return n
+    return cfg.max_position_embeddings
 
 
 def _child_seed(seed: int | None, index: int) -> int | None:

@@ -18,7 +18,7 @@ from pagedllm.model.cpu_info import native_bf16
 from pagedllm.model.attention import kv_quant
 from pagedllm.model.attention.metadata import AttentionMetadata, common_prefix_blocks
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
-from pagedllm.model.models.llama import LlamaForCausalLM
+from pagedllm.model.models.registry import model_class
 from pagedllm.worker.sampler import Sampler, SamplingRow, TokenLogprobs, gather_logprobs
 
 logger = logging.getLogger(__name__)
@@ -98,13 +98,13 @@ class ModelRunner:
         t0 = time.perf_counter()
         self.attn_backend = attn_backend or TorchPagedAttention
         with torch.device("meta"):
-            model = LlamaForCausalLM(cfg, self.attn_backend)
+            model = model_class(cfg)(cfg, self.attn_backend)
         model = model.to(dtype=dtype).to_empty(device=device)
         if weights is None:
             model.init_dummy_weights(seed)
         else:
             model.load_weights(weights)
-        model.rotary.build(device, dtype)
+        model.build_tables(device, dtype)
         model.pack_for_cpu()
         self.model = model.eval()
         logger.info("model built in %.2fs (%s, %s)", time.perf_counter() - t0, dtype, device)

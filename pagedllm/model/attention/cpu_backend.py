@@ -24,14 +24,19 @@ from pagedllm.model.attention.torch_backend import TorchPagedAttention
 
 
 class CpuPagedAttention(TorchPagedAttention):
+    @property
+    def _native(self) -> bool:
+        """The native kernels know neither sliding windows nor soft-capping yet: those layers take the torch path."""
+        return self.sliding_window is None and self.logits_soft_cap is None
+
     def _decode_batch(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if not cpu_kernels.supports(q.dtype, kv_cache.dtype, self.head_dim):
+        if not self._native or not cpu_kernels.supports(q.dtype, kv_cache.dtype, self.head_dim):
             return super()._decode_batch(q, kv_cache, meta)
         nd = meta.num_decodes
         return cpu_kernels.paged_decode(q, kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale, self.num_kv_heads)
 
     def _prefill_batch(self, q, k, v, kv_cache, meta: AttentionMetadata, out) -> None:
-        if not cpu_kernels.supports_prefill(q.dtype, self.head_dim, kv_cache.dtype):
+        if not self._native or not cpu_kernels.supports_prefill(q.dtype, self.head_dim, kv_cache.dtype):
             return super()._prefill_batch(q, k, v, kv_cache, meta, out)
         nd, ns, qsl = meta.num_decodes, meta.num_seqs, meta.query_start_loc_cpu
         rows = qsl[ns] - qsl[nd]

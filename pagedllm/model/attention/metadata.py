@@ -33,6 +33,11 @@ class AttentionMetadata:
         return len(self.seq_lens_cpu)
 
 
+def per_layer(meta: "AttentionMetadata | list[AttentionMetadata]", num_layers: int) -> list[AttentionMetadata]:
+    """One metadata per layer: a model whose layers keep different blocks (KV cache groups) gets a list."""
+    return meta if isinstance(meta, (list, tuple)) else [meta] * num_layers
+
+
 def common_prefix_blocks(tables: list[list[int]], seq_lens: list[int], block_size: int) -> int:
     """How many leading blocks all the tables share, short of every sequence's last token.
 

@@ -5,6 +5,11 @@ query token attends to positions 0..pos of its own sequence, read back through
 the block table. Decodes are batched into one SDPA call over keys gathered
 block by block; each prefill chunk is one SDPA call with a causal mask that is
 offset by the tokens already in the cache (chunked prefill, recompute).
+
+A sliding-window layer reads only the blocks its queries' windows reach (the
+earlier entries of its block table may already be given back to the pool), and
+masks what lies before each query's window. Soft-capped scores (Gemma 2) take
+a plain matmul-softmax path, since SDPA cannot cap them.
 """
 
 from __future__ import annotations
@@ -38,13 +43,15 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int) 
     return blocks.view(b, nblocks * block_size, *cache.shape[2:])[:, :num_tokens]
 
 
-def _partial_softmax_attention(q, k_t, v, scale, mask):
+def _partial_softmax_attention(q, k_t, v, scale, mask, soft_cap=None):
     """Attention over one part of the keys: (row max, row sum, unnormalised output), all in float32.
 
     q [..., n, d], k_t [..., d, L], v [..., L, d]; mask broadcasts to [..., n, L]
     (True = attend). Two parts merge exactly through their maxima and sums.
     """
     s = torch.matmul(q.float(), k_t.float()) * scale  # scores in float32: bf16 scores lose the ranking of close keys
+    if soft_cap is not None:
+        s = torch.tanh(s / soft_cap) * soft_cap
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
@@ -52,9 +59,18 @@ def _partial_softmax_attention(q, k_t, v, scale, mask):
     return m, p.sum(dim=-1, keepdim=True), torch.matmul(p.to(v.dtype), v).float()
 
 
+def _capped_attention(q, k, v, scale, mask, soft_cap):
+    """Grouped-query attention with soft-capped scores: q [kvh, g, n, d], k and v [kvh, L, d], mask [n, L]."""
+    kvh, g, n, d = q.shape
+    m, l, o = _partial_softmax_attention(q.reshape(kvh, g * n, d), k.transpose(-1, -2), v, scale,
+                                         mask.repeat(g, 1), soft_cap)
+    return (o / l).view(kvh, g, n, d).to(q.dtype)
+
+
 class TorchPagedAttention(PagedAttentionBackend):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
-        super().__init__(num_heads, num_kv_heads, head_dim, scale)
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, logits_soft_cap: float | None = None) -> None:
+        super().__init__(num_heads, num_kv_heads, head_dim, scale, sliding_window, logits_soft_cap)
         self.gqa = num_heads != num_kv_heads
 
     def _gather(self, kv_cache: torch.Tensor, half: int, block_tables: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -101,7 +117,7 @@ class TorchPagedAttention(PagedAttentionBackend):
         """The first meta.num_decodes sequences, one query token each."""
         nd = meta.num_decodes
         tables, lens, max_len = meta.block_tables[:nd], meta.seq_lens[:nd], max(meta.seq_lens_cpu[:nd])
-        if meta.num_common_prefix_blocks:
+        if meta.num_common_prefix_blocks and self.sliding_window is None:
             return self._cascade_decode(q, kv_cache, tables, lens, max_len, meta.num_common_prefix_blocks)
         return self._decode(q, kv_cache, tables, lens, max_len)
 
@@ -110,18 +126,36 @@ class TorchPagedAttention(PagedAttentionBackend):
             return kv_quant.split(kv_cache, self.num_kv_heads, self.head_dim)[0].shape[2]
         return kv_cache.shape[2]
 
+    def _first_block(self, kv_cache, first_pos: int) -> int:
+        """The first block a sliding window starting at first_pos reaches (0 for full attention)."""
+        if self.sliding_window is None or first_pos <= 0:
+            return 0
+        return first_pos // self._block_size(kv_cache)
+
     def _decode(self, q, kv_cache, block_tables, seq_lens, max_len):
-        keys = self._gather(kv_cache, 0, block_tables, max_len).transpose(1, 2)  # [D, kvh, L, d]
-        values = self._gather(kv_cache, 1, block_tables, max_len).transpose(1, 2)
+        window = self.sliding_window
+        # Blocks before every sequence's window are not read (they may be back in the pool).
+        first = self._first_block(kv_cache, min(seq_lens.tolist()) - window) if window else 0
+        offset = first * self._block_size(kv_cache) if first else 0
+        keys = self._gather(kv_cache, 0, block_tables[:, first:], max_len - offset).transpose(1, 2)  # [D, kvh, L, d]
+        values = self._gather(kv_cache, 1, block_tables[:, first:], max_len - offset).transpose(1, 2)
         out_dtype = q.dtype
         q = q.to(keys.dtype)  # a quantized pool is read back in float32
-        mask = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]  # [D, L]
+        pos = torch.arange(offset, max_len, device=q.device)[None, :]
+        mask = pos < seq_lens[:, None]  # [D, L]
+        if window:
+            mask &= pos >= seq_lens[:, None] - window
         # The query heads that share a KV head become that head's "query rows":
         # one position, so one mask serves them all, and no K/V is repeated.
         # (SDPA's enable_gqa path is several times slower here on the CPU.)
         d = q.shape[0]
         grouped = q.view(d, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
-        o = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask[:, None, None, :], scale=self.scale)
+        if self.logits_soft_cap is not None:
+            m, l, o = _partial_softmax_attention(grouped, keys.transpose(-1, -2), values, self.scale,
+                                                 mask[:, None, None, :], self.logits_soft_cap)
+            o = o / l
+        else:
+            o = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask[:, None, None, :], scale=self.scale)
         return o.reshape(d, self.num_heads, self.head_dim).to(out_dtype)
 
     def _cascade_decode(self, q, kv_cache, block_tables, seq_lens, max_len, num_common):
@@ -138,7 +172,7 @@ class TorchPagedAttention(PagedAttentionBackend):
         kp = self._gather(kv_cache, 0, shared, prefix_len)[0].permute(1, 2, 0)  # [kvh, d, Lp]
         vp = self._gather(kv_cache, 1, shared, prefix_len)[0].transpose(0, 1)  # [kvh, Lp, d]
         qh = q.view(d_seqs, kvh, g, hd).transpose(0, 1).reshape(kvh, d_seqs * g, hd)
-        m_p, l_p, o_p = _partial_softmax_attention(qh, kp, vp, self.scale, None)
+        m_p, l_p, o_p = _partial_softmax_attention(qh, kp, vp, self.scale, None, self.logits_soft_cap)
         # Back to [D, kvh, g, *] to meet the suffix part.
         m_p, l_p, o_p = (t.view(kvh, d_seqs, g, -1).transpose(0, 1) for t in (m_p, l_p, o_p))
 
@@ -147,7 +181,8 @@ class TorchPagedAttention(PagedAttentionBackend):
         ks = self._gather(kv_cache, 0, tail, suffix_len).permute(0, 2, 3, 1)  # [D, kvh, d, Ls]
         vs = self._gather(kv_cache, 1, tail, suffix_len).transpose(1, 2)  # [D, kvh, Ls, d]
         mask = torch.arange(suffix_len, device=q.device)[None, :] < (seq_lens[:, None] - prefix_len)
-        m_s, l_s, o_s = _partial_softmax_attention(q.view(d_seqs, kvh, g, hd), ks, vs, self.scale, mask[:, None, None, :])
+        m_s, l_s, o_s = _partial_softmax_attention(q.view(d_seqs, kvh, g, hd), ks, vs, self.scale, mask[:, None, None, :],
+                                                 self.logits_soft_cap)
 
         m = torch.maximum(m_p, m_s)
         a, b = torch.exp(m_p - m), torch.exp(m_s - m)
@@ -157,19 +192,34 @@ class TorchPagedAttention(PagedAttentionBackend):
     def _prefill(self, q, k_new, v_new, kv_cache, block_table, seq_len):
         n = q.shape[0]
         qh = q.transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
+        plain = self.sliding_window is None and self.logits_soft_cap is None
         # A quantized pool is read back even for a prompt's first chunk: every key attention
         # sees is the stored one, as the native and Triton kernels see it.
         if seq_len == n and not kv_quant.is_quantized(kv_cache.dtype):
             # Nothing earlier in the cache: attend to the new keys directly.
             kh, vh = k_new.transpose(0, 1).unsqueeze(0), v_new.transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=self.gqa)
+            if plain:
+                o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=self.gqa)
+                return o.squeeze(0).transpose(0, 1)
+            offset = 0
         else:
-            kh = self._gather(kv_cache, 0, block_table[None], seq_len).transpose(1, 2)
-            vh = self._gather(kv_cache, 1, block_table[None], seq_len).transpose(1, 2)
+            # Query i sits at position seq_len - n + i; the first one's window starts window - 1 before it.
+            first = self._first_block(kv_cache, seq_len - n - self.sliding_window + 1) if self.sliding_window else 0
+            offset = first * self._block_size(kv_cache) if first else 0
+            kh = self._gather(kv_cache, 0, block_table[None, first:], seq_len - offset).transpose(1, 2)
+            vh = self._gather(kv_cache, 1, block_table[None, first:], seq_len - offset).transpose(1, 2)
             # Computed in q's dtype (a backend may widen q beyond the cache's dtype).
             kh, vh = kh.to(q.dtype), vh.to(q.dtype)
-            # Query i sits at position seq_len - n + i and sees keys 0..that position.
-            qpos = torch.arange(seq_len - n, seq_len, device=q.device)
-            mask = torch.arange(seq_len, device=q.device)[None, :] <= qpos[:, None]
-            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale, enable_gqa=self.gqa)
+        # Each query sees the keys from the start of its window (0 without one) to its own position.
+        qpos = torch.arange(seq_len - n, seq_len, device=q.device)[:, None]
+        kpos = torch.arange(offset, seq_len, device=q.device)[None, :]
+        mask = kpos <= qpos
+        if self.sliding_window is not None:
+            mask &= kpos > qpos - self.sliding_window
+        if self.logits_soft_cap is not None:
+            g = self.num_heads // self.num_kv_heads
+            o = _capped_attention(qh[0].view(self.num_kv_heads, g, n, self.head_dim), kh[0], vh[0], self.scale, mask,
+                                  self.logits_soft_cap)
+            return o.view(self.num_heads, n, self.head_dim).transpose(0, 1)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale, enable_gqa=self.gqa)
         return o.squeeze(0).transpose(0, 1)

@@ -20,6 +20,12 @@ class TritonPagedAttention(PagedAttentionBackend):
     # decode steps can be captured in CUDA graphs and replayed.
     cuda_graph_safe = True
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.sliding_window is not None or self.logits_soft_cap is not None:
+            raise ValueError("the triton attention backend has no sliding window or soft-capping yet; "
+                             "use attention_backend='torch' for this model")
+
     def forward(
         self,
         q: torch.Tensor,  # [T, num_heads, head_dim]

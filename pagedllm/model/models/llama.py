@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from pagedllm.model.attention.metadata import AttentionMetadata
+from pagedllm.model.attention.metadata import AttentionMetadata, per_layer
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
 from pagedllm.model.arch_config import ArchConfig
 from pagedllm.model import cpu_ops
@@ -22,7 +22,8 @@ from pagedllm.model.packed_linear import PackedLinear, can_pack, pack_linears
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, attn_backend: type = TorchPagedAttention) -> None:
+    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, attn_backend: type = TorchPagedAttention,
+                 sliding_window: int | None = None) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -36,7 +37,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
         self.rotary = rotary
-        self.attn = attn_backend(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5)
+        self.attn = attn_backend(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, sliding_window)
         self.native_rope = False  # rotary + KV store in one CPU kernel (model/cpu_ops.py)
         self.float_out = False  # a widened o_proj hands its float32 product unrounded to the next norm, which rounds it
 
@@ -83,10 +84,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, attn_backend: type = TorchPagedAttention) -> None:
+    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, attn_backend: type = TorchPagedAttention,
+                 sliding_window: int | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, rotary, attn_backend)
+        self.self_attn = LlamaAttention(cfg, rotary, attn_backend, sliding_window)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
@@ -112,18 +114,24 @@ class LlamaForCausalLM(nn.Module):
         # An uninitialised table: weights are loaded next anyway, and nn.Embedding's own
         # random init on the meta device costs a one-time import of over a second.
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary, attn_backend) for _ in range(cfg.num_hidden_layers))
+        windows = cfg.layer_windows or (None,) * cfg.num_hidden_layers
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary, attn_backend, w) for w in windows)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tie_word_embeddings = cfg.tie_word_embeddings
         if not self.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.packed_lm_head: PackedLinear | None = None
 
-    def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta) -> torch.Tensor:
+        """meta: one AttentionMetadata, or one per layer (layers in different KV cache groups)."""
         x, residual = self.embed_tokens(input_ids), None
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(positions, x, residual, kv_cache, meta)
+        for layer, kv_cache, m in zip(self.layers, kv_caches, per_layer(meta, len(self.layers))):
+            x, residual = layer(positions, x, residual, kv_cache, m)
         return self.norm(x, residual)[0]
+
+    def build_tables(self, device: torch.device, dtype: torch.dtype) -> None:
+        """The rope cos/sin tables, on the device, once the weights are there."""
+        self.rotary.build(device, dtype)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.packed_lm_head is not None:
