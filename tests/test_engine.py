@@ -144,7 +144,7 @@ def test_bad_inputs_give_clear_errors(tiny_llm, tiny_model_dir):
         tiny_llm.generate(["a", "b"], [SamplingParams()] * 3)
     with pytest.raises(ValueError, match="unknown engine option"):
         LLM(tiny_model_dir, not_an_option=1)
-    with pytest.raises(ValueError, match="fewer than max_model_len"):
+    with pytest.raises(ValueError, match="request of max_model_len"):
         LLM(tiny_model_dir, num_kv_blocks=2, block_size=16)
     # Nothing was left behind by the failed calls.
     assert not tiny_llm.engine.has_unfinished_requests()

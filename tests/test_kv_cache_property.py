@@ -61,10 +61,10 @@ class Shadow:
         self.next_id += 1
         hit = self.kv.find_cached_prefix(tokens)
         # A prefix hit must hold exactly this prefix, block for block.
-        for b, block_id in enumerate(hit):
+        for b, block_id in enumerate(hit.blocks[0]):
             got = [self.memory.get(block_id * self.bs + o) for o in range(self.bs)]
             assert got == [tuple(tokens[: b * self.bs + o + 1]) for o in range(self.bs)], "prefix hit with another prefix"
-        n_hit = len(hit) * self.bs
+        n_hit = hit.num_tokens
         assert n_hit < len(tokens)
         if not self.kv.allocate_slots(rid, n_hit, len(tokens) - n_hit, hit):
             return

@@ -40,6 +40,9 @@ CONFIGS = {
     "mistral_window": lambda: transformers.MistralConfig(**COMMON, num_attention_heads=6, num_key_value_heads=2, head_dim=12,
                                                          sliding_window=8),
     "qwen2": lambda: transformers.Qwen2Config(**COMMON, num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True),
+    # Qwen2 with its first layer global and the second sliding: two KV cache groups over one pool.
+    "qwen2_mixed_window": lambda: transformers.Qwen2Config(**COMMON, num_attention_heads=6, num_key_value_heads=2,
+                                                           use_sliding_window=True, sliding_window=8, max_window_layers=1),
     "qwen3": lambda: transformers.Qwen3Config(**COMMON, num_attention_heads=6, num_key_value_heads=2, head_dim=16),
 }
 
@@ -56,9 +59,11 @@ def hf_model(cfg, seed=0):
 
 def paged_logits(runner: ModelRunner, prompts: list[list[int]], block_size: int):
     """Logits for every position of every prompt, computed in steps: first chunk, rest of prompt, decodes."""
-    num_blocks = sum(-(-len(p) // block_size) for p in prompts) + 4
+    # One table per KV cache group, all over one pool; sliding groups give blocks back as windows move on.
+    groups = runner.kv_groups
+    num_blocks = len(groups) * (sum(-(-len(p) // block_size) for p in prompts) + 4)
     runner.allocate_kv_cache(num_blocks)
-    kv = KVCacheManager(num_blocks, block_size)
+    kv = KVCacheManager(num_blocks, block_size, group_windows=tuple(g.window for g in groups))
     reqs = [Request(f"r{i}", p[:1], None) for i, p in enumerate(prompts)]
     for r, p in zip(reqs, prompts):
         r.all_token_ids = list(p)  # teacher forcing: every token of the prompt is known
@@ -78,7 +83,7 @@ def paged_logits(runner: ModelRunner, prompts: list[list[int]], block_size: int)
             if step < len(pl):
                 n = pl[step]
                 assert kv.allocate_slots(r.request_id, r.num_computed_tokens, n)
-                scheduled.append(ScheduledRequest(r, r.num_computed_tokens, n, kv.get_block_table(r.request_id)))
+                scheduled.append(ScheduledRequest(r, r.num_computed_tokens, n, kv.get_block_tables(r.request_id)))
         # Force every chunk to produce logits by reading all rows: compute per-token logits via a full hidden pass.
         input_ids, positions, meta, _, _ = runner._prepare(scheduled)
         with torch.inference_mode():
@@ -92,6 +97,7 @@ def paged_logits(runner: ModelRunner, prompts: list[list[int]], block_size: int)
             off += s.num_new_tokens
             s.request.num_computed_tokens += s.num_new_tokens
         step += 1
+        kv.check_invariants()
     return [torch.cat(g) for g in got]
 
 

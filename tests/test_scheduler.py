@@ -79,19 +79,22 @@ def test_reset_prefix_cache_forgets_cached_prefixes_only_when_no_block_is_in_use
     tokens = list(range(9))
     kv.allocate_slots("a", 0, 9)
     kv.cache_full_blocks("a", tokens, 9)
-    assert kv.find_cached_prefix(tokens) == kv.get_block_table("a")[:2]
+    assert kv.find_cached_prefix(tokens).blocks[0] == kv.get_block_table("a")[:2]
     assert not kv.reset_prefix_cache()  # "a" still holds its blocks
     kv.free("a")
-    assert len(kv.find_cached_prefix(tokens)) == 2  # freed, still findable
-    assert kv.reset_prefix_cache() and kv.find_cached_prefix(tokens) == []
+    assert kv.find_cached_prefix(tokens).num_tokens == 2 * kv.block_size  # freed, still findable
+    assert kv.reset_prefix_cache() and kv.find_cached_prefix(tokens).num_tokens == 0
     kv.check_invariants()
 
 
-def run_simulation(seed: int, num_blocks: int, block_size: int, max_seqs: int, budget: int, steps_limit: int = 5000):
-    """Drive the scheduler as the engine does, sampling 'tokens' at random; check invariants every step."""
+def run_simulation(seed: int, num_blocks: int, block_size: int, max_seqs: int, budget: int, steps_limit: int = 5000,
+                   windows: tuple = (None,)):
+    """Drive the scheduler as the engine does, sampling 'tokens' at random; check invariants every step.
+
+    windows: the KV cache groups' sliding windows (None: full attention)."""
     rng = random.Random(seed)
-    kv = KVCacheManager(num_blocks, block_size)
-    max_len = num_blocks * block_size
+    kv = KVCacheManager(num_blocks, block_size, group_windows=windows)
+    max_len = num_blocks * block_size // len(windows)
     sched = Scheduler(SchedulerConfig(max_seqs, budget, max_len), kv)
     pending = [make_request(f"r{i}", rng.randint(1, max_len // 2), rng.randint(1, 40)) for i in range(40)]
     finished: list[Request] = []
@@ -108,7 +111,11 @@ def run_simulation(seed: int, num_blocks: int, block_size: int, max_seqs: int, b
         assert len({s.request_id for s in out.scheduled}) == len(out.scheduled)
         for s in out.scheduled:
             assert s.request.status is RequestStatus.RUNNING
-            assert len(s.block_table) * block_size >= s.start_pos + s.num_new_tokens
+            for g, table in enumerate(s.block_tables):
+                assert len(table) * block_size >= s.start_pos + s.num_new_tokens
+                if windows[g] is not None:  # every block that the step's first query's window reaches is held
+                    first = max(0, s.start_pos - windows[g] + 1) // block_size
+                    assert all(kv.pool.ref_cnt[b] > 0 for b in table[first:])
         kv.check_invariants()
         sched.update_after_step(out)
         for s in out.scheduled:
@@ -134,6 +141,13 @@ def run_simulation(seed: int, num_blocks: int, block_size: int, max_seqs: int, b
 @pytest.mark.parametrize("seed", range(6))
 def test_randomized_run_keeps_invariants_and_finishes_everything(seed):
     run_simulation(seed, num_blocks=64, block_size=4, max_seqs=8, budget=32)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("windows", [(6,), (None, 5), (None, 9, 9)])
+def test_kv_cache_groups_with_sliding_windows_keep_invariants(seed, windows):
+    run_simulation(seed, num_blocks=96, block_size=4, max_seqs=8, budget=32, windows=windows)
+    run_simulation(seed, num_blocks=30, block_size=4, max_seqs=16, budget=24, windows=windows)  # tight: preemptions
 
 
 @pytest.mark.parametrize("seed", range(4))

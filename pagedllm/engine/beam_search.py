@@ -133,7 +133,7 @@ class BeamSearchRunner:
 
     # --- admission --------------------------------------------------------
     def _worst_case_blocks(self, prompt_len: int, params: BeamSearchParams) -> int:
-        per_beam = self.kv.blocks_needed(prompt_len + params.max_tokens) + 1  # +1: a copy-on-write in flight
+        per_beam = self.kv.max_blocks(prompt_len + params.max_tokens, prompt_len) + 1  # +1: a copy-on-write in flight
         return params.beam_width * per_beam
 
     def _admissible(self, group: _Group, active: list[_Group], budget: int) -> bool:
@@ -150,17 +150,17 @@ class BeamSearchRunner:
                 req = g.prompt
                 if req.num_computed_tokens == 0 and req.request_id not in self.kv.block_tables:
                     hit = self.kv.find_cached_prefix(req.all_token_ids)
-                    self._allocate(req, len(hit) * self.kv.block_size, 0, hit)
-                    req.num_computed_tokens = len(hit) * self.kv.block_size
+                    self._allocate(req, hit.num_tokens, 0, hit)
+                    req.num_computed_tokens = hit.num_tokens
                 n = min(req.num_tokens - req.num_computed_tokens, max(1, token_budget))
                 self._allocate(req, req.num_computed_tokens, n)
-                scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n, self.kv.get_block_table(req.request_id)))
+                scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n, self.kv.get_block_tables(req.request_id)))
                 token_budget -= n
             else:
                 for beam in g.running:
                     seq = beam.seq
                     self._allocate(seq, seq.num_computed_tokens, 1)
-                    scheduled.append(ScheduledRequest(seq, seq.num_computed_tokens, 1, self.kv.get_block_table(seq.request_id)))
+                    scheduled.append(ScheduledRequest(seq, seq.num_computed_tokens, 1, self.kv.get_block_tables(seq.request_id)))
                     token_budget -= 1
         step = SchedulerOutput(scheduled, block_copies=self.kv.take_copies(), finished_req_ids=self.scheduler.take_finished_req_ids())
         results = self.runner.execute(step).sampled
@@ -176,7 +176,7 @@ class BeamSearchRunner:
             if beams:
                 self._select(g, beams, proposals)
 
-    def _allocate(self, seq: Request, num_computed: int, num_new: int, hit: list[int] = ()) -> None:
+    def _allocate(self, seq: Request, num_computed: int, num_new: int, hit=None) -> None:
         if not self.kv.allocate_slots(seq.request_id, num_computed, num_new, hit):
             raise RuntimeError("beam search ran out of KV blocks despite its admission check")
 

@@ -38,6 +38,7 @@ class EngineCore:
         # bookkeeping (scheduler, KV cache manager) never needs torch.
         from pagedllm.model.attention.selector import get_attention_backend
         from pagedllm.model.loader import iter_weights, resolve_model
+        from pagedllm.worker.kv_cache_groups import kv_cache_groups
         from pagedllm.worker.model_runner import ModelRunner, resolve_device, resolve_dtype
 
         t0 = time.perf_counter()
@@ -54,25 +55,29 @@ class EngineCore:
         dtype = resolve_dtype(config.dtype, device)
         weights = None if config.load_format == "dummy" else iter_weights(source)
         attn_backend = get_attention_backend(device.type, config.attention_backend)
+        kv_groups = kv_cache_groups(cfg.layer_windows or [None] * cfg.num_hidden_layers, self.max_model_len)
         self.runner = ModelRunner(cfg, weights, device=device, dtype=dtype, block_size=config.block_size, seed=config.seed,
-                                  attn_backend=attn_backend, kv_cache_dtype=config.kv_cache_dtype)
+                                  attn_backend=attn_backend, kv_cache_dtype=config.kv_cache_dtype, kv_groups=kv_groups)
         if device.type == "cuda" and not config.kv_cache_size_given:
             from pagedllm.worker.gpu_memory import gpu_kv_blocks
 
             num_blocks = gpu_kv_blocks(self.runner, config, self.max_model_len)
         else:
             num_blocks = config.num_kv_blocks or config.kv_cache_bytes // self.runner.bytes_per_block()
-        if num_blocks * config.block_size < self.max_model_len:
+        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                       tuple(g.window for g in kv_groups))
+        one_request = self.kv_cache.max_blocks(self.max_model_len, config.max_num_batched_tokens)
+        if num_blocks < one_request:
             raise ValueError(
-                f"the KV cache holds {num_blocks * config.block_size} tokens ({num_blocks} blocks of {config.block_size}), "
-                f"fewer than max_model_len={self.max_model_len}: raise kv_cache_memory (on CUDA: gpu_memory_utilization) or lower max_model_len"
+                f"the KV cache has {num_blocks} blocks of {config.block_size} tokens, fewer than the {one_request} that one "
+                f"request of max_model_len={self.max_model_len} needs: raise kv_cache_memory (on CUDA: gpu_memory_utilization) "
+                f"or lower max_model_len"
             )
         self.runner.allocate_kv_cache(num_blocks)
-        if device.type == "cuda" and not config.enforce_eager:
+        if device.type == "cuda" and not config.enforce_eager and len(kv_groups) == 1:
             from pagedllm.worker.cuda_graphs import capture_decode_graphs
 
             self.runner.cuda_graphs = capture_decode_graphs(self.runner, config.max_num_seqs, self.max_model_len)
-        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv_cache)
         self.info = CoreInfo(
             model_path=source.path, dtype=str(dtype).replace("torch.", ""), kv_cache_dtype=str(self.runner.kv_dtype).replace("torch.", ""),

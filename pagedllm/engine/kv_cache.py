@@ -16,14 +16,34 @@ block holds which logical block of which request, and which blocks are shared.
   a sequence that is about to write into a partly filled block that others
   share gets its own copy first (copy-on-write), recorded as a (src, dst) pair
   that the model runner copies before the step runs.
+- KV cache groups (worker/kv_cache_groups.py): a model whose layers attend
+  differently has one block table per group for each request, all over one
+  pool. In a sliding-window group, the blocks that every later query's window
+  has left go back to the pool as the sequence moves on; their table entries
+  become placeholders (NULL_BLOCK) that no attention backend reads. A prefix
+  hit must be a hit in every group; a sliding group takes only the blocks that
+  the first window after the hit reaches.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-BlockKey = tuple  # (parent block id or -1, parent generation, tokens tuple)
+BlockKey = tuple  # (parent block id, parent generation, tokens tuple); (-1, group, tokens) for a first block
+
+# A table entry whose block has left every window and gone back to the pool. Block 0 is
+# a real block: gathered by a backend it reads finite numbers that the window masks out.
+NULL_BLOCK = 0
+
+
+@dataclass
+class PrefixHit:
+    """A new request's longest cached prefix, in whole blocks, as the start of each group's block table."""
+
+    num_tokens: int = 0
+    blocks: list = field(default_factory=list)  # per group: block ids, NULL_BLOCK before a sliding window
+    first_live: list = field(default_factory=list)  # per group: entries before this index are placeholders
 
 
 @dataclass
@@ -89,9 +109,9 @@ class BlockPool:
     def is_free(self, block_id: int) -> bool:
         return block_id in self._free
 
-    def child_key(self, parent: int | None, tokens: tuple[int, ...]) -> BlockKey:
+    def child_key(self, parent: int | None, tokens: tuple[int, ...], group: int = 0) -> BlockKey:
         if parent is None:
-            return (-1, 0, tokens)
+            return (-1, group, tokens)
         return (parent, self.generation[parent], tokens)
 
     def cache(self, block_id: int, key: BlockKey) -> int:
@@ -111,21 +131,37 @@ class BlockPool:
 
 
 class KVCacheManager:
-    """Per-request block tables over one BlockPool."""
+    """Per-request block tables, one per KV cache group, over one BlockPool."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 group_windows: tuple = (None,)) -> None:
+        """group_windows: each KV cache group's sliding window, None for full attention."""
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if not group_windows:
+            raise ValueError("a KV cache needs at least one group")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
-        self.block_tables: dict[str, list[int]] = {}
+        self.windows = list(group_windows)
+        groups = range(len(self.windows))
+        self.tables: list[dict[str, list[int]]] = [{} for _ in groups]
+        self._first_live: list[dict[str, int]] = [{} for _ in groups]  # leading placeholders, sliding groups only
+        self._num_cached: list[dict[str, int]] = [{} for _ in groups]  # leading blocks offered to the prefix cache
         self._num_tokens: dict[str, int] = {}  # token slots each request has reserved
-        self._num_cached: dict[str, int] = {}  # leading blocks of each table already offered to the prefix cache
         self._copies: list[tuple[int, int]] = []  # copy-on-write (src, dst) pairs not yet handed to the runner
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         self.peak_used_blocks = 0  # since start or the last reset_peak()
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.windows)
+
+    @property
+    def block_tables(self) -> dict[str, list[int]]:
+        """The first group's tables (the only ones, for a model whose layers all attend alike)."""
+        return self.tables[0]
 
     @property
     def num_blocks(self) -> int:
@@ -138,28 +174,65 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def max_blocks(self, num_tokens: int, chunk: int = 1) -> int:
+        """The most blocks one sequence of num_tokens holds in all groups at once, computing chunk tokens a step."""
+        total = 0
+        for w in self.windows:
+            n = self.blocks_needed(num_tokens)
+            total += n if w is None else min(n, self.blocks_needed(w - 1 + chunk) + 1)
+        return total
+
     def get_block_table(self, request_id: str) -> list[int]:
-        return self.block_tables.get(request_id, [])
+        return self.tables[0].get(request_id, [])
+
+    def get_block_tables(self, request_id: str) -> list[list[int]]:
+        """The live tables of every group; the runner reads them before anything changes them."""
+        return [t.get(request_id, []) for t in self.tables]
+
+    def _live(self, group: int, request_id: str, table: list[int]) -> list[int]:
+        first = self._first_live[group].get(request_id, 0)
+        return table[first:] if first else table
 
     # --- prefix cache -----------------------------------------------------
-    def find_cached_prefix(self, token_ids: list[int]) -> list[int]:
-        """Blocks holding the longest cached prefix of token_ids, in whole blocks.
+    def find_cached_prefix(self, token_ids: list[int]) -> PrefixHit:
+        """The longest prefix of token_ids cached in every group, in whole blocks.
 
         Never the whole sequence: the last token is always computed, so that
-        its logits exist to sample from.
+        its logits exist to sample from. A sliding group is walked from the
+        start too (a block's key names its parent), but takes only the blocks
+        that the first window after the hit reaches.
         """
+        groups = range(self.num_groups)
         if not self.enable_prefix_caching:
-            return []
+            return PrefixHit(0, [[] for _ in groups], [0 for _ in groups])
         bs = self.block_size
-        hits: list[int] = []
-        parent = None
-        for i in range((len(token_ids) - 1) // bs):
-            block = self.pool.cached.get(self.pool.child_key(parent, tuple(token_ids[i * bs : (i + 1) * bs])))
-            if block is None:
-                break
-            hits.append(block)
-            parent = block
-        return hits
+        limit = (len(token_ids) - 1) // bs
+        found = []
+        for g in groups:
+            hits: list[int] = []
+            parent = None
+            for i in range(limit):
+                block = self.pool.cached.get(self.pool.child_key(parent, tuple(token_ids[i * bs : (i + 1) * bs]), g))
+                if block is None:
+                    break
+                hits.append(block)
+                parent = block
+            limit = len(hits)  # later groups need look no further
+            found.append(hits)
+        hit = PrefixHit(limit * bs)
+        for g, hits in enumerate(found):
+            hits = hits[:limit]
+            first = self._first_needed_block(g, limit * bs)
+            hit.blocks.append([NULL_BLOCK] * first + hits[first:])
+            hit.first_live.append(first)
+        return hit
+
+    def _first_needed_block(self, group: int, num_computed: int) -> int:
+        """The first block that a query at position num_computed (or later) still reads in this group."""
+        w = self.windows[group]
+        if w is None or num_computed < w:
+            return 0
+        return (num_computed - w + 1) // self.block_size
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix, so that a workload run again computes it all again (benchmarks).
@@ -178,64 +251,93 @@ class KVCacheManager:
         self.prefix_cache_hits += num_hit_tokens
 
     def cache_full_blocks(self, request_id: str, token_ids: list[int], num_computed_tokens: int) -> None:
-        """Offer the request's newly full, computed blocks to the prefix cache."""
+        """Offer the request's newly full, computed blocks to the prefix cache, in every group."""
         if not self.enable_prefix_caching:
             return
-        table = self.block_tables.get(request_id)
-        if table is None:
-            return
         bs = self.block_size
-        start = self._num_cached.get(request_id, 0)
-        end = min(num_computed_tokens // bs, len(table))
-        for i in range(start, end):
-            parent = table[i - 1] if i else None
-            block_id = table[i]
-            canonical = self.pool.cache(block_id, self.pool.child_key(parent, tuple(token_ids[i * bs : (i + 1) * bs])))
-            if canonical != block_id:
-                # The same prefix is cached in another block: share that one and free this
-                # duplicate, so equal prefixes are one set of blocks (less memory, and
-                # cascade attention sees them as shared).
-                self.pool.incref(canonical)
-                table[i] = canonical
-                self.pool.decref(block_id)
-        if end > start:
-            self._num_cached[request_id] = end
+        for g, tables in enumerate(self.tables):
+            table = tables.get(request_id)
+            if table is None:
+                continue
+            start = self._num_cached[g].get(request_id, 0)
+            end = min(num_computed_tokens // bs, len(table))
+            first_live = self._first_live[g].get(request_id, 0)
+            for i in range(start, end):
+                if i - 1 < first_live and i > 0:
+                    break  # its parent already left the window: the chain cannot be named
+                parent = table[i - 1] if i else None
+                block_id = table[i]
+                canonical = self.pool.cache(block_id, self.pool.child_key(parent, tuple(token_ids[i * bs : (i + 1) * bs]), g))
+                if canonical != block_id:
+                    # The same prefix is cached in another block: share that one and free this
+                    # duplicate, so equal prefixes are one set of blocks (less memory, and
+                    # cascade attention sees them as shared).
+                    self.pool.incref(canonical)
+                    table[i] = canonical
+                    self.pool.decref(block_id)
+            if end > start:
+                self._num_cached[g][request_id] = end
 
     # --- allocation -------------------------------------------------------
-    def allocate_slots(
-        self, request_id: str, num_computed_tokens: int, num_new_tokens: int, cached_blocks: list[int] = ()
-    ) -> bool:
+    def allocate_slots(self, request_id: str, num_computed_tokens: int, num_new_tokens: int,
+                       hit: PrefixHit | None = None) -> bool:
         """Make room to compute num_new_tokens after num_computed_tokens.
 
-        cached_blocks: a prefix hit (from find_cached_prefix) that becomes the
-        start of a new request's table. All or nothing: when the pool is short,
-        nothing changes and the caller (the scheduler) decides whom to preempt.
+        hit: a prefix hit (from find_cached_prefix) that becomes the start of
+        a new request's tables. All or nothing: when the pool is short, nothing
+        changes but the blocks that windows have left, and the caller (the
+        scheduler) decides whom to preempt.
         """
-        table = self.block_tables.get(request_id, [])
-        cow = self._shared_block_to_write(table, num_computed_tokens, num_new_tokens)
-        have = len(table) + len(cached_blocks)
-        num_new_blocks = max(0, self.blocks_needed(num_computed_tokens + num_new_tokens) - have)
-        reviving = sum(1 for b in cached_blocks if self.pool.ref_cnt[b] == 0)  # cached but free: taken out of the queue
-        if num_new_blocks + reviving + (cow is not None) > self.pool.num_free_blocks:
+        self._free_left_behind(request_id, num_computed_tokens)
+        plans = []
+        wanted = 0
+        for g, tables in enumerate(self.tables):
+            table = tables.get(request_id, [])
+            cached = hit.blocks[g] if hit is not None else ()
+            cow = self._shared_block_to_write(table, num_computed_tokens, num_new_tokens)
+            new = max(0, self.blocks_needed(num_computed_tokens + num_new_tokens) - len(table) - len(cached))
+            live = cached[hit.first_live[g]:] if cached else ()
+            reviving = sum(1 for b in live if self.pool.ref_cnt[b] == 0)  # cached but free: taken out of the queue
+            wanted += new + reviving + (cow is not None)
+            plans.append((table, cached, live, cow, new))
+        if wanted > self.pool.num_free_blocks:
             return False
-        if request_id not in self.block_tables:
-            self.block_tables[request_id] = table
-        for block_id in cached_blocks:
-            self.pool.incref(block_id)
-        table.extend(cached_blocks)
-        if cached_blocks:
-            self._num_cached[request_id] = len(table)
-        if cow is not None:
-            src = table[cow]
-            (dst,) = self.pool.allocate(1)
-            self._copies.append((src, dst))
-            self.pool.decref(src)
-            table[cow] = dst
-        if num_new_blocks:
-            table.extend(self.pool.allocate(num_new_blocks))
+        for g, (table, cached, live, cow, new) in enumerate(plans):
+            if request_id not in self.tables[g]:
+                self.tables[g][request_id] = table
+            if cached:
+                for block_id in live:
+                    self.pool.incref(block_id)
+                table.extend(cached)
+                self._num_cached[g][request_id] = len(table)
+                if hit.first_live[g]:
+                    self._first_live[g][request_id] = hit.first_live[g]
+            if cow is not None:
+                src = table[cow]
+                (dst,) = self.pool.allocate(1)
+                self._copies.append((src, dst))
+                self.pool.decref(src)
+                table[cow] = dst
+            if new:
+                table.extend(self.pool.allocate(new))
         self._num_tokens[request_id] = max(num_computed_tokens + num_new_tokens, self._num_tokens.get(request_id, 0))
         self._note_peak()
         return True
+
+    def _free_left_behind(self, request_id: str, num_computed: int) -> None:
+        """In sliding groups, give back the blocks that no query from num_computed on reads."""
+        for g, w in enumerate(self.windows):
+            if w is None:
+                continue
+            table = self.tables[g].get(request_id)
+            first = self._first_live[g].get(request_id, 0)
+            needed = self._first_needed_block(g, num_computed)
+            if table is None or needed <= first:
+                continue
+            for i in range(first, needed):
+                self.pool.decref(table[i])
+                table[i] = NULL_BLOCK
+            self._first_live[g][request_id] = needed
 
     def _note_peak(self) -> None:
         self.peak_used_blocks = max(self.peak_used_blocks, self.num_blocks - self.pool.num_free_blocks)
@@ -259,27 +361,32 @@ class KVCacheManager:
 
     def fork(self, parent_id: str, child_id: str) -> None:
         """The child shares every block of the parent; writes into a shared partial block are copied first."""
-        if child_id in self.block_tables:
+        if child_id in self.tables[0]:
             raise ValueError(f"request {child_id!r} already has blocks")
-        table = list(self.block_tables.get(parent_id, []))
-        for block_id in table:
-            self.pool.incref(block_id)
-        self.block_tables[child_id] = table
+        for g, tables in enumerate(self.tables):
+            table = list(tables.get(parent_id, []))
+            for block_id in self._live(g, parent_id, table):
+                self.pool.incref(block_id)
+            tables[child_id] = table
+            self._num_cached[g][child_id] = self._num_cached[g].get(parent_id, 0)
+            if parent_id in self._first_live[g]:
+                self._first_live[g][child_id] = self._first_live[g][parent_id]
         self._num_tokens[child_id] = self._num_tokens.get(parent_id, 0)
-        self._num_cached[child_id] = self._num_cached.get(parent_id, 0)
         self._note_peak()
 
     def free(self, request_id: str) -> None:
         """Give back every block of the request; a no-op for unknown ids."""
-        table = self.block_tables.pop(request_id, None)
         self._num_tokens.pop(request_id, None)
-        self._num_cached.pop(request_id, None)
-        if table is None:
-            return
-        # Tail first: the end of a sequence is the part least likely to be
-        # shared by a later prefix, so it is reused (evicted) first.
-        for block_id in reversed(table):
-            self.pool.decref(block_id)
+        for g, tables in enumerate(self.tables):
+            table = tables.pop(request_id, None)
+            self._num_cached[g].pop(request_id, None)
+            first = self._first_live[g].pop(request_id, 0)
+            if table is None:
+                continue
+            # Tail first: the end of a sequence is the part least likely to be
+            # shared by a later prefix, so it is reused (evicted) first.
+            for block_id in reversed(table[first:]):
+                self.pool.decref(block_id)
 
     # --- stats and invariants ---------------------------------------------
     def stats(self) -> KVCacheStats:
@@ -287,10 +394,13 @@ class KVCacheManager:
         # Each used block counted once, however many tables share it.
         filled: dict[int, int] = {}
         bs = self.block_size
-        for request_id, table in self.block_tables.items():
-            n = self._num_tokens.get(request_id, 0)
-            for i, block_id in enumerate(table):
-                filled[block_id] = max(filled.get(block_id, 0), min(bs, max(0, n - i * bs)))
+        for g, tables in enumerate(self.tables):
+            for request_id, table in tables.items():
+                n = self._num_tokens.get(request_id, 0)
+                first = self._first_live[g].get(request_id, 0)
+                for i in range(first, len(table)):
+                    block_id = table[i]
+                    filled[block_id] = max(filled.get(block_id, 0), min(bs, max(0, n - i * bs)))
         tokens = sum(filled.values())
         slots = used * bs
         return KVCacheStats(
@@ -309,9 +419,12 @@ class KVCacheManager:
         """DESIGN.md's invariants, plus the prefix cache's; cheap enough for tests to call every step."""
         pool = self.pool
         refs = [0] * self.num_blocks
-        for table in self.block_tables.values():
-            for block_id in table:
-                refs[block_id] += 1
+        for g, tables in enumerate(self.tables):
+            for request_id, table in tables.items():
+                for block_id in self._live(g, request_id, table):
+                    refs[block_id] += 1
+                assert self._num_tokens[request_id] <= len(table) * self.block_size
+                assert self._first_live[g].get(request_id, 0) <= len(table)
         for block_id in range(self.num_blocks):
             assert refs[block_id] == pool.ref_cnt[block_id], (
                 f"block {block_id}: ref count {pool.ref_cnt[block_id]} but {refs[block_id]} table entries"
@@ -322,5 +435,3 @@ class KVCacheManager:
         for key, block_id in pool.cached.items():
             assert pool.key[block_id] == key, f"cache entry for block {block_id} does not match its key"
         assert sum(k is not None for k in pool.key) == len(pool.cached)
-        for request_id, table in self.block_tables.items():
-            assert self._num_tokens[request_id] <= len(table) * self.block_size

@@ -32,7 +32,7 @@ class ScheduledRequest:
     request: Request
     start_pos: int  # = num_computed_tokens before this step
     num_new_tokens: int
-    block_table: list[int]  # the live table; the runner reads it before anything changes it
+    block_tables: list[list[int]]  # the live table of each KV cache group; the runner reads them before anything changes them
 
     @property
     def request_id(self) -> str:
@@ -115,7 +115,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n, kv.get_block_table(req.request_id)))
+                out.scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n, kv.get_block_tables(req.request_id)))
                 budget -= n
                 i += 1
                 continue
@@ -129,8 +129,8 @@ class Scheduler:
                 # A new (or preempted) request starts from its longest cached prefix; one that asks for
                 # prompt logprobs computes its whole prompt (a cached block has keys, not logits).
                 wants_logits = getattr(req.sampling_params, "prompt_logprobs", None) is not None
-                hit = [] if wants_logits else kv.find_cached_prefix(req.all_token_ids)
-                num_hit = len(hit) * kv.block_size
+                hit = None if wants_logits else kv.find_cached_prefix(req.all_token_ids)
+                num_hit = hit.num_tokens if hit is not None else 0
                 n = min(req.num_tokens - num_hit, budget)
                 if not kv.allocate_slots(req.request_id, num_hit, n, hit):
                     break  # first come, first served: no overtaking when blocks are short
@@ -140,7 +140,7 @@ class Scheduler:
                 self.waiting.popleft()
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
-                out.scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n, kv.get_block_table(req.request_id)))
+                out.scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n, kv.get_block_tables(req.request_id)))
                 budget -= n
 
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget

@@ -91,7 +91,7 @@ def profile_step(runner, num_tokens: int, num_seqs: int, max_model_len: int) -> 
     del hidden
     params = SamplingParams(temperature=1.0, top_p=0.9, repetition_penalty=1.1, logprobs=1)  # the sampler's costliest path
     runner.sampler(logits, [SamplingRow(params, [0], [], None, ()) for _ in range(logits.shape[0])])
-    runner.kv_caches = []
+    runner.kv_caches = runner._kv_tensors = []
 
 
 def profile_kv_cache_bytes(runner, utilization: float, num_tokens: int, num_seqs: int, max_model_len: int) -> MemoryProfile:

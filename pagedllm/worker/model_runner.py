@@ -19,6 +19,7 @@ from pagedllm.model.attention import kv_quant
 from pagedllm.model.attention.metadata import AttentionMetadata, common_prefix_blocks
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
 from pagedllm.model.models.registry import model_class
+from pagedllm.worker.kv_cache_groups import KVCacheGroup, kv_cache_groups, slot_of_layers
 from pagedllm.worker.sampler import Sampler, SamplingRow, TokenLogprobs, gather_logprobs
 
 logger = logging.getLogger(__name__)
@@ -86,10 +87,12 @@ class KVCacheCopyError(RuntimeError):
 
 class ModelRunner:
     def __init__(self, config, weights, *, device: torch.device, dtype: torch.dtype, block_size: int, seed: int = 0,
-                 attn_backend: type | None = None, kv_cache_dtype: str = "auto") -> None:
+                 attn_backend: type | None = None, kv_cache_dtype: str = "auto",
+                 kv_groups: list[KVCacheGroup] | None = None) -> None:
         """config: an ArchConfig (or a transformers config); weights: (HF name, tensor) pairs, or None for random (dummy) weights.
         attn_backend: the paged-attention class (model/attention/selector.py); None: the torch one.
-        kv_cache_dtype: auto (the model's dtype), int8 or fp8 (model/attention/kv_quant.py)."""
+        kv_cache_dtype: auto (the model's dtype), int8 or fp8 (model/attention/kv_quant.py).
+        kv_groups: which layers share block tables (worker/kv_cache_groups.py); None: by the layers' windows."""
         cfg = ArchConfig.of(config)
         self.device = device
         self.dtype = dtype
@@ -109,24 +112,35 @@ class ModelRunner:
         self.model = model.eval()
         logger.info("model built in %.2fs (%s, %s)", time.perf_counter() - t0, dtype, device)
         self.num_layers = cfg.num_hidden_layers
+        self.kv_groups = kv_groups or kv_cache_groups(cfg.layer_windows or [None] * self.num_layers)
         self.num_kv_heads = model.num_kv_heads
         self.head_dim = model.head_dim
         self.sampler = Sampler()
-        self.kv_caches: list[torch.Tensor] = []
+        self.kv_caches: list[torch.Tensor] = []  # per layer: one of the shared tensors below
+        self._kv_tensors: list[torch.Tensor] = []
         self._generators: dict[str, torch.Generator] = {}
         self.cuda_graphs = None  # a DecodeGraphs (worker/cuda_graphs.py) once captured; CUDA only
 
     # --- KV pool ----------------------------------------------------------
+    @property
+    def _num_kv_tensors(self) -> int:
+        """KV tensors in the pool: one per layer of the largest group (the groups' layers share them)."""
+        return max(len(g.layers) for g in self.kv_groups)
+
     def bytes_per_block(self) -> int:
-        """One block's keys and values in every layer (with their scales, in a quantized pool)."""
+        """One block's keys and values in every layer of a group (with their scales, in a quantized pool)."""
         shape = kv_quant.pool_shape(1, self.block_size, self.num_kv_heads, self.head_dim, self.kv_dtype)
-        return self.num_layers * torch.Size(shape).numel() * torch.empty((), dtype=self.kv_dtype).element_size()
+        return self._num_kv_tensors * torch.Size(shape).numel() * torch.empty((), dtype=self.kv_dtype).element_size()
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         shape = kv_quant.pool_shape(num_blocks, self.block_size, self.num_kv_heads, self.head_dim, self.kv_dtype)
         # A quantized pool is allocated as bytes and seen as its 8-bit type (mmap'd buffers take no float8).
         raw = torch.int8 if kv_quant.is_quantized(self.kv_dtype) else self.kv_dtype
-        self.kv_caches = [_zeros(shape, raw, self.device).view(self.kv_dtype) for _ in range(self.num_layers)]
+        self._kv_tensors = [_zeros(shape, raw, self.device).view(self.kv_dtype) for _ in range(self._num_kv_tensors)]
+        slots = slot_of_layers(self.kv_groups)
+        # A block id belongs to one group at a time, so layer i of every group can store into tensor i.
+        self.kv_caches = [self._kv_tensors[slots[layer][1]] for layer in range(self.num_layers)]
+        self._layer_group = [slots[layer][0] for layer in range(self.num_layers)]
 
     # --- one step ---------------------------------------------------------
     def _generator(self, request_id: str, seed: int) -> torch.Generator:
@@ -218,7 +232,7 @@ class ModelRunner:
         """Copy-on-write: whole blocks from src to dst, in every layer, before anything writes to them."""
         src = torch.tensor([p[0] for p in pairs], device=self.device)
         dst = torch.tensor([p[1] for p in pairs], device=self.device)
-        for cache in self.kv_caches:
+        for cache in self._kv_tensors:
             if cache.element_size() == 1:  # a quantized pool: copied as bytes (torch indexes no float8)
                 cache = cache.view(torch.int8)
             cache[:, dst] = cache[:, src]
@@ -228,7 +242,7 @@ class ModelRunner:
         """Run the model; return the requests that sample this step, their next-token logits [S, vocab] in float32,
         and the prompt logprobs of the requests that ask for them (request id -> [TokenLogprobs])."""
         input_ids, positions, meta, logits_idx, sampled = self._prepare(scheduled)
-        if self.cuda_graphs is not None and self.cuda_graphs.fits(meta):
+        if self.cuda_graphs is not None and isinstance(meta, AttentionMetadata) and self.cuda_graphs.fits(meta):
             hidden = self.cuda_graphs.run(input_ids, positions, meta)
         else:
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
@@ -267,43 +281,55 @@ class ModelRunner:
         return [s for s in scheduled if s.num_new_tokens == 1] + [s for s in scheduled if s.num_new_tokens != 1]
 
     def _prepare(self, scheduled: list):
-        """Flat tensors for one step: input_ids, positions, AttentionMetadata, and which rows to sample."""
+        """Flat tensors for one step: input_ids, positions, AttentionMetadata (one per layer where the KV cache
+        has several groups), and which rows to sample."""
         batch = self._batch_order(scheduled)
         num_decodes = sum(1 for s in batch if s.num_new_tokens == 1)
+        num_groups = len(self.kv_groups)
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
+        slots: list[list[int]] = [[] for _ in range(num_groups)]
         qsl = [0]
         seq_lens: list[int] = []
-        tables: list[list[int]] = []
+        tables: list[list[list[int]]] = [[] for _ in range(num_groups)]
         logits_idx: list[int] = []
         sampled = []
         for s in batch:
-            start, n, table = s.start_pos, s.num_new_tokens, s.block_table
+            start, n = s.start_pos, s.num_new_tokens
             input_ids.extend(s.token_ids)
             positions.extend(range(start, start + n))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            for g in range(num_groups):
+                table = s.block_tables[g]
+                slots[g].extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+                tables[g].append(table)
             qsl.append(qsl[-1] + n)
             seq_lens.append(start + n)
-            tables.append(table)
             if s.samples:
                 logits_idx.append(qsl[-1] - 1)
                 sampled.append(s)
-        max_blocks = max(len(t) for t in tables)
         dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32, device=dev),
-            num_decodes=num_decodes,
-            query_start_loc_cpu=qsl,
-            seq_lens_cpu=seq_lens,
-            max_seq_len=max(seq_lens),
-            max_query_len=max(s.num_new_tokens for s in batch),
-            num_common_prefix_blocks=common_prefix_blocks(tables[:num_decodes], seq_lens[:num_decodes], bs),
-        )
+        seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+        qsl_t = torch.tensor(qsl, dtype=torch.int32, device=dev)
+        metas = []
+        for g in range(num_groups):
+            group_tables = tables[g]
+            max_blocks = max(len(t) for t in group_tables)
+            sliding = self.kv_groups[g].window is not None
+            metas.append(AttentionMetadata(
+                slot_mapping=torch.tensor(slots[g], dtype=torch.int64, device=dev),
+                query_start_loc=qsl_t,
+                seq_lens=seq_lens_t,
+                block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in group_tables], dtype=torch.int32, device=dev),
+                num_decodes=num_decodes,
+                query_start_loc_cpu=qsl,
+                seq_lens_cpu=seq_lens,
+                max_seq_len=max(seq_lens),
+                max_query_len=max(s.num_new_tokens for s in batch),
+                # A sliding group's leading entries may be placeholders: no prefix is read for all.
+                num_common_prefix_blocks=0 if sliding else common_prefix_blocks(group_tables[:num_decodes], seq_lens[:num_decodes], bs),
+            ))
+        meta = metas[0] if num_groups == 1 else [metas[g] for g in self._layer_group]
         input_ids_t = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         positions_t = torch.tensor(positions, dtype=torch.int64, device=dev)
         return input_ids_t, positions_t, meta, torch.tensor(logits_idx, dtype=torch.int64, device=dev), sampled
