@@ -65,6 +65,9 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
+    # Sliding-window layers keep every block, in one KV cache group with the others, as if they attended
+    # to everything (vLLM's flag): outputs are the same, memory is not; for comparisons and debugging.
+    disable_hybrid_kv_cache_manager: bool = False
     seed: int = 0
     trust_remote_code: bool = False
     # The engine core (scheduler, KV cache, model) runs in a process of its own, so that
@@ -101,7 +104,8 @@ class EngineConfig:
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1], got {u!r}")
-        for name in ("enforce_eager", "core_process", "enable_prefix_caching", "trust_remote_code"):
+        for name in ("enforce_eager", "core_process", "enable_prefix_caching", "trust_remote_code",
+                     "disable_hybrid_kv_cache_manager"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _check_int("seed", self.seed, -(1 << 63), (1 << 64) - 1)

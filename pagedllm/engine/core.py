@@ -55,7 +55,10 @@ class EngineCore:
         dtype = resolve_dtype(config.dtype, device)
         weights = None if config.load_format == "dummy" else iter_weights(source)
         attn_backend = get_attention_backend(device.type, config.attention_backend)
-        kv_groups = kv_cache_groups(cfg.layer_windows or [None] * cfg.num_hidden_layers, self.max_model_len)
+        windows = cfg.layer_windows or [None] * cfg.num_hidden_layers
+        if config.disable_hybrid_kv_cache_manager:
+            windows = [None] * len(windows)  # one group that keeps everything; the layers still mask their windows
+        kv_groups = kv_cache_groups(windows, self.max_model_len)
         self.runner = ModelRunner(cfg, weights, device=device, dtype=dtype, block_size=config.block_size, seed=config.seed,
                                   attn_backend=attn_backend, kv_cache_dtype=config.kv_cache_dtype, kv_groups=kv_groups)
         if device.type == "cuda" and not config.kv_cache_size_given:

@@ -29,6 +29,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="share the KV blocks of common prompt prefixes between requests (default: on)")
+    g.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
+                   help="sliding-window layers keep every KV block, as full-attention layers do (same outputs, more memory)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS),
                    help="paged attention kernels (default: triton on CUDA, native kernels on the CPU, "
@@ -54,6 +56,7 @@ def engine_options(args: argparse.Namespace) -> dict:
         dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, block_size=args.block_size,
         kv_cache_memory=kv, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed, enable_prefix_caching=args.enable_prefix_caching,
+        disable_hybrid_kv_cache_manager=args.disable_hybrid_kv_cache_manager,
         attention_backend=args.attention_backend, gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager, core_process=args.core_process, kv_cache_dtype=args.kv_cache_dtype,
     )

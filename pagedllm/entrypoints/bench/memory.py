@@ -11,6 +11,11 @@ After every engine step we sample the KV utilization (token slots holding
 tokens / token slots in allocated blocks, a shared block counted once), the
 requests running and the blocks in use. Driving the engine step by step
 (add_request / step) is the hook: the engine keeps no benchmark state.
+
+A model with sliding-window layers runs a third time, in the same KV memory,
+with every layer keeping every block (--disable-hybrid-kv-cache-manager):
+the peak bytes in use of the two say what giving back the blocks that have
+left every window saves.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ class Trace:
     used_blocks: list[int]
     output_tokens: int
     preemptions: int
+    bytes_per_block: int = 0
+    sliding_window: int | None = None
 
     def summary(self) -> dict:
         busy = [u for u, b in zip(self.kv_utilization, self.used_blocks) if b]
@@ -66,6 +73,8 @@ class Trace:
             "max_running": max(self.num_running),
             "mean_running": round(statistics.fmean(self.num_running), 2),
             "peak_used_blocks": peak_blocks,
+            "bytes_per_block": self.bytes_per_block,
+            "peak_kv_bytes": peak_blocks * self.bytes_per_block,
             "output_tokens": self.output_tokens,
             "preemptions": self.preemptions,
         }
@@ -101,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
                            num_kv_blocks=tokens // cfg.max_model_len, kv_cache_memory=None)
     contiguous, _ = _trace("contiguous", contiguous_opts, args, cfg.progress)
 
+    traces = [paged, contiguous]
     p, c = paged.summary(), contiguous.summary()
     figures = {
         "max_model_len": cfg.max_model_len,
@@ -108,9 +118,18 @@ def run(args: argparse.Namespace) -> int:
         "paged": p,
         "contiguous": c,
         "running_ratio": round(p["max_running"] / c["max_running"], 2),
-        "samples": {t.name: {"kv_utilization": [round(u, 4) for u in t.kv_utilization], "num_running": t.num_running,
-                             "used_blocks": t.used_blocks} for t in (paged, contiguous)},
     }
+    if paged.sliding_window is not None:
+        full_opts = dict(opts, disable_hybrid_kv_cache_manager=True, num_kv_blocks=None,
+                         kv_cache_memory=paged.num_blocks * paged.bytes_per_block)
+        full, _ = _trace("full-attention KV", full_opts, args, cfg.progress)
+        traces.append(full)
+        f = full.summary()
+        figures["full_attention_kv"] = f
+        figures["sliding_window"] = paged.sliding_window
+        figures["peak_kv_bytes_ratio"] = round(p["peak_kv_bytes"] / f["peak_kv_bytes"], 4)
+    figures["samples"] = {t.name: {"kv_utilization": [round(u, 4) for u in t.kv_utilization], "num_running": t.num_running,
+                                   "used_blocks": t.used_blocks} for t in traces}
     _print(figures)
     write_json(cfg.json, figures)
     if cfg.plot:
@@ -149,7 +168,8 @@ def _trace(name: str, opts: dict, args: argparse.Namespace, progress: bool) -> t
             used.append(st.num_used_blocks)
     st = engine.stats()
     assert st.num_used_blocks == 0, f"{name}: {st.num_used_blocks} blocks still in use after the last request"
-    trace = Trace(name, engine.config.block_size, st.num_blocks, util, running, used, output_tokens, st.num_preemptions)
+    trace = Trace(name, engine.config.block_size, st.num_blocks, util, running, used, output_tokens, st.num_preemptions,
+                  engine.info.bytes_per_block, engine.model_config.sliding_window)
     engine.shutdown()
     del engine
     gc.collect()  # the next engine's KV pool takes this one's memory
@@ -160,7 +180,10 @@ def _print(figures: dict) -> None:
     p, c = figures["paged"], figures["contiguous"]
     rows: list = [("Requests", figures["num_requests"]), ("max_model_len", figures["max_model_len"]),
                   ("KV memory (tokens)", p["kv_cache_tokens"])]
-    for name, s in (("paged", p), ("contiguous", c)):
+    named = [("paged", p), ("contiguous", c)]
+    if "full_attention_kv" in figures:
+        named.append(("every layer keeps every block", figures["full_attention_kv"]))
+    for name, s in named:
         rows += [
             (f"{name}: {s['num_blocks']} blocks x {s['block_size']} tokens", None),
             ("Peak KV utilization (%)", 100 * s["peak_kv_utilization"]),
@@ -169,8 +192,11 @@ def _print(figures: dict) -> None:
             ("Most requests running at once", s["max_running"]),
             ("Mean requests running", s["mean_running"]),
             ("Peak blocks in use", s["peak_used_blocks"]),
+            ("Peak KV memory in use (MiB)", s["peak_kv_bytes"] / 2**20),
             ("Engine steps", s["steps"]),
             ("Preemptions", s["preemptions"]),
         ]
     rows += [("", None), ("Requests running at once, paged / contiguous", figures["running_ratio"])]
+    if "peak_kv_bytes_ratio" in figures:
+        rows.append((f"Peak KV memory, window {figures['sliding_window']} / every block kept", figures["peak_kv_bytes_ratio"]))
     print_table("KV Memory", rows)
