@@ -144,6 +144,21 @@ def test_old_style_gemma3_config_reads_as_transformers_reads_it():
     assert mm.layer_windows == ours.layer_windows and gemma3_rope_parameters(mm.hf) == rope
 
 
+def test_sparse_multimodal_gemma3_config_gets_transformers_defaults():
+    """gemma-3-4b's config.json names six numbers of its text decoder and leaves the rest to Gemma3TextConfig."""
+    sparse = dict(hidden_size=2560, intermediate_size=10240, model_type="gemma3_text", num_hidden_layers=34,
+                  rope_scaling={"factor": 8.0, "rope_type": "linear"}, sliding_window=1024)
+    ours = ArchConfig.from_dict({"model_type": "gemma3", "text_config": sparse, "eos_token_id": [1, 106]})
+    ref = transformers.Gemma3Config(text_config=dict(sparse)).text_config
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "sliding_window"):
+        assert getattr(ours, key) == getattr(ref, key), key
+    assert ours.layer_windows == tuple(1024 if t == "sliding_attention" else None for t in ref.layer_types)
+    rope = gemma3_rope_parameters(ours.hf)
+    for kind in ("sliding_attention", "full_attention"):
+        assert {k: rope[kind][k] for k in ref.rope_parameters[kind]} == ref.rope_parameters[kind], kind
+
+
 def test_multimodal_checkpoint_names_load_the_text_decoder():
     cfg = CONFIGS["gemma3"]()
     model = gemma_model(cfg)
@@ -218,3 +233,177 @@ def test_greedy_generation_equals_transformers(tiny_gemma_dir):
                                  max_new_tokens=24, min_new_tokens=24, pad_token_id=0)[0, len(p):].tolist()
         assert out.outputs[0].token_ids == ref
         assert len(set(ref)) > 8  # not stuck repeating a few tokens
+
+
+# ---------------------------------------------------------------- GGUF, as llama.cpp writes Gemma
+
+# Our names -> llama.cpp's, written out here rather than taken from the converter's table.
+_GGUF_BLOCK = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+}
+
+
+def _gemma_vocab():
+    from test_loader import _tiny_vocab
+
+    tokens, types, merges = _tiny_vocab()
+    return tokens + ["<end_of_turn>"], types + [3], merges
+
+
+def _write_gemma_gguf(path, model, swa_pattern=None, swa_base=None) -> None:
+    """What llama.cpp's Gemma2Model / Gemma3Model write: no query_pre_attn_scalar, no rope_local_base_freq
+    (newer converters: rope.freq_base_swa), no layer pattern, Gemma 2 without rope.freq_base; norms plus 1."""
+    import gguf
+    import numpy as np
+    from test_loader import CHAT_TEMPLATE
+
+    cfg = model.config
+    arch = "gemma2" if cfg.model_type == "gemma2" else "gemma3"
+    tokens, types, merges = _gemma_vocab()
+    assert cfg.vocab_size == len(tokens)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_sliding_window(cfg.sliding_window)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    else:
+        full = cfg.rope_parameters["full_attention"]
+        w.add_rope_freq_base(full["rope_theta"])
+        if full["rope_type"] == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(full["factor"])
+        if swa_base is not None:
+            w.add_rope_freq_base_swa(swa_base)
+        if swa_pattern is not None:
+            w.add_sliding_window_pattern(swa_pattern)
+        if cfg.final_logit_softcapping:
+            w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_add_bos_token(True)
+    w.add_chat_template(CHAT_TEMPLATE)
+    for name, tensor in model.state_dict().items():
+        a = tensor.numpy().astype(np.float32)
+        if name == "lm_head.weight":
+            continue  # tied, and llama.cpp's Gemma 2 converter drops it anyway
+        if name.endswith("norm.weight"):
+            a = a + np.float32(1.0)
+        if name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        else:
+            _, _, layer, *rest = name.split(".")
+            gname = f"blk.{layer}.{_GGUF_BLOCK['.'.join(rest[:-1])]}.{rest[-1]}"
+        w.add_tensor(gname, np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+GGUF_CASES = {
+    # Gemma 2 as llama.cpp writes it: no rope base in the file, caps and window in it.
+    "gemma2": (lambda v: transformers.Gemma2Config(
+        **dict(COMMON, vocab_size=v, query_pre_attn_scalar=16), num_hidden_layers=4, attn_logit_softcapping=2.0,
+        final_logit_softcapping=5.0), {}),
+    # Gemma 3 from a converter that writes neither the local rope base nor the pattern: llama.cpp's 10000 and 6.
+    "gemma3": (lambda v: transformers.Gemma3TextConfig(
+        **dict(COMMON, vocab_size=v, query_pre_attn_scalar=16), num_hidden_layers=6, final_logit_softcapping=5.0,
+        rope_scaling={"rope_type": "linear", "factor": 8.0}), {}),
+    # Gemma 3 with rope.freq_base_swa and a per-layer pattern in the file.
+    "gemma3_keys": (lambda v: transformers.Gemma3TextConfig(
+        **dict(COMMON, vocab_size=v, query_pre_attn_scalar=16), num_hidden_layers=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], rope_local_base_freq=100.0),
+        dict(swa_pattern=[True, False, True], swa_base=100.0)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GGUF_CASES))
+def test_tiny_gemma_gguf_converts_exactly(tmp_path, monkeypatch, case):
+    import dataclasses
+
+    from pagedllm.model.loader import iter_weights, resolve_model
+
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("PAGEDLLM_CACHE_DIR", str(tmp_path / "cache"))
+    make_config, keys = GGUF_CASES[case]
+    cfg = make_config(len(_gemma_vocab()[0]))
+    model = gemma_model(cfg)
+    path = tmp_path / f"tiny-{case}.gguf"
+    _write_gemma_gguf(path, model, **keys)
+
+    source = resolve_model(str(path))
+    ours, theirs = dataclasses.asdict(source.config), dataclasses.asdict(ArchConfig.from_hf(cfg))
+    assert ours.pop("rms_norm_eps") == pytest.approx(theirs.pop("rms_norm_eps"), rel=1e-6)
+    for d in (ours, theirs):
+        d.pop("eos_token_id"), d.pop("hf")
+        if case != "gemma2":  # Gemma 3's ropes are read from hf (below); the shared field holds the global one
+            d.pop("rope_parameters")
+    assert ours == theirs
+    for key in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "hidden_activation"):
+        assert source.config.hf.get(key) == cfg.to_dict().get(key), key
+    if case != "gemma2":
+        got, want = gemma3_rope_parameters(source.config.hf), gemma3_rope_parameters(ArchConfig.from_hf(cfg).hf)
+        for kind in want:
+            assert {k: got[kind][k] for k in want[kind]} == want[kind], kind
+    assert source.eos_token_ids == [1, len(_gemma_vocab()[0]) - 1]  # eos, and <end_of_turn> as llama.cpp stops there
+
+    # Norms come back as (w + 1) - 1 in float32, which (1 + w) turns back into exactly the original's scale.
+    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    weights = dict(iter_weights(source))
+    assert set(weights) == set(expected)
+    for name, tensor in weights.items():
+        if name.endswith("norm.weight"):
+            assert torch.equal(1.0 + tensor, 1.0 + expected[name]), name
+        else:
+            assert torch.equal(tensor, expected[name]), name
+
+    prompts = prompts_for(cfg, seed=6)[:2]
+    runner = ModelRunner(source.config, weights.items(), device=torch.device("cpu"), dtype=torch.float32, block_size=4)
+    assert_logits_match(model, prompts, paged_logits(runner, prompts, 4))
+    converted = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_gguf_query_scale_follows_llama_cpp_for_the_27b_models():
+    """llama.cpp scales by hidden_size / num_heads in the 27B models (their query_pre_attn_scalar), else head_dim."""
+    from types import SimpleNamespace
+
+    from pagedllm.model import gguf_convert
+
+    def config(arch, layers, hidden, heads, head_dim):
+        meta = {"attention.sliding_window": 4096}
+        embed = SimpleNamespace(name="token_embd.weight", shape=(hidden, 300))
+        g = SimpleNamespace(arch=arch, path="x.gguf", reader=SimpleNamespace(tensors=[embed]),
+                            arch_get=lambda key, default=None: meta.get(key, default))
+        common = dict(vocab_size=300, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads // 2,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        return gguf_convert._gemma_hf_config(g, common, head_dim)
+
+    assert config("gemma2", 46, 4608, 32, 128).query_pre_attn_scalar == 144  # Gemma 2 27B
+    assert config("gemma2", 42, 3584, 16, 256).query_pre_attn_scalar == 256  # Gemma 2 9B
+    assert config("gemma3", 62, 5376, 32, 128).query_pre_attn_scalar == 168  # Gemma 3 27B
+    g3 = config("gemma3", 34, 2560, 8, 256)  # Gemma 3 4B
+    assert g3.query_pre_attn_scalar == 256
+    assert g3.layer_types[:6] == ["sliding_attention"] * 5 + ["full_attention"]
