@@ -113,7 +113,8 @@ class _GemmaForCausalLM(nn.Module):
         hf = cfg.hf
         if hf.get("use_bidirectional_attention"):
             raise ValueError("Gemma models with use_bidirectional_attention (embedding models) are not supported")
-        activation = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        # Only hidden_activation counts: transformers ignores the hidden_act that older Gemma configs also carry.
+        activation = hf.get("hidden_activation") or "gelu_pytorch_tanh"
         if activation not in _GELU:
             raise ValueError(f"hidden_activation {activation!r} is not supported (supported: {', '.join(_GELU)})")
         self.config = cfg
