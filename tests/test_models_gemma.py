@@ -297,7 +297,13 @@ def _gemma_vocab():
     return tokens + ["<end_of_turn>"], types + [3], merges
 
 
-def _write_gemma_gguf(path, model, swa_pattern=None, swa_base=None) -> None:
+# A sentencepiece vocabulary shaped like Gemma's ("llama" in the GGUF, no merges, no space prefix).
+SPM_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "\n", "\u2581", "t", "h", "e",
+              "\u2581t", "he", "\u2581the"]
+SPM_TYPES = [3, 3, 3, 2, 3, 3] + [1] * (len(SPM_TOKENS) - 6)
+
+
+def _write_gemma_gguf(path, model, swa_pattern=None, swa_base=None, spm=False) -> None:
     """What llama.cpp's Gemma2Model / Gemma3Model write: no query_pre_attn_scalar, no rope_local_base_freq
     (newer converters: rope.freq_base_swa), no layer pattern, Gemma 2 without rope.freq_base; norms plus 1."""
     import gguf
@@ -306,7 +312,7 @@ def _write_gemma_gguf(path, model, swa_pattern=None, swa_base=None) -> None:
 
     cfg = model.config
     arch = "gemma2" if cfg.model_type == "gemma2" else "gemma3"
-    tokens, types, merges = _gemma_vocab()
+    tokens, types, merges = (SPM_TOKENS, SPM_TYPES, None) if spm else _gemma_vocab()
     assert cfg.vocab_size == len(tokens)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(cfg.max_position_embeddings)
@@ -334,11 +340,18 @@ def _write_gemma_gguf(path, model, swa_pattern=None, swa_base=None) -> None:
             w.add_sliding_window_pattern(swa_pattern)
         if cfg.final_logit_softcapping:
             w.add_final_logit_softcapping(cfg.final_logit_softcapping)
-    w.add_tokenizer_model("gpt2")
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(0)
+    if spm:
+        w.add_tokenizer_model("llama")
+        w.add_token_scores([0.0] * len(tokens))
+        w.add_bos_token_id(2)
+        w.add_unk_token_id(3)
+        w.add_add_space_prefix(False)
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_token_merges(merges)
+        w.add_bos_token_id(0)
     w.add_eos_token_id(1)
     w.add_add_bos_token(True)
     w.add_chat_template(CHAT_TEMPLATE)
@@ -371,11 +384,11 @@ GGUF_CASES = {
     "gemma3": (lambda v: transformers.Gemma3TextConfig(
         **dict(COMMON, vocab_size=v, query_pre_attn_scalar=16), num_hidden_layers=6, final_logit_softcapping=5.0,
         rope_scaling={"rope_type": "linear", "factor": 8.0}), {}),
-    # Gemma 3 with rope.freq_base_swa and a per-layer pattern in the file.
+    # Gemma 3 with rope.freq_base_swa and a per-layer pattern in the file, and a sentencepiece vocabulary.
     "gemma3_keys": (lambda v: transformers.Gemma3TextConfig(
-        **dict(COMMON, vocab_size=v, query_pre_attn_scalar=16), num_hidden_layers=3,
+        **dict(COMMON, vocab_size=len(SPM_TOKENS), query_pre_attn_scalar=16), num_hidden_layers=3,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"], rope_local_base_freq=100.0),
-        dict(swa_pattern=[True, False, True], swa_base=100.0)),
+        dict(swa_pattern=[True, False, True], swa_base=100.0, spm=True)),
 }
 
 
@@ -407,7 +420,13 @@ def test_tiny_gemma_gguf_converts_exactly(tmp_path, monkeypatch, case):
         got, want = gemma3_rope_parameters(source.config.hf), gemma3_rope_parameters(ArchConfig.from_hf(cfg).hf)
         for kind in want:
             assert {k: got[kind][k] for k in want[kind]} == want[kind], kind
-    assert source.eos_token_ids == [1, len(_gemma_vocab()[0]) - 1]  # eos, and <end_of_turn> as llama.cpp stops there
+    end_of_turn = 5 if keys.get("spm") else len(_gemma_vocab()[0]) - 1
+    assert source.eos_token_ids == [1, end_of_turn]  # eos, and <end_of_turn>, where llama.cpp stops too
+    if keys.get("spm"):
+        from pagedllm.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(source.path)
+        assert tok.encode("the")[0] == tok.bos_token_id == 2 and tok.decode(tok.encode("the")) == "<bos>the"
 
     # Norms come back as (w + 1) - 1 in float32, which (1 + w) turns back into exactly the original's scale.
     expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
