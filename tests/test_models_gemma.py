@@ -166,6 +166,31 @@ def test_bfloat16_logits_stay_close_to_transformers():
         assert (o.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_a_bare_config_json_gets_the_config_class_defaults(model_type):
+    """Caps, window, layer kinds, rope bases, score scale and tying that config.json leaves out."""
+    from pagedllm.model.models.registry import model_class
+
+    d = dict(model_type=model_type, vocab_size=10, hidden_size=16, intermediate_size=16, num_hidden_layers=6,
+             num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    cfg = ArchConfig.from_dict(d)
+    with torch.device("meta"):
+        ours = model_class(cfg)(cfg)
+    ref = transformers.AutoConfig.for_model(**d)
+    attn = [layer.self_attn.attn for layer in ours.layers]
+    assert [a.sliding_window for a in attn] == [ref.sliding_window if t == "sliding_attention" else None
+                                                for t in ref.layer_types]
+    assert {a.scale for a in attn} == {ref.query_pre_attn_scalar**-0.5}
+    assert ours.final_soft_cap == ref.final_logit_softcapping
+    assert ours.tie_word_embeddings == ref.tie_word_embeddings
+    if model_type == "gemma2":
+        assert {a.logits_soft_cap for a in attn} == {ref.attn_logit_softcapping}
+        assert ours.rotaries["all"].params["rope_theta"] == ref.rope_parameters["rope_theta"]
+    else:
+        for kind, rotary in ours.rotaries.items():
+            assert rotary.params["rope_theta"] == ref.rope_parameters[kind]["rope_theta"], kind
+
+
 def test_old_style_gemma3_config_reads_as_transformers_reads_it():
     """A config.json from before layer_types and per-layer-type rope_parameters (the released Gemma 3 files)."""
     raw = dict(

@@ -107,6 +107,7 @@ class _GemmaForCausalLM(nn.Module):
 
     qk_norm = False
     attn_soft_cap_applies = True  # transformers' Gemma 3 keeps attn_logit_softcapping in its config but never applies it
+    default_caps = (None, None)  # (attention, final) where config.json leaves them out, as the config class defaults
 
     def __init__(self, cfg: ArchConfig, attn_backend: type = TorchPagedAttention) -> None:
         super().__init__()
@@ -121,8 +122,8 @@ class _GemmaForCausalLM(nn.Module):
         self.head_dim = cfg.head_dim
         self.num_kv_heads = cfg.num_key_value_heads
         scale = float(hf.get("query_pre_attn_scalar") or 256) ** -0.5
-        soft_cap = hf.get("attn_logit_softcapping") if self.attn_soft_cap_applies else None
-        self.final_soft_cap = hf.get("final_logit_softcapping") or None
+        soft_cap = hf.get("attn_logit_softcapping", self.default_caps[0]) if self.attn_soft_cap_applies else None
+        self.final_soft_cap = hf.get("final_logit_softcapping", self.default_caps[1]) or None
         windows = cfg.layer_windows or (None,) * cfg.num_hidden_layers
         self.rotaries = nn.ModuleDict(
             {kind: RotaryEmbedding(self.head_dim, cfg.max_position_embeddings, params)
@@ -221,7 +222,7 @@ def _text_weights(weights: Iterable[tuple[str, torch.Tensor]]):
 
 
 class Gemma2ForCausalLM(_GemmaForCausalLM):
-    pass
+    default_caps = (50.0, 30.0)
 
 
 class Gemma3ForCausalLM(_GemmaForCausalLM):
