@@ -29,6 +29,9 @@ _DEFAULTS = {
     "qwen3_moe": dict(max_position_embeddings=32768, rms_norm_eps=1e-6, sliding_window=None),
 }
 SUPPORTED_MODEL_TYPES = tuple(_DEFAULTS)
+# Gemma3TextConfig's defaults for numbers the released multimodal Gemma 3 configs (gemma-3-4b) leave out of text_config.
+_GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                             num_attention_heads=8, num_key_value_heads=4, head_dim=256)
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -64,7 +67,8 @@ class ArchConfig:
     def from_dict(cls, d: dict) -> "ArchConfig":
         if d.get("model_type") == "gemma3" and isinstance(d.get("text_config"), dict):
             # A Gemma 3 checkpoint with its vision tower: the text decoder is what runs here.
-            d = {"model_type": "gemma3_text", **{k: v for k, v in d["text_config"].items() if k != "model_type"}}
+            d = {"model_type": "gemma3_text", **_GEMMA3_TEXT_DEFAULTS,
+                 **{k: v for k, v in d["text_config"].items() if k != "model_type"}}
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 # Bump when the conversion output changes, so old caches are not reused.
 CONVERTER_VERSION = "1"
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
 
 # Unfinished conversions older than this are from crashed runs and get removed.
 _STALE_TMP_SECONDS = 3600
@@ -53,6 +53,15 @@ _BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+}
+# Gemma's four norms per layer: llama.cpp's ffn_norm is the norm before the MLP, as in Llama, but Gemma
+# also normalises the outputs of attention and of the MLP.
+_GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
+_GEMMA_BLOCK_NAMES = {
+    **_BLOCK_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _TOP_TENSOR = re.compile(r"^(\w+)\.(weight|bias)$")
@@ -220,6 +229,8 @@ def build_hf_config(g: _Gguf):
         dtype="float32",
     )
     has_attn_bias = "blk.0.attn_q.bias" in names
+    if g.arch in _GEMMA_ARCHITECTURES:
+        return _gemma_hf_config(g, common, head_dim)
     if g.arch == "llama":
         return LlamaConfig(
             **common,
@@ -233,6 +244,59 @@ def build_hf_config(g: _Gguf):
             raise ValueError(f"{g.path}: qwen2 needs head_dim == hidden_size / num_heads")
         return Qwen2Config(**common, architectures=["Qwen2ForCausalLM"])
     return Qwen3Config(**common, head_dim=head_dim, attention_bias=has_attn_bias, architectures=["Qwen3ForCausalLM"])
+
+
+def _gemma_hf_config(g: _Gguf, common: dict, head_dim: int):
+    """Gemma 2 / Gemma 3 with the numbers llama.cpp runs them with, where the GGUF leaves some out.
+
+    llama.cpp keeps no query_pre_attn_scalar: it scales scores by head_dim**-0.5,
+    except in the 27B models (hidden_size / num_heads); nor Gemma 3's layer
+    pattern (every sixth layer global) or local rope base (10000) unless the
+    file has them. Gemma 2 caps at 50 and 30 where the file is silent.
+    """
+    from transformers import Gemma2Config, Gemma3TextConfig
+
+    layers, hidden, heads = common["num_hidden_layers"], common["hidden_size"], common["num_attention_heads"]
+    common = dict(common)
+    # llama.cpp drops the embedding's padding rows past the tokenizer's vocabulary (Gemma 3).
+    embed = next(t for t in g.reader.tensors if t.name == "token_embd.weight")
+    common["vocab_size"] = int(embed.shape[-1])
+    largest = 46 if g.arch == "gemma2" else 62  # the 27B models' layer counts
+    scalar = hidden // heads if layers == largest else head_dim
+    window = g.arch_get("attention.sliding_window")
+    common.update(head_dim=head_dim, query_pre_attn_scalar=scalar, hidden_activation="gelu_pytorch_tanh")
+    if g.arch == "gemma2":
+        return Gemma2Config(
+            **common,
+            sliding_window=int(window or 4096),
+            attn_logit_softcapping=float(g.arch_get("attn_logit_softcapping", 50.0)) or None,
+            final_logit_softcapping=float(g.arch_get("final_logit_softcapping", 30.0)) or None,
+            architectures=["Gemma2ForCausalLM"],
+        )
+    full = common.pop("rope_parameters")
+    local = {"rope_type": "default", "rope_theta": float(g.arch_get("rope.freq_base_swa", 10000.0))}
+    return Gemma3TextConfig(
+        **common,
+        rope_parameters={"full_attention": full, "sliding_attention": local},
+        sliding_window=int(window) if window else None,
+        layer_types=_gemma3_layer_types(g, layers, bool(window)),
+        final_logit_softcapping=float(g.arch_get("final_logit_softcapping", 0.0)) or None,
+        architectures=["Gemma3ForCausalLM"],
+    )
+
+
+def _gemma3_layer_types(g: _Gguf, layers: int, sliding: bool) -> list[str]:
+    """Which layers slide: a per-layer list or a period where the GGUF has one, else every sixth layer is global."""
+    if not sliding:
+        return ["full_attention"] * layers
+    pattern = g.arch_get("attention.sliding_window_pattern", 6)
+    if isinstance(pattern, list):
+        if len(pattern) != layers:
+            raise ValueError(f"{g.path}: sliding_window_pattern lists {len(pattern)} layers, the model has {layers}")
+        slides = [bool(p) for p in pattern]
+    else:
+        slides = [(i + 1) % int(pattern) != 0 for i in range(layers)]
+    return ["sliding_attention" if s else "full_attention" for s in slides]
 
 
 def _rope_parameters(g: _Gguf, theta: float, head_dim: int) -> dict:
@@ -292,6 +356,8 @@ def _save_generation_config(g: _Gguf, out_dir: str) -> None:
         value = g.get(f"tokenizer.ggml.{key}")
         if value is not None and int(value) not in eos:
             eos.append(int(value))
+    if g.arch in _GEMMA_ARCHITECTURES:
+        eos += [i for i in _gemma_end_of_turn_ids(g) if i not in eos]
     gen = GenerationConfig(
         bos_token_id=g.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=eos[0] if len(eos) == 1 else (eos or None),
@@ -300,12 +366,20 @@ def _save_generation_config(g: _Gguf, out_dir: str) -> None:
     gen.save_pretrained(out_dir)
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
+def _gemma_end_of_turn_ids(g: _Gguf) -> list[int]:
+    """Gemma's chat turns end with <end_of_turn>, which llama.cpp stops at by its text; Gemma's GGUFs seldom
+    name it as eot_token_id."""
+    tokens = g.get("tokenizer.ggml.tokens") or []
+    return [i for i, t in enumerate(tokens) if t == "<end_of_turn>"]
+
+
+def hf_tensor_name(gguf_name: str, arch: str | None = None) -> str | None:
     """HF parameter name for a GGUF tensor name; None for tensors HF does not keep (rope_freqs)."""
     if m := _BLOCK_TENSOR.match(gguf_name):
         layer, part, kind = m.groups()
-        if part in _BLOCK_NAMES:
-            return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+        block_names = _GEMMA_BLOCK_NAMES if arch in _GEMMA_ARCHITECTURES else _BLOCK_NAMES
+        if part in block_names:
+            return f"model.layers.{layer}.{block_names[part]}.{kind}"
     elif m := _TOP_TENSOR.match(gguf_name):
         part, kind = m.groups()
         if part == "rope_freqs":
@@ -336,7 +410,7 @@ class _TensorPlan:
 def _hf_tensors(g: _Gguf) -> list[_TensorPlan]:
     plans = []
     for t in g.reader.tensors:
-        name = hf_tensor_name(t.name)
+        name = hf_tensor_name(t.name, g.arch)
         if name is not None:
             # GGUF lists dimensions fastest-moving first; torch lists them the other way round.
             plans.append(_TensorPlan(name, tuple(int(d) for d in reversed(t.shape)), t))
@@ -353,6 +427,8 @@ def _dequantized(g: _Gguf, plan: _TensorPlan, config) -> np.ndarray:
         w = unpermute_rope(w, config.num_attention_heads)
     elif g.arch == "llama" and ".attn_k." in t.name:
         w = unpermute_rope(w, config.num_key_value_heads)
+    elif g.arch in _GEMMA_ARCHITECTURES and t.name.endswith("norm.weight"):
+        w = w - np.float32(1.0)  # llama.cpp stores Gemma's norm weights with the 1 of (1 + w) added
     return w
 
 
