@@ -92,46 +92,47 @@ def test_layer_kinds_come_from_the_config():
 
 
 def test_sliding_and_global_layers_read_their_own_metadata():
-    """KV cache groups: sliding and global layers keep their blocks in different places, each with its own tables;
-    a sliding group's blocks behind every window may already hold another request's keys (here: NaN)."""
-    from pagedllm.engine.kv_cache import KVCacheManager
+    """KV cache groups: sliding and global layers keep their blocks in different groups, each with its own tables;
+    a sliding group's entries behind every window are placeholders that may name any block (here: one of NaN)."""
+    from pagedllm.engine.kv_cache import NULL_BLOCK, KVCacheManager
     from pagedllm.engine.request import Request
     from pagedllm.engine.scheduler import ScheduledRequest
 
     cfg = CONFIGS["gemma3"]()
     model = gemma_model(cfg)
     prompt = prompts_for(cfg, seed=7)[2]  # 41 tokens
-    bs, junk = 4, 40
+    bs, junk = 4, 60
     runner = ModelRunner(cfg, model.state_dict().items(), device=torch.device("cpu"), dtype=torch.float32, block_size=bs)
+    windows = [g.window for g in runner.kv_groups]
+    assert None in windows and any(windows)
     runner.allocate_kv_cache(junk + 1)
     for cache in runner.kv_caches:
         cache[:, junk] = float("nan")
-    groups = {"full": KVCacheManager(junk, bs), "sliding": KVCacheManager(junk, bs)}
-    groups["sliding"].allocate_slots("pad", 0, 7 * bs)  # so that the two groups' tables differ
+    kv = KVCacheManager(junk, bs, group_windows=tuple(windows))
+    kv.allocate_slots("pad", 0, 7 * bs)  # so that tables are not the identity
     req = Request("r0", prompt[:1], None)
     req.all_token_ids = list(prompt)
     window = cfg.sliding_window
     got = []
     for n in [17, 20, 1, 1, 1, 1]:
-        metas = {}
-        for kind, kv in groups.items():
-            assert kv.allocate_slots("r0", req.num_computed_tokens, n)
-            step = ScheduledRequest(req, req.num_computed_tokens, n, kv.get_block_table("r0"))
-            input_ids, positions, metas[kind], _, _ = runner._prepare([step])
+        assert kv.allocate_slots("r0", req.num_computed_tokens, n)
+        step = ScheduledRequest(req, req.num_computed_tokens, n, kv.get_block_tables("r0"))
+        input_ids, positions, meta, _, _ = runner._prepare([step])
         behind = max(0, req.num_computed_tokens - window + 1) // bs  # blocks before the first query's window
-        metas["sliding"].block_tables[:, :behind] = junk
-        meta = [metas["sliding" if w else "full"] for w in runner.model.config.layer_windows]
+        for m, w in zip(meta, runner.model.config.layer_windows):
+            assert (m.num_common_prefix_blocks == 0) if w else True
+            if w:
+                m.block_tables[:, :behind] = junk
         with torch.inference_mode():
             got.append(runner.model.compute_logits(runner.model(input_ids, positions, runner.kv_caches, meta)))
         req.num_computed_tokens += n
+        kv.check_invariants()
     with torch.no_grad():
         ref = model(torch.tensor([prompt])).logits[0]
     torch.testing.assert_close(torch.cat(got), ref, atol=2e-4, rtol=1e-4)
-    # Each layer wrote into its own group's blocks only.
-    full, sliding = (set(groups[k].get_block_table("r0")) for k in ("full", "sliding"))
-    for cache, w in zip(runner.kv_caches, runner.model.config.layer_windows):
-        untouched = sorted((full - sliding) if w else (sliding - full))
-        assert untouched and not cache[:, untouched].any()
+    # The sliding groups gave back the blocks behind the window; the global one kept all of them.
+    for table, w in zip(kv.get_block_tables("r0"), windows):
+        assert (table[0] == NULL_BLOCK) == bool(w) and len(table) == -(-len(prompt) // bs)
 
 
 def test_native_cpu_backend_gives_the_same_logits():
