@@ -1,0 +1,298 @@
+"""Phi-3 (partial rotary, LongRoPE, sliding window) and mixtures of experts (Mixtral, Qwen3-MoE): tiny random-weight
+models whose logits equal transformers' in float32, through prefill chunks and decodes over scattered blocks; their
+checkpoints in every naming transformers and the hub use; greedy generation token for token; GGUF conversion."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+from test_models import hf_model, paged_logits
+
+from pagedllm.engine.kv_cache import KVCacheManager
+from pagedllm.engine.request import Request
+from pagedllm.engine.scheduler import ScheduledRequest
+from pagedllm.worker.model_runner import ModelRunner
+
+COMMON = dict(
+    vocab_size=211, hidden_size=72, intermediate_size=96, num_hidden_layers=2,
+    max_position_embeddings=256, rms_norm_eps=1e-5,
+)
+PHI3_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # Phi3Config's defaults lie outside a tiny vocabulary
+
+
+def longrope(half: int, original: int, **extra) -> dict:
+    """LongRoPE parameters with distinct short and long factors (`half`: rotary dims / 2)."""
+    return {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.15 * i for i in range(half)],
+            "long_factor": [1.0 + 0.9 * i for i in range(half)], **extra}
+
+
+CONFIGS = {
+    # Phi-3-mini shape (full rotary, default rope), with GQA.
+    "phi3": lambda: transformers.Phi3Config(**COMMON, **PHI3_IDS, num_attention_heads=6, num_key_value_heads=2),
+    # Phi-3-mini-128k / Phi-3.5-mini shape: LongRoPE; every sequence here fits the original length (short factors,
+    # cos/sin scaled by the attention factor sqrt(1 + ln 4 / ln 64)).
+    "phi3_longrope": lambda: transformers.Phi3Config(
+        **COMMON, **PHI3_IDS, num_attention_heads=6, num_key_value_heads=2, original_max_position_embeddings=64,
+        rope_parameters=longrope(6, 64)),
+    # Phi-4-mini shape: 3/4 of each head rotates, LongRoPE, tied embeddings.
+    "phi3_partial": lambda: transformers.Phi3Config(
+        **COMMON, **PHI3_IDS, num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+        original_max_position_embeddings=64, rope_parameters=longrope(3, 64, partial_rotary_factor=0.75)),
+    # Phi-3-mini-4k's sliding window, shorter than most sequences here.
+    "phi3_window": lambda: transformers.Phi3Config(**COMMON, **PHI3_IDS, num_attention_heads=6, num_key_value_heads=2,
+                                                   sliding_window=8),
+    "mixtral": lambda: transformers.MixtralConfig(**COMMON, num_attention_heads=6, num_key_value_heads=2,
+                                                  num_local_experts=6, num_experts_per_tok=2),
+    "mixtral_window": lambda: transformers.MixtralConfig(**COMMON, num_attention_heads=6, num_key_value_heads=2,
+                                                         num_local_experts=4, num_experts_per_tok=2, sliding_window=8),
+    # Qwen3-MoE as released: top-k weights not renormalised.
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **COMMON, num_attention_heads=6, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=40, norm_topk_prob=False),
+    # Renormalised, and plain MLP layers between sparse ones (layer 0 by mlp_only_layers, 1 and 3 by the step).
+    "qwen3_moe_dense": lambda: transformers.Qwen3MoeConfig(
+        **{**COMMON, "num_hidden_layers": 4}, num_attention_heads=6, num_key_value_heads=2, head_dim=16, num_experts=5,
+        num_experts_per_tok=2, moe_intermediate_size=40, norm_topk_prob=True, mlp_only_layers=[0],
+        decoder_sparse_step=2, attention_bias=True),
+}
+
+
+def _prompts(cfg, lengths, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+
+
+def _runner(cfg, weights, block_size=16, dtype=torch.float32):
+    return ModelRunner(cfg, weights, device=torch.device("cpu"), dtype=dtype, block_size=block_size)
+
+
+def _reference(model, prompt):
+    with torch.no_grad():
+        return model(torch.tensor([prompt])).logits[0].float()
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_logits_match_transformers(arch, block_size):
+    cfg = CONFIGS[arch]()
+    model = hf_model(cfg)
+    prompts = _prompts(cfg, [23, 7, 41, 2])
+    ours = paged_logits(_runner(cfg, model.state_dict().items(), block_size), prompts, block_size)
+    for p, o in zip(prompts, ours):
+        torch.testing.assert_close(o, _reference(model, p), atol=2e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- LongRoPE: short and long factors
+
+
+def logits_in_steps(runner: ModelRunner, prompts: list[list[int]], plans: list[list[int]], block_size: int):
+    """Like test_models.paged_logits, with each sequence's steps given: plans[i] lists how many tokens each step adds."""
+    num_blocks = sum(-(-len(p) // block_size) for p in prompts) + 4
+    runner.allocate_kv_cache(num_blocks)
+    kv = KVCacheManager(num_blocks, block_size)
+    kv.allocate_slots("pad", 0, 3 * block_size)  # block tables are not the identity
+    reqs = [Request(f"r{i}", p[:1], None) for i, p in enumerate(prompts)]
+    for r, p, plan in zip(reqs, prompts, plans):
+        assert sum(plan) == len(p)
+        r.all_token_ids = list(p)
+    got = [[] for _ in prompts]
+    for step in range(max(len(pl) for pl in plans)):
+        scheduled = []
+        for r, plan in zip(reqs, plans):
+            if step < len(plan):
+                assert kv.allocate_slots(r.request_id, r.num_computed_tokens, plan[step])
+                scheduled.append(ScheduledRequest(r, r.num_computed_tokens, plan[step], kv.get_block_table(r.request_id)))
+        input_ids, positions, meta, _, _ = runner._prepare(scheduled)
+        with torch.inference_mode():
+            logits = runner.model.compute_logits(runner.model(input_ids, positions, runner.kv_caches, meta))
+        off = 0
+        for s in [s for s in scheduled if s.num_new_tokens == 1] + [s for s in scheduled if s.num_new_tokens != 1]:
+            got[int(s.request.request_id[1:])].append(logits[off : off + s.num_new_tokens])
+            off += s.num_new_tokens
+            s.request.num_computed_tokens += s.num_new_tokens
+    return [torch.cat(g) for g in got]
+
+
+def sharp_attention(model, scale: float = 4.0):
+    """Larger queries and keys: attention scores that depend on the rotation (random 0.02 weights attend uniformly)."""
+    cfg = model.config
+    qk_rows = (cfg.num_attention_heads + cfg.num_key_value_heads) * (cfg.hidden_size // cfg.num_attention_heads)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.qkv_proj.weight[:qk_rows] *= scale
+    return model
+
+
+@pytest.mark.parametrize("arch", ["phi3_longrope", "phi3_partial"])
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_longrope_short_and_long_sequences_match_transformers(arch, block_size):
+    """A prompt prefilled in one chunk and then decoded, batched with others: transformers' one pass over the whole
+    sequence uses the long factors everywhere when it is longer than original_max_position_embeddings (64), the
+    short ones when it fits; so do we, per sequence, each step choosing by the sequence's length after the step."""
+    cfg = CONFIGS[arch]()
+    model = sharp_attention(hf_model(cfg))
+    long_prompt, short_prompt, crossing_chunked = 90, 30, 100
+    prompts = _prompts(cfg, [long_prompt + 12, short_prompt + 20, 5, crossing_chunked])
+    plans = [[long_prompt] + [1] * 12, [short_prompt] + [1] * 20, [5], [40, 30, 30]]
+    ours = logits_in_steps(_runner(cfg, model.state_dict().items(), block_size), prompts, plans, block_size)
+    for p, o in zip(prompts[:3], ours[:3]):
+        torch.testing.assert_close(o, _reference(model, p), atol=2e-4, rtol=1e-4)
+    # The documented difference: a long prompt prefilled in chunks keeps the short factors' keys of its first chunk.
+    ref = _reference(model, prompts[3])
+    torch.testing.assert_close(ours[3][:40], model(torch.tensor([prompts[3][:40]])).logits[0], atol=2e-4, rtol=1e-4)
+    assert (ours[3][70:] - ref[70:]).abs().max() > 10 * 2e-4
+
+
+def test_longrope_tables():
+    """Short table for the original length, long table for every position, both scaled by the attention factor."""
+    from pagedllm.model.layers import LongRoPE
+
+    cfg = CONFIGS["phi3_longrope"]()
+    rope = _runner(cfg, None).model.rotary
+    assert isinstance(rope, LongRoPE) and rope.original == 64
+    assert rope.cos.shape == (64 + 256, 12)
+    hf_rope = hf_model(cfg).model.rotary_emb
+    x = torch.zeros(1, dtype=torch.float32)
+    for positions, offset in ((torch.arange(64), 0), (torch.arange(256), 64)):
+        with torch.no_grad():  # transformers switches to the long factors for a pass longer than 64
+            cos, sin = hf_rope(x, positions[None])
+        torch.testing.assert_close(rope.cos[offset + positions], cos[0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(rope.sin[offset + positions], sin[0], atol=1e-6, rtol=1e-6)
+    assert rope.attention_factor == pytest.approx((1 + torch.log(torch.tensor(4.0)).item() / torch.log(torch.tensor(64.0)).item()) ** 0.5)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def per_expert_names(state_dict: dict, arch: str) -> dict:
+    """transformers 5's stacked experts written out as on-disk checkpoints name them, one tensor per expert."""
+    out = {}
+    for name, t in state_dict.items():
+        m = re.match(r"(.*)\.mlp\.experts\.(gate_up_proj|down_proj)$", name)
+        if m is None:
+            out[name.replace(".mlp.gate.", ".block_sparse_moe.gate.") if arch == "mixtral" else name] = t
+            continue
+        prefix, kind = m.groups()
+        for e in range(t.shape[0]):
+            if arch == "mixtral":
+                base = f"{prefix}.block_sparse_moe.experts.{e}"
+                names = (f"{base}.w1.weight", f"{base}.w3.weight", f"{base}.w2.weight")
+            else:
+                base = f"{prefix}.mlp.experts.{e}"
+                names = (f"{base}.gate_proj.weight", f"{base}.up_proj.weight", f"{base}.down_proj.weight")
+            if kind == "gate_up_proj":
+                gate, up = t[e].chunk(2, dim=0)
+                out[names[0]], out[names[1]] = gate.clone(), up.clone()
+            else:
+                out[names[2]] = t[e].clone()
+    return out
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe_dense"])
+def test_per_expert_checkpoint_names_give_the_same_logits(arch, tmp_path):
+    cfg = CONFIGS[arch]()
+    model = hf_model(cfg)
+    fused = model.state_dict()
+    split = per_expert_names(fused, "mixtral" if arch == "mixtral" else "qwen3_moe")
+    assert not any("experts.gate_up_proj" in n for n in split) and any(".experts.3." in n for n in split)
+    prompts = _prompts(cfg, [9, 17])
+    a = paged_logits(_runner(cfg, fused.items()), prompts, 16)
+    b = paged_logits(_runner(cfg, list(split.items())[::-1]), prompts, 16)  # any order
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    # transformers 5 itself writes the per-expert names on save; its directory loads as the hub's would.
+    from pagedllm.model.loader import iter_weights, resolve_model
+
+    model.save_pretrained(tmp_path)
+    source = resolve_model(str(tmp_path))
+    names = [n for n, _ in iter_weights(source)]
+    assert any(re.search(r"experts\.\d+\.", n) for n in names)
+    c = paged_logits(_runner(source.config, iter_weights(source)), prompts, 16)
+    for x, y in zip(a, c):
+        assert torch.equal(x, y)
+
+
+def test_phi3_checkpoint_loads_its_fused_projections_directly():
+    cfg = CONFIGS["phi3"]()
+    sd = hf_model(cfg).state_dict()
+    assert "model.layers.0.self_attn.qkv_proj.weight" in sd and "model.layers.0.mlp.gate_up_proj.weight" in sd
+    from pagedllm.model.arch_config import ArchConfig
+    from pagedllm.model.models.phi3 import Phi3ForCausalLM
+
+    model = Phi3ForCausalLM(ArchConfig.from_hf(cfg))
+    model.load_weights(sd.items())
+    layer = model.layers[0]
+    assert torch.equal(layer.self_attn.qkv_proj.weight, sd["model.layers.0.self_attn.qkv_proj.weight"])
+    assert torch.equal(layer.mlp.gate_up_proj.weight, sd["model.layers.0.mlp.gate_up_proj.weight"])
+
+
+def test_expert_weight_errors_are_clear():
+    cfg = CONFIGS["mixtral"]()
+    split = per_expert_names(hf_model(cfg).state_dict(), "mixtral")
+    missing = {k: v for k, v in split.items() if k != "model.layers.1.block_sparse_moe.experts.2.w3.weight"}
+    with pytest.raises(ValueError, match=r"missing weights.*layers\.1\.mlp\.experts\.gate_up_proj"):
+        _runner(cfg, missing.items())
+    extra = dict(split)
+    extra["model.layers.0.block_sparse_moe.experts.6.w1.weight"] = split["model.layers.0.block_sparse_moe.experts.0.w1.weight"]
+    with pytest.raises(ValueError, match=r"block_sparse_moe\.experts\.6\.w1.*no place for"):
+        _runner(cfg, extra.items())
+    wrong = dict(split)
+    wrong["model.layers.0.block_sparse_moe.experts.1.w2.weight"] = torch.zeros(72, 95)
+    with pytest.raises(ValueError, match=r"experts\.1\.w2.*shape \(72, 95\), expected \(72, 96\)"):
+        _runner(cfg, wrong.items())
+
+
+def test_moe_runs_each_routed_expert_once_per_step(monkeypatch):
+    """The sparse block groups tokens by expert: one gate/up and one down product per expert that has tokens."""
+    from pagedllm.model.models import moe
+
+    cfg = CONFIGS["mixtral"]()
+    runner = _runner(cfg, hf_model(cfg).state_dict().items())
+    calls = []
+    F = torch.nn.functional
+    counting = SimpleNamespace(linear=lambda x, w: calls.append(x.shape[0]) or F.linear(x, w), silu=F.silu)
+    monkeypatch.setattr(moe, "F", counting)
+    block = runner.model.layers[0].mlp
+    x = torch.randn(50, cfg.hidden_size)
+    with torch.inference_mode():
+        out = block(x)
+        experts = torch.topk(block.gate(x), 2, dim=-1).indices
+    used = experts.unique().numel()
+    assert len(calls) == 2 * used and sum(calls) == 2 * 2 * 50  # every (token, expert) pair in exactly one product
+    # The same as running every token through its two experts one by one.
+    want = torch.zeros_like(x)
+    probs = torch.softmax(block.gate(x).float(), -1)
+    w, idx = torch.topk(probs, 2, -1)
+    w = w / w.sum(-1, keepdim=True)
+    for t in range(50):
+        for j in range(2):
+            e = idx[t, j]
+            g, u = (block.experts.gate_up_proj[e] @ x[t]).chunk(2)
+            want[t] += w[t, j] * (block.experts.down_proj[e] @ (torch.nn.functional.silu(g) * u))
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["phi3_partial", "mixtral", "qwen3_moe_dense"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_cpu_ops_give_the_logits_of_torch_ops(arch, dtype):
+    from pagedllm.model import cpu_ops
+
+    if not cpu_ops.available(torch.empty(1, dtype=dtype)):
+        pytest.skip("CPU kernels did not build")
+    cfg = CONFIGS[arch]()
+    weights = hf_model(cfg).state_dict()
+    prompts = _prompts(cfg, [23, 7, 41, 2], seed=2)
+    runs = []
+    for native in (True, False):
+        runner = _runner(cfg, weights.items(), dtype=dtype)
+        assert runner.model.norm.native
+        runner.model.use_native_ops(native)
+        runs.append(torch.cat(paged_logits(runner, prompts, 16)))
+    if dtype == torch.float32:
+        torch.testing.assert_close(runs[0], runs[1], atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(runs[0], runs[1], atol=0.05, rtol=0.05)
