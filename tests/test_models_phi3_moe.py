@@ -296,3 +296,69 @@ def test_fused_cpu_ops_give_the_logits_of_torch_ops(arch, dtype):
         torch.testing.assert_close(runs[0], runs[1], atol=1e-5, rtol=1e-5)
     else:
         torch.testing.assert_close(runs[0], runs[1], atol=0.05, rtol=0.05)
+
+
+# ---------------------------------------------------------------- greedy generation through the engine
+
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+GENERATE = {
+    # LongRoPE past an original length of 128: prompts longer and shorter than it.
+    "phi3": lambda: transformers.Phi3Config(**TINY, pad_token_id=0, original_max_position_embeddings=128,
+                                            rope_parameters=longrope(8, 128)),
+    "mixtral": lambda: transformers.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2, sliding_window=48),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**TINY, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                                                     moe_intermediate_size=48),
+}
+
+
+def save_tiny_model(path, cfg):
+    """A random-weight model with sharp logits (few near-ties in greedy decoding) and a word-level tokenizer."""
+    from pagedllm.model.synthetic import word_level_tokenizer
+
+    torch.manual_seed(1)  # seed 0 makes the phi3 model repeat one token after a long prompt
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(30.0)
+    model.save_pretrained(path)
+    word_level_tokenizer(cfg.vocab_size).save_pretrained(path)
+    return model
+
+
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("arch", sorted(GENERATE))
+def test_greedy_generation_equals_transformers(arch, tmp_path):
+    from pagedllm import LLM, SamplingParams
+
+    cfg = GENERATE[arch]()
+    model = save_tiny_model(tmp_path, cfg)
+    prompts = _prompts(cfg, [150, 20, 7])  # phi3: 150 + 100 past its original length 128, 20 + 100 within it
+    llm = LLM(model=str(tmp_path), dtype="float32", num_kv_blocks=64, block_size=16, core_process=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True), use_tqdm=False)
+    for p, out in zip(prompts, outs):
+        assert len(set(out.outputs[0].token_ids)) > 5  # not stuck on one token: a comparison that can fail
+        assert out.outputs[0].token_ids == hf_greedy(model, p, 100)
+
+
+def test_phi3_decoding_past_the_original_length_keeps_generate_until_there(tmp_path):
+    """The documented difference: a sequence that grows past original_max_position_embeddings while decoding. Up to
+    there both use the short factors and agree; transformers then recomputes its whole cache with the long ones,
+    while the keys in our cache keep the short factors' rotation."""
+    from pagedllm import LLM, SamplingParams
+
+    cfg = GENERATE["phi3"]()
+    model = save_tiny_model(tmp_path, cfg)
+    prompt = _prompts(cfg, [100])[0]
+    llm = LLM(model=str(tmp_path), dtype="float32", num_kv_blocks=64, block_size=16, core_process=False)
+    ours = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].token_ids
+    # Token j comes from position 100 + j - 1, computed in the step that makes the sequence 100 + j long.
+    short = 128 - 100 + 1
+    assert ours[:short] == hf_greedy(model, prompt, 60)[:short]
