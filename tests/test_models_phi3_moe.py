@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -362,3 +363,145 @@ def test_phi3_decoding_past_the_original_length_keeps_generate_until_there(tmp_p
     # Token j comes from position 100 + j - 1, computed in the step that makes the sequence 100 + j long.
     short = 128 - 100 + 1
     assert ours[:short] == hf_greedy(model, prompt, 60)[:short]
+
+
+# ---------------------------------------------------------------- GGUF, as llama.cpp's convert_hf_to_gguf.py writes it
+
+def _gguf_model(arch: str):
+    """A tiny model over test_loader's GGUF vocabulary, with random norms (a wrong mapping cannot hide behind ones)."""
+    from test_loader import _tiny_vocab
+
+    common = dict(vocab_size=len(_tiny_vocab()[0]), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+                  bos_token_id=0, eos_token_id=1)
+    if arch == "phi3":  # Phi-3-mini-4k: sliding window, default rope
+        cfg = transformers.Phi3Config(**common, pad_token_id=1, sliding_window=8)
+    elif arch == "phi3_longrope":  # Phi-4-mini: partial rotary, LongRoPE, tied embeddings
+        cfg = transformers.Phi3Config(**common, pad_token_id=1, tie_word_embeddings=True, original_max_position_embeddings=16,
+                                      rope_parameters=longrope(6, 16, partial_rotary_factor=0.75))
+    elif arch == "mixtral":
+        cfg = transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    else:  # qwen3_moe, renormalised as llama.cpp runs it
+        cfg = transformers.Qwen3MoeConfig(**common, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=40, norm_topk_prob=True)
+    return sharp_attention(hf_model(cfg)) if arch.startswith("phi3") else hf_model(cfg)
+
+
+def _write_gguf(path, model, arch: str) -> None:
+    """What convert_hf_to_gguf.py writes for Phi3ForCausalLM (phi3), MixtralForCausalLM (llama with experts) and
+    Qwen3MoeForCausalLM (qwen3moe): keys, tensor names from gguf-py's own map, q/k permuted for llama, experts stacked."""
+    import gguf
+    from test_loader import CHAT_TEMPLATE, _llama_cpp_permute, _tiny_vocab
+
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    tokens, types, merges = _tiny_vocab()
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    rope = cfg.rope_parameters
+    if arch == "phi3":
+        w.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * cfg.hidden_size) // cfg.num_attention_heads)
+        w.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
+        w.add_sliding_window(cfg.sliding_window or 0)
+        if rope["rope_type"] == "longrope":
+            scale = cfg.max_position_embeddings / cfg.original_max_position_embeddings
+            w.add_rope_scaling_attn_factors((1 + np.log(scale) / np.log(cfg.original_max_position_embeddings)) ** 0.5)
+            w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+            w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
+    else:
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_rope_dimension_count(head_dim)
+        w.add_expert_count(cfg.num_local_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+    if arch == "qwen3moe":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_chat_template(CHAT_TEMPLATE)
+    names = gguf.get_tensor_name_map({"phi3": gguf.MODEL_ARCH.PHI3, "llama": gguf.MODEL_ARCH.LLAMA,
+                                      "qwen3moe": gguf.MODEL_ARCH.QWEN3MOE}[arch], cfg.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        a = tensor.numpy().astype(np.float32)
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if m := re.match(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$", name):
+            # Stacked per kind as the converter merges them (Mixtral: w1 gate, w3 up, w2 down).
+            layer = m.group(1)
+            parts = dict(zip(("gate_proj", "up_proj"), np.split(a, 2, axis=1))) if m.group(2) == "gate_up_proj" \
+                else {"down_proj": a}
+            for kind, stacked in parts.items():
+                merged = (f"layers.{layer}.feed_forward.experts.{dict(gate_proj='w1', up_proj='w3', down_proj='w2')[kind]}.weight"
+                          if arch == "llama" else f"model.layers.{layer}.mlp.experts.{kind}.weight")
+                w.add_tensor(names.get_name(merged, try_suffixes=(".weight",)), np.ascontiguousarray(stacked))
+            continue
+        if arch == "llama" and name.endswith("self_attn.q_proj.weight"):
+            a = _llama_cpp_permute(a, cfg.num_attention_heads)
+        elif arch == "llama" and name.endswith("self_attn.k_proj.weight"):
+            a = _llama_cpp_permute(a, cfg.num_key_value_heads)
+        hf_name = name.replace(".mlp.gate.", ".block_sparse_moe.gate.") if arch == "llama" else name
+        w.add_tensor(names.get_name(hf_name, try_suffixes=(".weight", ".bias")), np.ascontiguousarray(a))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", ["phi3", "phi3_longrope", "mixtral", "qwen3_moe"])
+def test_tiny_gguf_converts_exactly(arch, tmp_path, monkeypatch):
+    import dataclasses
+
+    from pagedllm.model.arch_config import ArchConfig
+    from pagedllm.model.loader import iter_weights, resolve_model
+
+    monkeypatch.setenv("PAGEDLLM_CACHE_DIR", str(tmp_path / "cache"))
+    model = _gguf_model(arch)
+    path = tmp_path / f"tiny-{arch}.gguf"
+    _write_gguf(path, model, {"mixtral": "llama", "qwen3_moe": "qwen3moe"}.get(arch, "phi3"))
+    source = resolve_model(str(path))
+    assert type(transformers.AutoConfig.from_pretrained(source.path)) is type(model.config)
+
+    ours, theirs = dataclasses.asdict(source.config), dataclasses.asdict(ArchConfig.from_hf(model.config))
+    assert ours.pop("rms_norm_eps") == pytest.approx(theirs.pop("rms_norm_eps"), rel=1e-6)
+    for d in (ours, theirs):
+        d.pop("eos_token_id"), d.pop("hf")
+    rope_ours, rope_theirs = ours.pop("rope_parameters"), theirs.pop("rope_parameters")
+    assert ours == theirs  # shapes, heads, windows, tying
+    assert rope_ours["rope_type"] == rope_theirs["rope_type"]
+    for key in ("rope_theta", "short_factor", "long_factor"):  # factors went through float32
+        if key in rope_theirs or key in rope_ours:
+            assert rope_ours[key] == pytest.approx(rope_theirs[key], rel=1e-6), key
+    for key in ("num_experts_per_tok", "num_local_experts", "num_experts", "moe_intermediate_size", "norm_topk_prob",
+                "original_max_position_embeddings", "partial_rotary_factor", "sliding_window"):
+        assert source.config.hf.get(key) == model.config.to_dict().get(key) or key == "num_experts", key
+
+    # The weights, under the names transformers itself saves (per expert for the experts).
+    model.save_pretrained(tmp_path / "hf")
+    saved = dict(iter_weights(resolve_model(str(tmp_path / "hf"))))
+    got = dict(iter_weights(source))
+    assert set(got) == set(saved)
+    for name, tensor in got.items():
+        assert torch.equal(tensor, saved[name]), name
+
+    # The same logits as the original: in transformers, and in pagedllm (one-chunk prefills: long and short LongRoPE).
+    converted = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
+    prompts = _prompts(model.config, [20, 11], seed=3)
+    for p in prompts:
+        with torch.no_grad():
+            torch.testing.assert_close(converted(torch.tensor([p])).logits, model(torch.tensor([p])).logits,
+                                       rtol=1e-5, atol=1e-5)
+    runner = _runner(source.config, iter_weights(source))
+    for p, o in zip(prompts, logits_in_steps(runner, prompts, [[20], [11]], 16)):
+        torch.testing.assert_close(o, _reference(model, p), atol=2e-4, rtol=1e-4)
