@@ -505,3 +505,12 @@ def test_tiny_gguf_converts_exactly(arch, tmp_path, monkeypatch):
     runner = _runner(source.config, iter_weights(source))
     for p, o in zip(prompts, logits_in_steps(runner, prompts, [[20], [11]], 16)):
         torch.testing.assert_close(o, _reference(model, p), atol=2e-4, rtol=1e-4)
+
+
+def test_moe_models_are_not_captured_in_cuda_graphs():
+    """The experts' token counts are read on the host: no decode graphs, whatever the attention backend."""
+    from pagedllm.worker.cuda_graphs import capture_decode_graphs
+
+    cfg = CONFIGS["qwen3_moe"]()
+    runner = SimpleNamespace(attn_backend=SimpleNamespace(cuda_graph_safe=True), model=_runner(cfg, None).model)
+    assert capture_decode_graphs(runner, max_num_seqs=4, max_model_len=64) is None

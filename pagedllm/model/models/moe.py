@@ -103,6 +103,9 @@ def _first(hf: dict, *keys: str, default: int) -> int:
 class _MoEForCausalLM(LlamaForCausalLM):
     """A Llama decoder whose MLPs are sparse blocks (where `_is_sparse` says so)."""
 
+    # MoEExperts reads how many tokens each expert got on the host, which a CUDA graph cannot capture.
+    cuda_graph_safe = False
+
     def _moe_numbers(self, cfg: ArchConfig) -> tuple[int, int, int, bool, bool]:
         """num_experts, top_k, expert intermediate size, renormalise, routing weights in the model's dtype."""
         raise NotImplementedError
