@@ -277,22 +277,26 @@ def test_moe_runs_each_routed_expert_once_per_step(monkeypatch):
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["phi3_partial", "mixtral", "qwen3_moe_dense"])
+@pytest.mark.parametrize("arch", ["phi3_longrope", "phi3_partial", "mixtral", "qwen3_moe_dense"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_cpu_ops_give_the_logits_of_torch_ops(arch, dtype):
+    """The native kernels (norms, SiLU-and-mul, rope + KV store where the whole head rotates, LongRoPE's long rows
+    too: the first prompt is longer than the original length) against torch's ops."""
     from pagedllm.model import cpu_ops
 
     if not cpu_ops.available(torch.empty(1, dtype=dtype)):
         pytest.skip("CPU kernels did not build")
     cfg = CONFIGS[arch]()
     weights = hf_model(cfg).state_dict()
-    prompts = _prompts(cfg, [23, 7, 41, 2], seed=2)
+    prompts = _prompts(cfg, [95, 7, 41, 2], seed=2)
+    plans = [[90] + [1] * 5, [7], [20, 21], [1, 1]]
     runs = []
     for native in (True, False):
         runner = _runner(cfg, weights.items(), dtype=dtype)
         assert runner.model.norm.native
         runner.model.use_native_ops(native)
-        runs.append(torch.cat(paged_logits(runner, prompts, 16)))
+        assert runner.model.layers[0].self_attn.native_rope == (native and arch in ("phi3_longrope", "mixtral"))
+        runs.append(torch.cat(logits_in_steps(runner, prompts, plans, 16)))
     if dtype == torch.float32:
         torch.testing.assert_close(runs[0], runs[1], atol=1e-5, rtol=1e-5)
     else:

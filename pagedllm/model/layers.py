@@ -138,10 +138,11 @@ class LongRoPE(RotaryEmbedding):
     prefilled in one chunk and the sequence does not grow past the original
     length while decoding. It differs (keys already in the cache keep the
     short factors' rotation) where a prompt longer than the original length
-    is prefilled in several chunks, where a sequence grows past it while
-    decoding (generate() then recomputes its whole cache with the long
-    factors), and where a cached prefix computed by a short sequence is
-    reused by a long one.
+    is prefilled in several chunks (the scheduler chunks a prompt longer than
+    max_num_batched_tokens: set that past the longest prompt to avoid it),
+    where a sequence grows past the original length while decoding
+    (generate() then recomputes its whole cache with the long factors), and
+    where a cached prefix computed by a short sequence is reused by a long one.
 
     One table holds both: rows [0, original) the short factors' angles,
     rows [original, original + max_positions) the long ones'; `table_rows`
