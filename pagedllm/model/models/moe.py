@@ -23,6 +23,7 @@ from torch import nn
 
 from pagedllm.model.arch_config import ArchConfig
 from pagedllm.model.models.llama import LlamaForCausalLM, LlamaMLP
+from pagedllm.model.packed_linear import PackedLinear, can_pack
 
 # An expert's own weight in an on-disk checkpoint: layer prefix, expert, which projection.
 _EXPERT_WEIGHT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
@@ -38,6 +39,18 @@ class MoEExperts(nn.Module):
         self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.packed: nn.ModuleList | None = None  # per expert (gate_up, down) PackedLinears, once packed
+
+    def pack(self) -> int:
+        """Lay each expert's weights out once for oneDNN, as the dense layers are (model/packed_linear.py: bf16 on
+        a CPU without bf16 instructions computes from widened weights); the stacks are freed. Returns how many."""
+        if self.packed is not None or not can_pack(self.gate_up_proj):
+            return 0
+        self.packed = nn.ModuleList(
+            nn.ModuleList((PackedLinear(self.gate_up_proj[e], None), PackedLinear(self.down_proj[e], None)))
+            for e in range(self.num_experts))
+        self.gate_up_proj = self.down_proj = None
+        return 2 * self.num_experts
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H]; experts, weights [T, k]: each token's chosen experts and their weights.
@@ -60,8 +73,13 @@ class MoEExperts(nn.Module):
             if n == 0:
                 continue
             rows = tokens[start : start + n]
-            gate, up = F.linear(x[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
-            h = F.linear(F.silu(gate) * up, self.down_proj[e])
+            if self.packed is not None:
+                gate_up_proj, down_proj = self.packed[e]
+                gate, up = gate_up_proj(x[rows]).chunk(2, dim=-1)
+                h = down_proj(F.silu(gate) * up)
+            else:
+                gate, up = F.linear(x[rows], self.gate_up_proj[e]).chunk(2, dim=-1)
+                h = F.linear(F.silu(gate) * up, self.down_proj[e])
             h = h * pair_weights[start : start + n, None]
             out.index_add_(0, rows, h.to(out.dtype))
             start += n
@@ -121,6 +139,10 @@ class _MoEForCausalLM(LlamaForCausalLM):
             return LlamaMLP(cfg)
         num_experts, top_k, inter, renormalize, rounded = self._moe_numbers(cfg)
         return SparseMoeBlock(cfg.hidden_size, inter, num_experts, top_k, renormalize, rounded)
+
+    def pack_for_cpu(self) -> int:
+        packed = super().pack_for_cpu()
+        return packed + sum(m.pack() for m in self.modules() if isinstance(m, MoEExperts))
 
     def _weight_slot(self, name: str, params: dict[str, nn.Parameter]) -> tuple[str, torch.Tensor]:
         ours = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's on-disk name of the sparse block
