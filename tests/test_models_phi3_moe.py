@@ -166,6 +166,33 @@ def test_longrope_tables():
     assert rope.attention_factor == pytest.approx((1 + torch.log(torch.tensor(4.0)).item() / torch.log(torch.tensor(64.0)).item()) ** 0.5)
 
 
+def test_phi3_rope_from_config_json_as_the_hub_writes_it():
+    """Phi-4-mini's config.json keeps partial_rotary_factor and original_max_position_embeddings at the top and
+    older Phi-3 ones call LongRoPE "su": the tables equal transformers' for both factor sets."""
+    from pagedllm.model.arch_config import ArchConfig
+    from pagedllm.model.layers import LongRoPE
+    from pagedllm.model.models.phi3 import phi3_rope_parameters
+
+    d = {"model_type": "phi3", "vocab_size": 100, "hidden_size": 256, "intermediate_size": 64, "num_hidden_layers": 1,
+         "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512, "rope_theta": 10000.0,
+         "partial_rotary_factor": 0.75, "original_max_position_embeddings": 128, "pad_token_id": 0,
+         "rope_scaling": {"type": "su", "short_factor": [1.0 + 0.02 * i for i in range(48)],
+                          "long_factor": [1.0 + 0.5 * i for i in range(48)]}}
+    params = phi3_rope_parameters(ArchConfig.from_dict(d))
+    assert params["rope_type"] == "longrope" and params["partial_rotary_factor"] == 0.75
+    rope = LongRoPE(128, 512, params)
+    rope.build(torch.device("cpu"), torch.float32)
+    assert rope.rotary_dim == 96 and rope.cos.shape == (128 + 512, 96)
+    d["rope_scaling"] = {**d["rope_scaling"], "type": "longrope"}  # transformers 5.24 refuses "su" at validation
+    hf_rope = transformers.models.phi3.modeling_phi3.Phi3RotaryEmbedding(transformers.Phi3Config(**d))
+    x = torch.zeros(1)
+    for positions, offset in ((torch.arange(128), 0), (torch.arange(512), 128)):
+        with torch.no_grad():
+            cos, sin = hf_rope(x, positions[None])
+        torch.testing.assert_close(rope.cos[offset + positions], cos[0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(rope.sin[offset + positions], sin[0], atol=1e-6, rtol=1e-6)
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
