@@ -57,8 +57,9 @@ def hf_model(cfg, seed=0):
     return model
 
 
-def paged_logits(runner: ModelRunner, prompts: list[list[int]], block_size: int):
-    """Logits for every position of every prompt, computed in steps: first chunk, rest of prompt, decodes."""
+def paged_logits(runner: ModelRunner, prompts: list[list[int]], block_size: int, plans: list[list[int]] | None = None):
+    """Logits for every position of every prompt, computed in steps: first chunk, rest of prompt, decodes
+    (or, given plans, plans[i] lists how many tokens each step of sequence i adds)."""
     # One table per KV cache group, all over one pool; sliding groups give blocks back as windows move on.
     groups = runner.kv_groups
     num_blocks = len(groups) * (sum(-(-len(p) // block_size) for p in prompts) + 4)
@@ -69,12 +70,15 @@ def paged_logits(runner: ModelRunner, prompts: list[list[int]], block_size: int)
         r.all_token_ids = list(p)  # teacher forcing: every token of the prompt is known
     # A throwaway request takes some blocks first, so that block tables are not the identity.
     kv.allocate_slots("pad", 0, 3 * block_size)
-    plan = []
-    for p in prompts:
-        first = max(1, len(p) // 3)
-        second = max(1, (len(p) - first) - 3) if len(p) - first > 3 else len(p) - first
-        sizes = [first, second] + [1] * (len(p) - first - second)
-        plan.append([s for s in sizes if s > 0])
+    plan = plans
+    if plan is None:
+        plan = []
+        for p in prompts:
+            first = max(1, len(p) // 3)
+            second = max(1, (len(p) - first) - 3) if len(p) - first > 3 else len(p) - first
+            sizes = [first, second] + [1] * (len(p) - first - second)
+            plan.append([s for s in sizes if s > 0])
+    assert all(sum(pl) == len(p) for pl, p in zip(plan, prompts))
     got = [[] for _ in prompts]
     step = 0
     while any(step < len(pl) for pl in plan):

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 # Bump when the conversion output changes, so old caches are not reused.
 CONVERTER_VERSION = "1"
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen3moe")  # llama with experts: Mixtral
 
 # Unfinished conversions older than this are from crashed runs and get removed.
 _STALE_TMP_SECONDS = 3600
@@ -54,14 +54,21 @@ _BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# Where an architecture names a tensor otherwise, or has tensors the others lack.
+_GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
 # Gemma's four norms per layer: llama.cpp's ffn_norm is the norm before the MLP, as in Llama, but Gemma
 # also normalises the outputs of attention and of the MLP.
-_GEMMA_ARCHITECTURES = ("gemma2", "gemma3")
-_GEMMA_BLOCK_NAMES = {
-    **_BLOCK_NAMES,
+_GEMMA_NORMS = {
     "post_attention_norm": "post_attention_layernorm",
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
+}
+_ARCH_BLOCK_NAMES = {
+    "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},  # fused, as in HF Phi-3
+    "llama": {"ffn_gate_inp": "block_sparse_moe.gate"},  # Mixtral's router
+    "qwen3moe": {"ffn_gate_inp": "mlp.gate"},
+    "gemma2": _GEMMA_NORMS,
+    "gemma3": _GEMMA_NORMS,
 }
 _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _TOP_TENSOR = re.compile(r"^(\w+)\.(weight|bias)$")
@@ -155,6 +162,7 @@ class _Gguf:
     path: str
     reader: object  # gguf.GGUFReader
     arch: str
+    stacked: tuple = (None, None)  # (name, array): the expert tensor last dequantized, sliced once per expert
 
     def get(self, key: str, default=None):
         field = self.reader.fields.get(key)
@@ -206,7 +214,7 @@ def build_hf_config(g: _Gguf):
     hidden = int(g.arch_get("embedding_length"))
     head_dim = int(g.arch_get("attention.key_length", hidden // n_heads))
     rope_dim = int(g.arch_get("rope.dimension_count", head_dim))
-    if rope_dim != head_dim:
+    if rope_dim != head_dim and g.arch != "phi3":
         raise ValueError(f"{g.path}: partial rotary embeddings ({rope_dim} of {head_dim} dims) are not supported")
     vocab = g.arch_get("vocab_size")
     if vocab is None:
@@ -231,6 +239,12 @@ def build_hf_config(g: _Gguf):
     has_attn_bias = "blk.0.attn_q.bias" in names
     if g.arch in _GEMMA_ARCHITECTURES:
         return _gemma_hf_config(g, common, head_dim)
+    if g.arch == "phi3":
+        return _phi3_config(g, common, rope_dim / head_dim)
+    if g.arch == "qwen3moe":
+        return _qwen3moe_config(g, common, head_dim, has_attn_bias)
+    if g.arch == "llama" and g.arch_get("expert_count"):
+        return _mixtral_config(g, common, head_dim)
     if g.arch == "llama":
         return LlamaConfig(
             **common,
@@ -301,6 +315,8 @@ def _gemma3_layer_types(g: _Gguf, layers: int, sliding: bool) -> list[str]:
 
 def _rope_parameters(g: _Gguf, theta: float, head_dim: int) -> dict:
     """HF rope parameters; llama3-style scaling is only stored as a factor tensor and is recovered from it."""
+    if g.arch == "phi3":
+        return _phi3_rope_parameters(g, theta, head_dim)
     scaling = g.arch_get("rope.scaling.type", "none")
     factor = g.arch_get("rope.scaling.factor")
     original = g.arch_get("rope.scaling.original_context_length")
@@ -374,15 +390,16 @@ def _gemma_end_of_turn_ids(g: _Gguf) -> list[int]:
 
 
 def hf_tensor_name(gguf_name: str, arch: str | None = None) -> str | None:
-    """HF parameter name for a GGUF tensor name; None for tensors HF does not keep (rope_freqs)."""
+    """HF parameter name for a GGUF tensor name; None for tensors HF does not keep (rope_freqs: llama3 factors,
+    rope_factors_long/short: Phi-3's LongRoPE factors, which go to the config)."""
     if m := _BLOCK_TENSOR.match(gguf_name):
         layer, part, kind = m.groups()
-        block_names = _GEMMA_BLOCK_NAMES if arch in _GEMMA_ARCHITECTURES else _BLOCK_NAMES
-        if part in block_names:
-            return f"model.layers.{layer}.{block_names[part]}.{kind}"
+        names = {**_BLOCK_NAMES, **_ARCH_BLOCK_NAMES.get(arch, {})}
+        if part in names:
+            return f"model.layers.{layer}.{names[part]}.{kind}"
     elif m := _TOP_TENSOR.match(gguf_name):
         part, kind = m.groups()
-        if part == "rope_freqs":
+        if part in ("rope_freqs", "rope_factors_long", "rope_factors_short"):
             return None
         if part in _TOP_LEVEL_NAMES:
             return f"{_TOP_LEVEL_NAMES[part]}.{kind}"
@@ -405,11 +422,15 @@ class _TensorPlan:
     name: str  # HF name
     shape: tuple[int, ...]  # torch order
     source: object  # gguf ReaderTensor
+    expert: int | None = None  # one expert's slice of a stacked expert tensor
 
 
 def _hf_tensors(g: _Gguf) -> list[_TensorPlan]:
     plans = []
     for t in g.reader.tensors:
+        if _EXPERT_TENSOR.match(t.name):
+            plans.extend(_expert_plans(g, t))
+            continue
         name = hf_tensor_name(t.name, g.arch)
         if name is not None:
             # GGUF lists dimensions fastest-moving first; torch lists them the other way round.
@@ -421,6 +442,8 @@ def _dequantized(g: _Gguf, plan: _TensorPlan, config) -> np.ndarray:
     from gguf import quants
 
     t = plan.source
+    if plan.expert is not None:
+        return _expert_weight(g, plan)
     w = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(plan.shape)
     # Only the llama converter permutes; qwen2/qwen3 use NEOX rope, the same halves layout as HF.
     if g.arch == "llama" and ".attn_q." in t.name:
@@ -430,6 +453,97 @@ def _dequantized(g: _Gguf, plan: _TensorPlan, config) -> np.ndarray:
     elif g.arch in _GEMMA_ARCHITECTURES and t.name.endswith("norm.weight"):
         w = w - np.float32(1.0)  # llama.cpp stores Gemma's norm weights with the 1 of (1 + w) added
     return w
+
+
+# ---------------------------------------------------------------- phi3, qwen3moe, mixtral (experts)
+
+# llama.cpp stacks the experts of a layer: [E, ff, embd] for gate and up, [E, embd, ff] for down (torch order).
+_EXPERT_TENSOR = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+# Each expert's weight as the hub's checkpoints name it (what convert_hf_to_gguf.py stacked).
+_EXPERT_NAMES = {
+    "llama": {"gate": "block_sparse_moe.experts.{e}.w1", "up": "block_sparse_moe.experts.{e}.w3",
+              "down": "block_sparse_moe.experts.{e}.w2"},
+    "qwen3moe": {"gate": "mlp.experts.{e}.gate_proj", "up": "mlp.experts.{e}.up_proj", "down": "mlp.experts.{e}.down_proj"},
+}
+
+
+def _phi3_config(g: _Gguf, common: dict, partial_rotary_factor: float):
+    """Phi-3 / Phi-3.5 / Phi-4-mini, as llama.cpp's Phi3MiniModel writes them: fused qkv and gate_up, the rotary
+    dims as rope.dimension_count, LongRoPE factors as tensors, sliding_window 0 for none."""
+    from transformers import Phi3Config
+
+    params = dict(common.pop("rope_parameters"))
+    params["partial_rotary_factor"] = partial_rotary_factor
+    original = params.pop("original_max_position_embeddings", None)
+    window = g.arch_get("attention.sliding_window") or None
+    extra = {} if original is None else {"original_max_position_embeddings": original}
+    return Phi3Config(**common, rope_parameters=params, sliding_window=window, architectures=["Phi3ForCausalLM"],
+                      **extra)
+
+
+def _phi3_rope_parameters(g: _Gguf, theta: float, head_dim: int) -> dict:
+    tensors = {t.name: t for t in g.reader.tensors}
+    long, short = tensors.get("rope_factors_long.weight"), tensors.get("rope_factors_short.weight")
+    if long is None:
+        return {"rope_type": "default", "rope_theta": theta}
+    if short is None:
+        raise ValueError(f"{g.path}: rope_factors_long without rope_factors_short")
+    context = int(g.arch_get("context_length"))
+    original = int(g.arch_get("rope.scaling.original_context_length", context))
+    params = {
+        "rope_type": "longrope", "rope_theta": theta, "original_max_position_embeddings": original,
+        "long_factor": [float(x) for x in np.asarray(long.data, dtype=np.float32)],
+        "short_factor": [float(x) for x in np.asarray(short.data, dtype=np.float32)],
+    }
+    # llama.cpp writes the attention factor transformers derives from the two lengths; keep it only where it differs.
+    attn = g.arch_get("rope.scaling.attn_factor")
+    scale = context / original
+    default = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0
+    if attn is not None and not math.isclose(float(attn), default, rel_tol=1e-6):
+        params["attention_factor"] = float(attn)
+    return params
+
+
+def _mixtral_config(g: _Gguf, common: dict, head_dim: int):
+    """Mixtral, which llama.cpp writes as llama with experts (softmax, top k, renormalised, as llama.cpp runs it)."""
+    from transformers import MixtralConfig
+
+    return MixtralConfig(**common, num_local_experts=int(g.arch_get("expert_count")),
+                         num_experts_per_tok=int(g.arch_get("expert_used_count")),
+                         head_dim=head_dim, sliding_window=None, architectures=["MixtralForCausalLM"])
+
+
+def _qwen3moe_config(g: _Gguf, common: dict, head_dim: int, attention_bias: bool):
+    """Qwen3-MoE: every layer sparse, top-k weights renormalised (llama.cpp's qwen3moe always does)."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(**common, num_experts=int(g.arch_get("expert_count")),
+                          num_experts_per_tok=int(g.arch_get("expert_used_count")),
+                          moe_intermediate_size=int(g.arch_get("expert_feed_forward_length")),
+                          norm_topk_prob=bool(g.arch_get("expert_weights_norm", True)), head_dim=head_dim,
+                          attention_bias=attention_bias, architectures=["Qwen3MoeForCausalLM"])
+
+
+def _expert_plans(g: _Gguf, t) -> list[_TensorPlan]:
+    """One plan per expert of a stacked expert tensor, under the hub's per-expert names."""
+    layer, kind = _EXPERT_TENSOR.match(t.name).groups()
+    names = _EXPERT_NAMES.get(g.arch)
+    if names is None:
+        raise ValueError(f"GGUF tensor {t.name!r}: experts in a {g.arch} model are not supported")
+    num_experts, *shape = (int(d) for d in reversed(t.shape))
+    pattern = f"model.layers.{layer}.{names[kind]}.weight"
+    return [_TensorPlan(pattern.format(e=e), tuple(shape), t, e) for e in range(num_experts)]
+
+
+def _expert_weight(g: _Gguf, plan: _TensorPlan) -> np.ndarray:
+    """One expert's slice; the stacked tensor is dequantized once for all its experts (they come in a row)."""
+    from gguf import quants
+
+    t = plan.source
+    if g.stacked[0] != t.name:
+        full = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+        g.stacked = (t.name, full.reshape(tuple(int(d) for d in reversed(t.shape))))
+    return g.stacked[1][plan.expert]
 
 
 def _write_safetensors(path: str, specs: list[tuple[str, tuple[int, ...]]], arrays: Iterator[np.ndarray]) -> None:

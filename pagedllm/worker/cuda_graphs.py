@@ -119,6 +119,10 @@ def capture_decode_graphs(runner, max_num_seqs: int, max_model_len: int) -> Deco
     if not runner.attn_backend.cuda_graph_safe:
         logger.info("CUDA graphs need the triton attention backend; decode steps run eagerly")
         return None
+    if not getattr(runner.model, "cuda_graph_safe", True):
+        logger.info("%s reads device values on the host in its forward pass; decode steps run eagerly",
+                    type(runner.model).__name__)
+        return None
     t0 = time.perf_counter()
     free_before = torch.cuda.mem_get_info(runner.device)[0]
     graphs = DecodeGraphs(capture_sizes(max_num_seqs), max_model_len, runner.block_size,

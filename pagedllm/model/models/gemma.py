@@ -190,6 +190,7 @@ class _GemmaForCausalLM(nn.Module):
 
     # --- weights ----------------------------------------------------------
     _fused_slices = LlamaForCausalLM._fused_slices
+    _weight_slot = LlamaForCausalLM._weight_slot
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         LlamaForCausalLM.load_weights(self, _text_weights(weights))

@@ -17,7 +17,7 @@ from pagedllm.model.attention.metadata import AttentionMetadata, per_layer
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
 from pagedllm.model.arch_config import ArchConfig
 from pagedllm.model import cpu_ops
-from pagedllm.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
+from pagedllm.model.layers import RMSNorm, RotaryEmbedding, rotary_embedding, silu_and_mul
 from pagedllm.model.packed_linear import PackedLinear, can_pack, pack_linears
 
 
@@ -85,12 +85,13 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, attn_backend: type = TorchPagedAttention,
-                 sliding_window: int | None = None) -> None:
+                 sliding_window: int | None = None, mlp: nn.Module | None = None) -> None:
+        """mlp: the feed-forward block (default LlamaMLP; a mixture of experts in models/moe.py)."""
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = LlamaAttention(cfg, rotary, attn_backend, sliding_window)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = LlamaMLP(cfg) if mlp is None else mlp
 
     def forward(self, positions, x, residual, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous layer's output, not yet added to the residual stream (None before the first layer)."""
@@ -110,17 +111,22 @@ class LlamaForCausalLM(nn.Module):
         self.config = cfg
         self.head_dim = cfg.head_dim
         self.num_kv_heads = cfg.num_key_value_heads
-        self.rotary = RotaryEmbedding(self.head_dim, cfg.max_position_embeddings, cfg.rope_parameters)
+        self.rotary = rotary_embedding(self.head_dim, cfg.max_position_embeddings, cfg.rope_parameters)
         # An uninitialised table: weights are loaded next anyway, and nn.Embedding's own
         # random init on the meta device costs a one-time import of over a second.
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         windows = cfg.layer_windows or (None,) * cfg.num_hidden_layers
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary, attn_backend, w) for w in windows)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary, attn_backend, w, self._mlp(cfg, i))
+                                    for i, w in enumerate(windows))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tie_word_embeddings = cfg.tie_word_embeddings
         if not self.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.packed_lm_head: PackedLinear | None = None
+
+    def _mlp(self, cfg: ArchConfig, layer: int) -> nn.Module:
+        """Layer `layer`'s feed-forward block: subclasses with other MLPs (mixtures of experts) override this."""
+        return LlamaMLP(cfg)
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta) -> torch.Tensor:
         """meta: one AttentionMetadata, or one per layer (layers in different KV cache groups)."""
@@ -165,13 +171,13 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(m, LlamaMLP):
                 m.widened = widened(m.gate_up_proj, m.down_proj)
             elif isinstance(m, LlamaAttention):
-                m.native_rope = enabled and not m.qk_norm
+                m.native_rope = enabled and not m.qk_norm and m.rotary.rotary_dim == m.head_dim
                 m.float_out = m.native_rope and widened(m.o_proj)
             elif isinstance(m, LlamaDecoderLayer):
                 # Every norm of the stream reads float32 outputs then (the next layer's, the final one);
                 # a norm in front of a widened projection hands it float32 too.
                 m.input_layernorm.float_out = widened(m.self_attn.qkv_proj)
-                m.post_attention_layernorm.float_out = widened(m.mlp.gate_up_proj)
+                m.post_attention_layernorm.float_out = isinstance(m.mlp, LlamaMLP) and widened(m.mlp.gate_up_proj)
 
     # --- weights ----------------------------------------------------------
     def _fused_slices(self) -> dict[str, tuple[str, int, int]]:
@@ -188,10 +194,22 @@ class LlamaForCausalLM(nn.Module):
             "mlp.up_proj": ("mlp.gate_up_proj", inter, inter),
         }
 
+    def _weight_slot(self, name: str, params: dict[str, nn.Parameter]) -> tuple[str, torch.Tensor]:
+        """Where a checkpoint weight (HF name, "model." dropped) goes: our parameter's name and the part of it to fill.
+        Subclasses with other layouts (stacked experts) override this."""
+        target, rows = name, None
+        for hf_part, (our_part, start, count) in self._fused_slices().items():
+            if f".{hf_part}." in name:
+                target, rows = name.replace(hf_part, our_part), (start, count)
+                break
+        if target not in params:
+            raise ValueError(f"checkpoint has a weight {name!r} that this model has no place for")
+        param = params[target]
+        return target, param if rows is None else param.narrow(0, rows[0], rows[1])
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters())
-        fused = self._fused_slices()
-        rows_loaded: dict[str, int] = {}
+        filled: dict[str, int] = {}  # elements of each parameter filled so far
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
                 continue
@@ -199,21 +217,13 @@ class LlamaForCausalLM(nn.Module):
                 name = name[len("model.") :]
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue
-            target, rows = name, None
-            for hf_part, (our_part, start, count) in fused.items():
-                if f".{hf_part}." in name:
-                    target, rows = name.replace(hf_part, our_part), (start, count)
-                    break
-            if target not in params:
-                raise ValueError(f"checkpoint has a weight {name!r} that this model has no place for")
-            param = params[target]
+            target, dest = self._weight_slot(name, params)
             with torch.no_grad():
-                dest = param if rows is None else param.narrow(0, rows[0], rows[1])
                 if dest.shape != tensor.shape:
                     raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
                 dest.copy_(tensor)
-            rows_loaded[target] = rows_loaded.get(target, 0) + dest.shape[0]
-        missing = [n for n, p in params.items() if rows_loaded.get(n, 0) != p.shape[0]]
+            filled[target] = filled.get(target, 0) + dest.numel()
+        missing = [n for n, p in params.items() if filled.get(n, 0) != p.numel()]
         if missing:
             raise ValueError(f"checkpoint is missing weights for: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
 
