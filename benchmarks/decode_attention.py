@@ -9,7 +9,9 @@ at random over a pool, through the native kernel (model/attention/cpu_kernels.py
 over --layers pools in turn as a model's layers would be, so the keys and values
 come from memory and not from the caches. The two pools alternate in each
 round; medians over --repeat rounds, in ms per layer, with the bytes of keys
-and values each layer reads. --pools picks the pools (bfloat16, float32, int8).
+and values each layer reads. --pools picks the pools (bfloat16, float32, int8);
+--window and --soft-cap make it a sliding-window or soft-capped layer (a window
+reads only its last --window tokens of each sequence).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--pools", default="bfloat16,int8", help="comma-separated: bfloat16, float32, int8")
+    parser.add_argument("--window", type=int, default=None, help="sliding window (default: none)")
+    parser.add_argument("--soft-cap", type=float, default=None, help="attention-logit soft cap (default: none)")
     parser.add_argument("--json", default=None, metavar="FILE")
     args = parser.parse_args(argv)
     h, kvh, d, bs = 9, 3, 64, 16
@@ -70,11 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, layers in pools.items():
             t0 = time.perf_counter()
             for cache in layers:
-                cpu_kernels.paged_decode(queries[name], cache, tables, lens, d**-0.5, kvh)
+                cpu_kernels.paged_decode(queries[name], cache, tables, lens, d**-0.5, kvh, window=args.window, soft_cap=args.soft_cap)
             times[name].append((time.perf_counter() - t0) / args.layers * 1e3)
-    tokens = args.seqs * args.context * kvh
+    tokens = args.seqs * min(args.context, args.window or args.context) * kvh
     read = {"bfloat16": tokens * d * 2 * 2, "float32": tokens * d * 4 * 2, "int8": tokens * (d + 2) * 2}
-    figures = {"seqs": args.seqs, "context": args.context, "layers": args.layers, "repeat": args.repeat}
+    figures = {"seqs": args.seqs, "context": args.context, "layers": args.layers, "repeat": args.repeat,
+               "window": args.window, "soft_cap": args.soft_cap}
     for name, ts in times.items():
         ms = statistics.median(ts)
         figures[name] = {"ms_per_layer": round(ms, 4), "runs_ms": [round(t, 4) for t in ts],
