@@ -356,3 +356,117 @@ def test_cpu_backend_bf16_step_of_decodes_and_prefill_chunks(head_dim, monkeypat
     out = CpuPagedAttention(h, kvh, head_dim, head_dim**-0.5).forward(q, k, v, cache, meta).view(-1, h, head_dim)
     ref = TorchPagedAttention(h, kvh, head_dim, head_dim**-0.5).forward(q.float(), k.float(), v.float(), ref_cache.float(), meta)
     _assert_close_to_bf16_rounding(out, ref.view(-1, h, head_dim))
+
+
+# Sliding windows and soft-capping. Sequences as (tokens already cached, new tokens): decodes first, then
+# whole prompts and chunks after cached keys (starting mid-block), over contexts much longer than the windows.
+WINDOW_SEQS = [(99, 1), (40, 1), (3, 1), (130, 1), (0, 70), (55, 20), (160, 33), (16, 16)]
+WINDOWS = [1, 5, 16, 37, None]
+POOLS = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16), "int8": (torch.bfloat16, torch.int8)}
+
+
+def _poison(pool, block, offsets, value, kvh, d):
+    """Fill slots `offsets` of `block` (both halves) with `value`: an int8 pool gets values 127 and scales `value`."""
+    from pagedllm.model.attention import kv_quant
+
+    if kv_quant.is_quantized(pool.dtype):
+        values, scales = kv_quant.split(pool, kvh, d)
+        values[:, block, offsets] = 127
+        scales[:, block, offsets] = value
+    else:
+        pool[:, block, offsets] = value
+
+
+def run_windowed_step(heads, block_size, window, soft_cap, q_dtype, kv_dtype, seed=0, seqs=WINDOW_SEQS):
+    """One step of WINDOW_SEQS through CpuPagedAttention over a pool and block tables in which every position before
+    each sequence's first query's window is poisoned: the table entries of the blocks wholly before it point at a
+    block filled with NaN (at a finite block where the torch path, which multiplies what it masks by 0, runs), the
+    slots before it in its first block are NaN too. Compared with the torch backend on the clean pool and tables.
+    """
+    from pagedllm.model.attention import kv_quant
+    from pagedllm.model.attention.torch_backend import write_kv
+
+    h, kvh, d = heads
+    bs = block_size
+    g = torch.Generator().manual_seed(seed)
+    seqs = sorted(seqs, key=lambda s: s[1] != 1)
+    lens = [c + n for c, n in seqs]
+    nblocks = [-(-n // bs) for n in lens]
+    total = sum(nblocks) + 4
+    ids = torch.randperm(total, generator=g).tolist()  # tables point anywhere in the pool
+    poison_blocks = {"nan": ids.pop(), "finite": ids.pop()}
+    tables = [[ids.pop() for _ in range(n)] for n in nblocks]
+    pool = torch.zeros(kv_quant.pool_shape(total, bs, kvh, d, kv_dtype), dtype=kv_dtype)
+    slots = [[t[p // bs] * bs + p % bs for p in range(c + n)] for t, (c, n) in zip(tables, seqs)]
+    cached = torch.tensor([s for ss, (c, _) in zip(slots, seqs) for s in ss[:c]], dtype=torch.int64)
+    store_dtype = torch.float32 if kv_quant.is_quantized(kv_dtype) else kv_dtype
+    write_kv(pool, *(torch.randn(len(cached), kvh, d, generator=g).to(store_dtype) for _ in range(2)), cached)
+    new_slots = [s for ss, (c, _) in zip(slots, seqs) for s in ss[c:]]
+    num_tokens = len(new_slots)
+    q, k, v = (torch.randn(num_tokens, n, d, generator=g).to(q_dtype) for n in (h, kvh, kvh))
+    qsl = [0]
+    for _, n in seqs:
+        qsl.append(qsl[-1] + n)
+
+    def meta(block_tables):
+        width = max(len(t) for t in block_tables)
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(new_slots, dtype=torch.int64), query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+            seq_lens=torch.tensor(lens, dtype=torch.int32),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32),
+            num_decodes=sum(n == 1 for _, n in seqs), query_start_loc_cpu=qsl, seq_lens_cpu=lens, max_seq_len=max(lens),
+            max_query_len=max(n for _, n in seqs),
+        )
+
+    ref_pool = pool.clone() if kv_quant.is_quantized(kv_dtype) else pool.float()
+    scale = d**-0.5
+    ref = TorchPagedAttention(h, kvh, d, scale, window, soft_cap).forward(q.float(), k.float(), v.float(), ref_pool, meta(tables))
+
+    # Where the native kernels run they must not read what lies before a window: NaN there would show.
+    native_decode = cpu_kernels.supports(q_dtype, kv_dtype, d)
+    native_prefill = cpu_kernels.supports_prefill(q_dtype, d, kv_dtype)
+    value = {"nan": float("nan"), "finite": 100.0}
+    for kind, block in poison_blocks.items():
+        _poison(pool, block, slice(None), value[kind], kvh, d)
+    poisoned = []
+    for t, (c, n) in zip(tables, seqs):
+        kind = "nan" if (native_decode if n == 1 else native_prefill) else "finite"
+        first = max(0, c - window + 1) if window else 0  # the first query's window starts here
+        poisoned.append([poison_blocks[kind]] * (first // bs) + t[first // bs :])
+        if first % bs:
+            _poison(pool, t[first // bs], slice(0, first % bs), value[kind], kvh, d)
+    attn = CpuPagedAttention(h, kvh, d, scale, window, soft_cap)
+    out = attn.forward(q, k, v, pool, meta(poisoned)).view(num_tokens, h, d)
+    assert not out.isnan().any()
+    tol = dict(atol=1e-5, rtol=1e-4) if q_dtype == torch.float32 else dict(atol=1e-3, rtol=2**-7)
+    torch.testing.assert_close(out.float(), ref.view(num_tokens, h, d).to(q_dtype).float(), **tol)
+    return native_decode, native_prefill
+
+
+needs_cpu_kernels = pytest.mark.skipif(not CpuPagedAttention.available(), reason="CPU kernels did not build")
+
+
+WINDOW_CAPS = [(w, cap) for w in WINDOWS for cap in (None, 50.0, 2.0) if (w, cap) != (None, None)]  # plain: the tests above
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("pool", POOLS.keys())
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("window,soft_cap", WINDOW_CAPS, ids=[f"w{w}-cap{c}" for w, c in WINDOW_CAPS])
+def test_cpu_backend_sliding_window_and_soft_cap_never_read_before_the_window(window, soft_cap, block_size, pool, monkeypatch):
+    """Decodes and prefill chunks in one step, native kernels where they run here (the torch path elsewhere)."""
+    q_dtype, kv_dtype = POOLS[pool]
+    if cpu_kernels.supports(q_dtype, kv_dtype, 64):
+        monkeypatch.setattr(CpuPagedAttention, "_decode", lambda *a: pytest.fail("the native decode kernel should have run"))
+    if cpu_kernels.supports_prefill(q_dtype, 64, kv_dtype):
+        monkeypatch.setattr(CpuPagedAttention, "_prefill", lambda *a: pytest.fail("the native prefill kernel should have run"))
+    run_windowed_step((9, 3, 64), block_size, window, soft_cap, q_dtype, kv_dtype, seed=block_size + (window or 0))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("pool", POOLS.keys())
+@pytest.mark.parametrize("heads", [(8, 2, 128), (4, 4, 80), (6, 1, 128)], ids=["8_over_2_d128", "mha_d80", "6_over_1_d128"])
+def test_cpu_backend_sliding_window_other_head_sizes(heads, pool):
+    q_dtype, kv_dtype = POOLS[pool]
+    run_windowed_step(heads, 16, 37, 2.0, q_dtype, kv_dtype, seed=1)
+    run_windowed_step(heads, 8, 5, None, q_dtype, kv_dtype, seed=2)

@@ -304,3 +304,100 @@ def test_quantized_pool_matches_torch_backend(case, block_size, kv_dtype):
 def test_quantized_pool_pads_with_zeros_and_other_head_sizes(kv_dtype):
     run_both_quantized(CASES["mixed"], (9, 3, 64), 16, kv_dtype, num_padded=3, seed=2)
     run_both_quantized(CASES["mixed"], (4, 1, 128), 16, kv_dtype, seed=3)
+
+
+# Sliding windows and soft-capping: (tokens already cached, new tokens) over contexts much longer than the windows.
+WINDOW_SEQS = [(99, 1), (3, 1), (130, 1), (0, 40), (55, 20), (100, 17)]
+WINDOWS = [1, 5, 16, 37, None]
+
+
+def run_windowed(seqs, heads, block_size, window, soft_cap, dtype=torch.float32, kv_dtype=None, num_padded=2, seed=0):
+    """One flat batch through both backends, as run_both, but for a layer with a sliding window and/or a soft cap.
+
+    The triton kernel sees block tables whose entries before each sequence's first query's window point at a
+    NaN-filled block, and NaN in the slots before that window in its first block: a read of any of them would
+    show as NaN. The torch backend runs on the clean tables, NaN-free. kv_dtype: a quantized pool (int8, fp8).
+    """
+    from pagedllm.model.attention import kv_quant
+
+    h, kvh, d = heads
+    bs = block_size
+    g = torch.Generator().manual_seed(seed)
+    seqs = sorted(seqs, key=lambda s: s[1] != 1)
+    lens = [c + n for c, n in seqs]
+    nblocks = [-(-n // bs) for n in lens]
+    ids = torch.randperm(sum(nblocks) + 2, generator=g).tolist()
+    nan_block = ids.pop()
+    tables = [[ids.pop() for _ in range(n)] for n in nblocks]
+    num_blocks = sum(nblocks) + 2
+    quant = kv_dtype is not None
+    if quant:
+        pool = torch.zeros(kv_quant.pool_shape(num_blocks, bs, kvh, d, kv_dtype), dtype=torch.int8).view(kv_dtype)
+    else:
+        pool = torch.zeros(2, num_blocks, bs, kvh, d, dtype=dtype)
+    new_slots = []
+    for t, (c, n) in zip(tables, seqs):
+        slots = [t[p // bs] * bs + p % bs for p in range(c + n)]
+        cached = torch.tensor(slots[:c], dtype=torch.int64)
+        k_c, v_c = torch.randn(c, kvh, d, generator=g), torch.randn(c, kvh, d, generator=g)
+        if quant:
+            kv_quant.store(pool, k_c, v_c, cached)
+        else:
+            for i, x in ((0, k_c), (1, v_c)):
+                pool[i].view(-1, kvh, d)[cached] = x.to(dtype)
+        new_slots += slots[c:]
+    num_real = len(new_slots)
+    total = num_real + num_padded
+    q, k, v = (torch.randn(total, n, d, generator=g).to(dtype) for n in (h, kvh, kvh))
+    scale = d**-0.5
+
+    ref_cache = pool.clone()
+    ref_meta = _meta([n for _, n in seqs], lens, tables, new_slots, sum(n == 1 for _, n in seqs), "cpu")
+    ref = TorchPagedAttention(h, kvh, d, scale, window, soft_cap).forward(q[:num_real], k[:num_real], v[:num_real], ref_cache, ref_meta)
+
+    def poison(block, offsets):
+        if quant:
+            values, scales = kv_quant.split(pool.view(torch.int8), kvh, d)
+            values[:, block, offsets] = 127
+            scales[:, block, offsets] = float("nan")
+        else:
+            pool[:, block, offsets] = float("nan")
+
+    poison(nan_block, slice(None))
+    poisoned = []
+    for t, (c, n) in zip(tables, seqs):
+        first = max(0, c - window + 1) if window else 0  # the first query's window starts here
+        poisoned.append([nan_block] * (first // bs) + t[first // bs :])
+        if first % bs:
+            poison(t[first // bs], slice(0, first % bs))
+    meta = _meta(
+        [n for _, n in seqs] + [1] * num_padded, lens + [0] * num_padded, poisoned + [[]] * num_padded,
+        new_slots + [-1] * num_padded, ref_meta.num_decodes, DEVICE,
+    )
+    meta = dataclasses.replace(meta, num_decodes=None, query_start_loc_cpu=None, seq_lens_cpu=None, max_seq_len=None, max_query_len=None)
+    attn = TritonPagedAttention(h, kvh, d, scale, window, soft_cap)
+    out = attn.forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), pool.to(DEVICE), meta).cpu()
+    assert not out.isnan().any()
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out[:num_real].float(), ref.float(), **tol)
+    assert torch.equal(out[num_real:], torch.zeros_like(out[num_real:])), "padded rows must come out as zeros"
+
+
+# Each window with both block sizes; each cap alone and with a window (interpreted kernels are slow: not every pair).
+WINDOW_CASES = ([(w, None, bs) for w in WINDOWS if w for bs in (1, 16)] + [(None, cap, bs) for cap in (50.0, 2.0) for bs in (1, 16)]
+                + [(16, 2.0, 16), (37, 50.0, 1), (5, 2.0, 1)])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window,soft_cap,block_size", WINDOW_CASES,
+                         ids=[f"w{w}-cap{c}-bs{bs}" for w, c, bs in WINDOW_CASES])
+def test_sliding_window_and_soft_cap_match_torch_and_never_read_before_the_window(window, soft_cap, block_size, dtype):
+    run_windowed(WINDOW_SEQS, (9, 3, 64), block_size, window, soft_cap, dtype, seed=block_size + (window or 0))
+
+
+@needs_triton
+@pytest.mark.parametrize("kv_dtype,window,soft_cap", [(torch.int8, 5, None), (torch.int8, 37, 2.0), (torch.float8_e4m3fn, 16, 2.0),
+                                                      (torch.float8_e4m3fn, None, 50.0)], ids=["int8-w5", "int8-w37-cap2", "fp8-w16-cap2", "fp8-cap50"])
+def test_sliding_window_and_soft_cap_over_a_quantized_pool(kv_dtype, window, soft_cap):
+    run_windowed(WINDOW_SEQS, (4, 1, 128), 16, window, soft_cap, kv_dtype=kv_dtype, seed=3)

@@ -12,6 +12,10 @@ flash-attention kernel too, all of a step's chunks in one call so that two
 threads stay busy even on one short prompt. Elsewhere they keep the torch
 path, in float32: torch's CPU flash attention is about twice as fast in fp32
 as in bf16 on this kind of machine, and fp32 scores are the more exact anyway.
+
+Both kernels take the layer's sliding window and soft cap: a windowed layer
+reads only the positions inside each query's window (the blocks before it may
+be back in the pool), so a long context costs it only the window.
 """
 
 from __future__ import annotations
@@ -24,25 +28,22 @@ from pagedllm.model.attention.torch_backend import TorchPagedAttention
 
 
 class CpuPagedAttention(TorchPagedAttention):
-    @property
-    def _native(self) -> bool:
-        """The native kernels know neither sliding windows nor soft-capping yet: those layers take the torch path."""
-        return self.sliding_window is None and self.logits_soft_cap is None
-
     def _decode_batch(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if not self._native or not cpu_kernels.supports(q.dtype, kv_cache.dtype, self.head_dim):
+        if not cpu_kernels.supports(q.dtype, kv_cache.dtype, self.head_dim):
             return super()._decode_batch(q, kv_cache, meta)
         nd = meta.num_decodes
-        return cpu_kernels.paged_decode(q, kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale, self.num_kv_heads)
+        return cpu_kernels.paged_decode(q, kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale, self.num_kv_heads,
+                                        window=self.sliding_window, soft_cap=self.logits_soft_cap)
 
     def _prefill_batch(self, q, k, v, kv_cache, meta: AttentionMetadata, out) -> None:
-        if not self._native or not cpu_kernels.supports_prefill(q.dtype, self.head_dim, kv_cache.dtype):
+        if not cpu_kernels.supports_prefill(q.dtype, self.head_dim, kv_cache.dtype):
             return super()._prefill_batch(q, k, v, kv_cache, meta, out)
         nd, ns, qsl = meta.num_decodes, meta.num_seqs, meta.query_start_loc_cpu
         rows = qsl[ns] - qsl[nd]
         starts = meta.query_start_loc[nd : ns + 1] - qsl[nd]
         cpu_kernels.paged_prefill(q[:rows], kv_cache, meta.block_tables[nd:ns], starts, meta.seq_lens[nd:ns], self.scale,
-                                  out=out[:rows], num_kv_heads=self.num_kv_heads)
+                                  out=out[:rows], num_kv_heads=self.num_kv_heads, window=self.sliding_window,
+                                  soft_cap=self.logits_soft_cap)
 
     def _prefill(self, q, k_new, v_new, kv_cache, block_table, seq_len):
         if q.dtype != torch.bfloat16:

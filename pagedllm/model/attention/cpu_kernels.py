@@ -29,11 +29,11 @@ def load() -> ctypes.CDLL | None:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     for name in _ENTRY_POINTS.values():
         fn = getattr(lib, name)
-        fn.argtypes = [p, i64, p, p, p, i64, p, p, i32, i32, i32, i32, i32, f32]
+        fn.argtypes = [p, i64, p, p, p, i64, p, p, i32, i32, i32, i32, i32, f32, i32, f32]
         fn.restype = None
     for name in _INT8_ENTRY_POINTS.values():
         fn = getattr(lib, name)
-        fn.argtypes = [p, i64, p, p, i64, p, i64, p, p, i32, i32, i32, i32, i32, f32]
+        fn.argtypes = [p, i64, p, p, i64, p, i64, p, p, i32, i32, i32, i32, i32, f32, i32, f32]
         fn.restype = i32
     lib.paged_decode_int8_supported.argtypes = [i32]
     lib.paged_decode_int8_supported.restype = i32
@@ -41,6 +41,15 @@ def load() -> ctypes.CDLL | None:
 
 
 _INT8_ENTRY_POINTS = {torch.float32: "paged_decode_int8_f32", torch.bfloat16: "paged_decode_int8_bf16"}
+
+
+def _window_args(window: int | None, soft_cap: float | None) -> tuple[int, float]:
+    """The kernels' last two arguments: the sliding window and the soft cap, 0 for none."""
+    if window is not None and window < 1:
+        raise ValueError(f"window must be at least 1, got {window}")
+    if soft_cap is not None and soft_cap <= 0:
+        raise ValueError(f"soft_cap must be positive, got {soft_cap}")
+    return int(window or 0), float(soft_cap or 0.0)
 
 
 def supports(dtype: torch.dtype, kv_dtype: torch.dtype | None = None, head_dim: int = 64) -> bool:
@@ -53,7 +62,7 @@ def supports(dtype: torch.dtype, kv_dtype: torch.dtype | None = None, head_dim: 
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                 num_kv_heads: int | None = None) -> torch.Tensor:
+                 num_kv_heads: int | None = None, window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
     """One query token per sequence against its cached keys/values, read through its block table.
 
     q [B, heads, head_dim], each sequence's heads contiguous (sequences may lie
@@ -61,7 +70,10 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     kv_cache [2, blocks, block_size, kv_heads, head_dim] in q's dtype, or an int8
     pool [2, blocks, block_bytes] (kv_quant.py; check supports first; give num_kv_heads); block_tables
     [B, max_blocks] int32; seq_lens [B] int32 (0 = a padding row, whose output
-    is zeros). Returns [B, heads, head_dim] in q's dtype.
+    is zeros). window: attend to the last `window` positions only (None: all);
+    the block-table entries before max(0, seq_len - window) // block_size are
+    never read, so they may be stale. soft_cap: scores s become
+    soft_cap * tanh(s / soft_cap) (None: plain). Returns [B, heads, head_dim] in q's dtype.
     """
     lib = load()
     num_seqs, num_heads, head_dim = q.shape
@@ -72,12 +84,14 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     assert kv_cache.is_contiguous() and tables.dtype == torch.int32 and lens.dtype == torch.int32
     out = torch.empty(q.shape, dtype=q.dtype)
     k_ptr, v_ptr = kv_cache[0].data_ptr(), kv_cache[1].data_ptr()
+    extra = _window_args(window, soft_cap)
     if kv_cache.dtype == torch.int8:
         block_bytes = kv_cache.shape[2]
         assert num_kv_heads is not None, "an int8 pool does not say its number of KV heads: pass num_kv_heads"
         rc = getattr(lib, _INT8_ENTRY_POINTS[q.dtype])(
             q.data_ptr(), q.stride(0), k_ptr, v_ptr, block_bytes, tables.data_ptr(), tables.stride(0), lens.data_ptr(),
-            out.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim, block_bytes // (num_kv_heads * (head_dim + 2)), scale)
+            out.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim, block_bytes // (num_kv_heads * (head_dim + 2)), scale,
+            *extra)
         if rc != 0:
             raise ValueError(f"the int8 decode kernel does not support head_dim={head_dim} here (check supports)")
         return out
@@ -85,7 +99,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     assert kv_cache.dtype == q.dtype
     getattr(lib, _ENTRY_POINTS[q.dtype])(q.data_ptr(), q.stride(0), k_ptr, v_ptr, tables.data_ptr(), tables.stride(0),
                                          lens.data_ptr(), out.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim,
-                                         block_size, scale)
+                                         block_size, scale, *extra)
     return out
 
 
@@ -97,9 +111,9 @@ def load_prefill() -> ctypes.CDLL | None:
     if lib is None:
         return None
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.paged_prefill_bf16.argtypes = [p, i64, p, p, p, i64, p, p, p, i32, i32, i32, i32, i32, f32]
+    lib.paged_prefill_bf16.argtypes = [p, i64, p, p, p, i64, p, p, p, i32, i32, i32, i32, i32, f32, i32, f32]
     lib.paged_prefill_bf16.restype = i32
-    lib.paged_prefill_int8_bf16.argtypes = [p, i64, p, p, i64, p, i64, p, p, p, i32, i32, i32, i32, i32, f32]
+    lib.paged_prefill_int8_bf16.argtypes = [p, i64, p, p, i64, p, i64, p, p, p, i32, i32, i32, i32, i32, f32, i32, f32]
     lib.paged_prefill_int8_bf16.restype = i32
     lib.paged_prefill_bf16_supported.argtypes = [i32]
     lib.paged_prefill_bf16_supported.restype = i32
@@ -115,7 +129,8 @@ def supports_prefill(dtype: torch.dtype, head_dim: int, kv_dtype: torch.dtype | 
 
 
 def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-                  seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None, num_kv_heads: int | None = None) -> torch.Tensor:
+                  seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None, num_kv_heads: int | None = None,
+                  window: int | None = None, soft_cap: float | None = None) -> torch.Tensor:
     """Causal attention of every prefill chunk of a step, keys and values read in place from the pool.
 
     q [T, heads, head_dim] bf16, the prefill rows only; sequence s owns rows
@@ -125,7 +140,9 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
     kv_heads, head_dim] at block_tables [S, max_blocks] int32, or in an int8 pool
     [2, blocks, block_bytes] (kv_quant.py; give num_kv_heads). q's tokens may be
     strided (a view into the fused QKV projection: no copy). Writes into `out`
-    ([T, heads, head_dim], contiguous) when given. Check supports_prefill first.
+    ([T, heads, head_dim], contiguous) when given. window and soft_cap as for
+    paged_decode: with a window, a chunk reads nothing before its first query's
+    window. Check supports_prefill first.
     """
     lib = load_prefill()
     if q.stride(2) != 1 or q.stride(1) != q.shape[2]:  # each token's heads must be dense; tokens may be strided
@@ -148,7 +165,7 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
     pools = (kv_cache[0].data_ptr(), kv_cache[1].data_ptr()) + ((kv_cache.shape[2],) if int8 else ())
     fn = lib.paged_prefill_int8_bf16 if int8 else lib.paged_prefill_bf16
     rc = fn(q.data_ptr(), q.stride(0), *pools, tables.data_ptr(), tables.stride(0), qsl.data_ptr(), lens.data_ptr(),
-            out.data_ptr(), lens.shape[0], num_heads, num_kv_heads, head_dim, block_size, scale)
+            out.data_ptr(), lens.shape[0], num_heads, num_kv_heads, head_dim, block_size, scale, *_window_args(window, soft_cap))
     if rc != 0:
         raise ValueError(f"the native prefill kernel does not support head_dim={head_dim} here (check supports_prefill)")
     return out

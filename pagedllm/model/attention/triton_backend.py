@@ -2,8 +2,10 @@
 
 One store launch and one attention launch per layer, whatever the mix of
 prefills, prefill chunks and decodes; neither reads a device tensor on the
-host, so decode steps can be captured in CUDA graphs. Importing this module
-needs triton; `selector.get_attention_backend` is the guarded way in.
+host, so decode steps can be captured in CUDA graphs. A layer's sliding window
+and soft cap go to the attention kernel, which reads nothing before a window.
+Importing this module needs triton; `selector.get_attention_backend` is the
+guarded way in.
 """
 
 from __future__ import annotations
@@ -20,12 +22,6 @@ class TritonPagedAttention(PagedAttentionBackend):
     # decode steps can be captured in CUDA graphs and replayed.
     cuda_graph_safe = True
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if self.sliding_window is not None or self.logits_soft_cap is not None:
-            raise ValueError("the triton attention backend has no sliding window or soft-capping yet; "
-                             "use attention_backend='torch' for this model")
-
     def forward(
         self,
         q: torch.Tensor,  # [T, num_heads, head_dim]
@@ -38,6 +34,7 @@ class TritonPagedAttention(PagedAttentionBackend):
         if not kv_stored:
             triton_kernels.store_kv(k, v, kv_cache, meta.slot_mapping)
         out = triton_kernels.paged_attention(
-            q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale, self.num_kv_heads
+            q, kv_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, self.scale, self.num_kv_heads,
+            window=self.sliding_window, soft_cap=self.logits_soft_cap,
         )
         return out.view(q.shape[0], -1)

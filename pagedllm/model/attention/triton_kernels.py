@@ -15,6 +15,13 @@ binary search over `query_start_loc`, so the grid depends only on the number
 of tokens and of sequences. A tile holds BLOCK_Q query tokens times the GROUP
 query heads that share one KV head, so each K/V tile is loaded once for the
 whole group. Softmax is online (running max and sum in float32, base 2).
+
+A sliding-window layer (SLIDING) starts each tile's key loop at its first
+query's window, so no key or value before it is read (the engine may have
+given those blocks back to the pool) and a long context costs only the window;
+keys before each row's own window are masked. A soft-capped layer (SOFT_CAP,
+Gemma 2) turns each scaled score s into cap * tanh(s / cap) before the mask.
+Both are constexpr flags: without them the kernel compiles as before.
 """
 
 from __future__ import annotations
@@ -141,6 +148,14 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapp
 
 
 @triton.jit
+def _tanh(x):
+    """tanh in float32 from exp2: (1 - e) / (1 + e) with e = 2^(-2 |x| log2(e)) <= 1, the sign put back."""
+    e = tl.exp2(-2.0 * LOG2E * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
 def _find_seq(query_start_loc_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
     """The last sequence s whose first tile index, query_start_loc[s] // BLOCK_Q + s, is <= pid."""
     lo: tl.int32 = 0
@@ -162,9 +177,10 @@ def _paged_attention_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     k_scale_ptr, v_scale_ptr,  # a quantized pool's float16 scales (QUANT); stride_cb is then its block_bytes
+    window, soft_cap,  # SLIDING: a query at p sees keys p - window + 1 .. p; SOFT_CAP: the cap times log2(e)
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr,
-    QUANT: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+    QUANT: tl.constexpr, NUM_KV_HEADS: tl.constexpr, SLIDING: tl.constexpr, SOFT_CAP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -196,7 +212,11 @@ def _paged_attention_kernel(
     num_keys = tl.minimum(seq_len, context + last_tok + 1)
     cols = tl.arange(0, TILE)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for start in range(0, num_keys, TILE):
+    if SLIDING:  # from the tile's first query's window on: nothing before it is read
+        first_key = tl.maximum(context + q_tile * BLOCK_Q - window + 1, 0)
+    else:
+        first_key = 0
+    for start in range(first_key, num_keys, TILE):
         kpos = start + cols
         key_ok = kpos < num_keys
         block = tl.load(table + kpos // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
@@ -211,7 +231,11 @@ def _paged_attention_kernel(
             k = (k.to(tl.float32) * ks[:, None]).to(q.dtype)
             v = (v.to(tl.float32) * vs[:, None]).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if SOFT_CAP:  # in log2 units, as s is: cap * log2(e) * tanh(s / (cap * log2(e)))
+            s = soft_cap * _tanh(s / soft_cap)
         visible = row_ok[:, None] & key_ok[None, :] & (kpos[None, :] <= qpos[:, None])
+        if SLIDING:
+            visible = visible & (kpos[None, :] > qpos[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # masked rows see no key: no inf - inf, no NaN
@@ -240,10 +264,14 @@ def paged_attention(
     query_start_loc: torch.Tensor,  # [B + 1] int32, query_start_loc[B] == T
     scale: float,
     num_kv_heads: int | None = None,
+    window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:  # [T, num_heads, head_dim]
     """Causal attention of every query token over its own sequence's cached keys, in one launch.
 
     kv_cache may be a quantized pool [2, blocks, block_bytes] (kv_quant.py); num_kv_heads must then be given.
+    window: each query attends to the last `window` positions only, and the block-table entries before a
+    chunk's first query's window are never read (None: all). soft_cap: scores s become soft_cap * tanh(s / soft_cap).
     """
     num_tokens, num_heads, head_dim = q.shape
     quant = kv_quant.is_quantized(kv_cache.dtype)
@@ -272,10 +300,10 @@ def paged_attention(
         out, q, kc, vc, block_tables, seq_lens, query_start_loc,
         num_seqs, scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        *strides, block_tables.stride(0), ks, vs,
+        *strides, block_tables.stride(0), ks, vs, window or 0, (soft_cap or 1.0) * LOG2E,
         GROUP=group, HEAD_DIM=head_dim, HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q, TILE=TILE_N,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 models get fp32 dot products, not TF32
-        QUANT=quant, NUM_KV_HEADS=num_kv_heads,
+        QUANT=quant, NUM_KV_HEADS=num_kv_heads, SLIDING=window is not None, SOFT_CAP=soft_cap is not None,
     )
     return out

@@ -2,6 +2,12 @@
 // the block table: no gather into contiguous tensors, no padding to the longest
 // sequence. Each key and value row is loaded and widened to float32 once for
 // all the query heads that read it.
+//
+// A sliding window (window > 0) starts each sequence's loops at its first
+// position inside the window, max(0, seq_len - window): the blocks before it
+// are never read (the engine may have given them back to the pool). A soft cap
+// (soft_cap > 0, Gemma 2) turns each scaled score s into cap * tanh(s / cap)
+// before the softmax. 0 turns either off, and the loops are then the same.
 // Built at first use by cpu_kernels.py; called through ctypes.
 #include <cmath>
 #include <cstdint>
@@ -19,6 +25,16 @@ inline float to_float(float x) { return x; }
 inline float to_float(uint16_t x) { return bf16_to_float(x); }
 inline void from_float(float x, float* out) { *out = x; }
 inline void from_float(float x, uint16_t* out) { *out = float_to_bf16(x); }
+
+// The first position a query at position len - 1 attends to: len - window with a sliding window, else 0.
+inline int window_start(int len, int window) { return window > 0 && len > window ? len - window : 0; }
+
+// Soft-capping (Gemma 2): each of n scores s becomes cap * tanh(s / cap).
+inline void soft_cap_scores(float* s, size_t n, float cap) {
+    const float inv = 1.0f / cap;
+#pragma omp simd
+    for (size_t i = 0; i < n; ++i) s[i] = cap * std::tanh(s[i] * inv);
+}
 
 // Each of `rows` rows of `len` scores becomes exp(score - row max), in place;
 // inv_sum[row] gets 1 / the row's sum, applied once to the weighted values.
@@ -52,7 +68,7 @@ inline void prefetch_block(const T* base, int64_t elems) {
 template <typename T>
 void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int32_t* block_tables,
             int64_t table_stride, const int32_t* seq_lens, T* out, int num_seqs, int num_heads,
-            int num_kv_heads, int head_dim, int block_size, float scale) {
+            int num_kv_heads, int head_dim, int block_size, float scale, int window, float soft_cap) {
     // One task per sequence, all heads: a block's slots for every KV head are
     // contiguous in the pool, so a task streams whole blocks from memory.
     const int group = num_heads / num_kv_heads;
@@ -71,17 +87,19 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, co
             }
             const int32_t* table = block_tables + s * table_stride;
             const int num_blocks = (len + block_size - 1) / block_size;
-            scores.resize(static_cast<size_t>(num_heads) * len);
+            const int start = window_start(len, window), span = len - start;  // positions start..len - 1
+            const int first = start / block_size;
+            scores.resize(static_cast<size_t>(num_heads) * span);
             const T* qs = q + static_cast<int64_t>(s) * q_stride;
             for (int i = 0; i < num_heads * head_dim; ++i) qf[i] = to_float(qs[i]) * scale;
             float* kr = kv_row.data();
             // Scores of every query head against each key.
-            prefetch_block(k_cache + table[0] * block_elems, block_elems);
-            for (int b = 0; b < num_blocks; ++b) {
+            prefetch_block(k_cache + table[first] * block_elems, block_elems);
+            for (int b = first; b < num_blocks; ++b) {
                 if (b + 1 < num_blocks) prefetch_block(k_cache + table[b + 1] * block_elems, block_elems);
                 const T* blk = k_cache + table[b] * block_elems;
                 const int t_end = (b + 1) * block_size < len ? (b + 1) * block_size : len;
-                for (int t = b * block_size; t < t_end; ++t) {
+                for (int t = std::max(b * block_size, start); t < t_end; ++t) {
                     const T* k = blk + (t - b * block_size) * row;
 #pragma omp simd
                     for (int i = 0; i < row; ++i) kr[i] = to_float(k[i]);
@@ -91,24 +109,25 @@ void decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, co
                         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
                         for (int d = 0; d < head_dim; ++d) dot += qh[d] * kh[d];
-                        scores[static_cast<size_t>(h) * len + t] = dot;
+                        scores[static_cast<size_t>(h) * span + t - start] = dot;
                     }
                 }
             }
-            prefetch_block(v_cache + table[0] * block_elems, block_elems);
-            softmax_rows(scores.data(), num_heads, len, inv_sum.data());
+            prefetch_block(v_cache + table[first] * block_elems, block_elems);
+            if (soft_cap > 0.0f) soft_cap_scores(scores.data(), scores.size(), soft_cap);
+            softmax_rows(scores.data(), num_heads, span, inv_sum.data());
             // Weighted sum of values.
             std::fill(acc.begin(), acc.end(), 0.0f);
-            for (int b = 0; b < num_blocks; ++b) {
+            for (int b = first; b < num_blocks; ++b) {
                 if (b + 1 < num_blocks) prefetch_block(v_cache + table[b + 1] * block_elems, block_elems);
                 const T* blk = v_cache + table[b] * block_elems;
                 const int t_end = (b + 1) * block_size < len ? (b + 1) * block_size : len;
-                for (int t = b * block_size; t < t_end; ++t) {
+                for (int t = std::max(b * block_size, start); t < t_end; ++t) {
                     const T* v = blk + (t - b * block_size) * row;
 #pragma omp simd
                     for (int i = 0; i < row; ++i) kr[i] = to_float(v[i]);
                     for (int h = 0; h < num_heads; ++h) {
-                        const float p = scores[static_cast<size_t>(h) * len + t];
+                        const float p = scores[static_cast<size_t>(h) * span + t - start];
                         const float* vh = kr + (h / group) * head_dim;
                         float* ah = acc.data() + h * head_dim;
 #pragma omp simd
@@ -177,7 +196,7 @@ inline __m512 dot16(const T* qh, const T* k0, int64_t stride) {
 template <int D, typename T>
 void decode_avx512(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int32_t* block_tables,
                    int64_t table_stride, const int32_t* seq_lens, T* out, int num_seqs, int num_heads,
-                   int num_kv_heads, int block_size, float scale) {
+                   int num_kv_heads, int block_size, float scale, int window, float soft_cap) {
     constexpr int NV = D / 16;     // float32 registers per head row
     constexpr int MAXH = 256 / D;  // heads per pass over the values: 16 accumulators
     const int group = num_heads / num_kv_heads;
@@ -197,46 +216,49 @@ void decode_avx512(const T* q, int64_t q_stride, const T* k_cache, const T* v_ca
             }
             const int32_t* table = block_tables + s * table_stride;
             const int num_blocks = (len + block_size - 1) / block_size;
-            scores.resize(static_cast<size_t>(num_heads) * len);
+            const int start = window_start(len, window), span = len - start;  // positions start..len - 1
+            const int first = start / block_size;
+            scores.resize(static_cast<size_t>(num_heads) * span);
             const T* qs = q + static_cast<int64_t>(s) * q_stride;
-            prefetch_block(k_cache + table[0] * block_elems, block_elems);
-            for (int b = 0; b < num_blocks; ++b) {
+            prefetch_block(k_cache + table[first] * block_elems, block_elems);
+            for (int b = first; b < num_blocks; ++b) {
                 if (b + 1 < num_blocks) prefetch_block(k_cache + table[b + 1] * block_elems, block_elems);
                 const T* blk = k_cache + table[b] * block_elems;
                 const int t_end = (b + 1) * block_size < len ? (b + 1) * block_size : len;
-                int t = b * block_size;
+                int t = std::max(b * block_size, start);
                 for (; t + 16 <= t_end; t += 16) {  // 16 keys at a time: one reduction for all
                     const T* k = blk + (t - b * block_size) * row;
                     for (int h = 0; h < num_heads; ++h)
-                        _mm512_storeu_ps(scores.data() + static_cast<size_t>(h) * len + t,
+                        _mm512_storeu_ps(scores.data() + static_cast<size_t>(h) * span + t - start,
                                          _mm512_mul_ps(dot16<D>(qs + h * D, k + (h / group) * D, row), _mm512_set1_ps(scale)));
                 }
                 for (; t < t_end; ++t) {
                     const T* k = blk + (t - b * block_size) * row;
                     for (int h = 0; h < num_heads; ++h)
-                        scores[static_cast<size_t>(h) * len + t] = _mm512_reduce_add_ps(dot_row<D>(qs + h * D, k + (h / group) * D)) * scale;
+                        scores[static_cast<size_t>(h) * span + t - start] = _mm512_reduce_add_ps(dot_row<D>(qs + h * D, k + (h / group) * D)) * scale;
                 }
             }
-            prefetch_block(v_cache + table[0] * block_elems, block_elems);
-            softmax_rows(scores.data(), num_heads, len, inv_sum.data());
+            prefetch_block(v_cache + table[first] * block_elems, block_elems);
+            if (soft_cap > 0.0f) soft_cap_scores(scores.data(), scores.size(), soft_cap);
+            softmax_rows(scores.data(), num_heads, span, inv_sum.data());
             for (int kvh = 0; kvh < num_kv_heads; ++kvh) {
                 for (int h0 = kvh * group; h0 < (kvh + 1) * group; h0 += MAXH) {
                     const int nh = (kvh + 1) * group - h0 < MAXH ? (kvh + 1) * group - h0 : MAXH;
                     __m512 acc[MAXH][NV];
                     for (int j = 0; j < MAXH; ++j)
                         for (int i = 0; i < NV; ++i) acc[j][i] = _mm512_setzero_ps();
-                    for (int b = 0; b < num_blocks; ++b) {
+                    for (int b = first; b < num_blocks; ++b) {
                         // The first pass brings each block in for all heads; later passes find it in L2.
                         if (b + 1 < num_blocks && h0 == 0) prefetch_block(v_cache + table[b + 1] * block_elems, block_elems);
                         const T* blk = v_cache + table[b] * block_elems + kvh * D;
                         const int t_end = (b + 1) * block_size < len ? (b + 1) * block_size : len;
-                        for (int t = b * block_size; t < t_end; ++t) {
+                        for (int t = std::max(b * block_size, start); t < t_end; ++t) {
                             const T* v = blk + (t - b * block_size) * row;
                             __m512 vf[NV];
                             for (int i = 0; i < NV; ++i) vf[i] = widen(v + 16 * i);
                             for (int j = 0; j < MAXH; ++j) {
                                 if (j < nh) {
-                                    const __m512 p = _mm512_set1_ps(scores[static_cast<size_t>(h0 + j) * len + t]);
+                                    const __m512 p = _mm512_set1_ps(scores[static_cast<size_t>(h0 + j) * span + t - start]);
                                     for (int i = 0; i < NV; ++i) acc[j][i] = _mm512_fmadd_ps(p, vf[i], acc[j][i]);
                                 }
                             }
@@ -258,7 +280,7 @@ void decode_avx512(const T* q, int64_t q_stride, const T* k_cache, const T* v_ca
 template <int D, typename T>
 void decode_int8_avx512(const T* q, int64_t q_stride, Int8Pool kp, Int8Pool vp, const int32_t* block_tables,
                         int64_t table_stride, const int32_t* seq_lens, T* out, int num_seqs, int num_heads,
-                        int num_kv_heads, int block_size, float scale) {
+                        int num_kv_heads, int block_size, float scale, int window, float soft_cap) {
     constexpr int NV = D / 16;
     constexpr int MAXH = 256 / D;
     const int group = num_heads / num_kv_heads;
@@ -278,7 +300,9 @@ void decode_int8_avx512(const T* q, int64_t q_stride, Int8Pool kp, Int8Pool vp, 
             }
             const int32_t* table = block_tables + s * table_stride;
             const int num_blocks = (len + block_size - 1) / block_size;
-            scores.resize(static_cast<size_t>(num_heads) * len);
+            const int start = window_start(len, window), span = len - start;  // positions start..len - 1
+            const int first = start / block_size;
+            scores.resize(static_cast<size_t>(num_heads) * span);
             const T* qs = q + static_cast<int64_t>(s) * q_stride;
             for (int i = 0; i < num_heads * D; ++i) qf[i] = to_float(qs[i]);
             // Widen n key rows (slots off..off+n-1 of a block) into kf, each KV head times its scale.
@@ -292,37 +316,38 @@ void decode_int8_avx512(const T* q, int64_t q_stride, Int8Pool kp, Int8Pool vp, 
                             _mm512_storeu_ps(kf.data() + j * row + h * D + 16 * i, _mm512_mul_ps(load_int8x16(kr + 16 * i), sk));
                     }
             };
-            prefetch_block(kp.base + table[0] * block_bytes, block_bytes);
-            for (int b = 0; b < num_blocks; ++b) {
+            prefetch_block(kp.base + table[first] * block_bytes, block_bytes);
+            for (int b = first; b < num_blocks; ++b) {
                 if (b + 1 < num_blocks) prefetch_block(kp.base + table[b + 1] * block_bytes, block_bytes);
                 const int t_end = (b + 1) * block_size < len ? (b + 1) * block_size : len;
-                int t = b * block_size;
+                int t = std::max(b * block_size, start);
                 for (; t + 16 <= t_end; t += 16) {
                     widen_keys(table[b], t - b * block_size, 16);
                     for (int h = 0; h < num_heads; ++h)
-                        _mm512_storeu_ps(scores.data() + static_cast<size_t>(h) * len + t,
+                        _mm512_storeu_ps(scores.data() + static_cast<size_t>(h) * span + t - start,
                                          _mm512_mul_ps(dot16<D>(qf.data() + h * D, kf.data() + (h / group) * D, row), _mm512_set1_ps(scale)));
                 }
                 for (; t < t_end; ++t) {
                     widen_keys(table[b], t - b * block_size, 1);
                     for (int h = 0; h < num_heads; ++h)
-                        scores[static_cast<size_t>(h) * len + t] =
+                        scores[static_cast<size_t>(h) * span + t - start] =
                             _mm512_reduce_add_ps(dot_row<D>(qf.data() + h * D, kf.data() + (h / group) * D)) * scale;
                 }
             }
-            prefetch_block(vp.base + table[0] * block_bytes, block_bytes);
-            softmax_rows(scores.data(), num_heads, len, inv_sum.data());
+            prefetch_block(vp.base + table[first] * block_bytes, block_bytes);
+            if (soft_cap > 0.0f) soft_cap_scores(scores.data(), scores.size(), soft_cap);
+            softmax_rows(scores.data(), num_heads, span, inv_sum.data());
             for (int kvh = 0; kvh < num_kv_heads; ++kvh) {
                 for (int h0 = kvh * group; h0 < (kvh + 1) * group; h0 += MAXH) {
                     const int nh = (kvh + 1) * group - h0 < MAXH ? (kvh + 1) * group - h0 : MAXH;
                     __m512 acc[MAXH][NV];
                     for (int j = 0; j < MAXH; ++j)
                         for (int i = 0; i < NV; ++i) acc[j][i] = _mm512_setzero_ps();
-                    for (int b = 0; b < num_blocks; ++b) {
+                    for (int b = first; b < num_blocks; ++b) {
                         if (b + 1 < num_blocks && h0 == 0) prefetch_block(vp.base + table[b + 1] * block_bytes, block_bytes);
                         const uint16_t* sc = vp.scales(table[b]);
                         const int t_end = (b + 1) * block_size < len ? (b + 1) * block_size : len;
-                        for (int t = b * block_size; t < t_end; ++t) {
+                        for (int t = std::max(b * block_size, start); t < t_end; ++t) {
                             const int off = t - b * block_size;
                             const int8_t* v = vp.values(table[b], off, kvh);
                             const float sv = half_to_float(sc[off * num_kv_heads + kvh]);
@@ -330,7 +355,7 @@ void decode_int8_avx512(const T* q, int64_t q_stride, Int8Pool kp, Int8Pool vp, 
                             for (int i = 0; i < NV; ++i) vf[i] = load_int8x16(v + 16 * i);
                             for (int j = 0; j < MAXH; ++j) {
                                 if (j < nh) {
-                                    const __m512 p = _mm512_set1_ps(scores[static_cast<size_t>(h0 + j) * len + t] * sv);
+                                    const __m512 p = _mm512_set1_ps(scores[static_cast<size_t>(h0 + j) * span + t - start] * sv);
                                     for (int i = 0; i < NV; ++i) acc[j][i] = _mm512_fmadd_ps(p, vf[i], acc[j][i]);
                                 }
                             }
@@ -361,18 +386,21 @@ int decode_int8_supported(int head_dim) {
 template <typename T>
 int paged_decode_int8(const T* q, int64_t q_stride, const int8_t* k_cache, const int8_t* v_cache, int64_t block_bytes,
                       const int32_t* block_tables, int64_t table_stride, const int32_t* seq_lens, T* out, int num_seqs,
-                      int num_heads, int num_kv_heads, int head_dim, int block_size, float scale) {
+                      int num_heads, int num_kv_heads, int head_dim, int block_size, float scale, int window, float soft_cap) {
     if (!decode_int8_supported(head_dim)) return -1;
 #ifdef PAGEDLLM_AVX512_PATH
     const Int8Pool kp{k_cache, block_bytes, block_size, num_kv_heads, head_dim}, vp{v_cache, block_bytes, block_size, num_kv_heads, head_dim};
     if (head_dim == 64)
-        decode_int8_avx512<64>(q, q_stride, kp, vp, block_tables, table_stride, seq_lens, out, num_seqs, num_heads, num_kv_heads, block_size, scale);
+        decode_int8_avx512<64>(q, q_stride, kp, vp, block_tables, table_stride, seq_lens, out, num_seqs, num_heads, num_kv_heads,
+                               block_size, scale, window, soft_cap);
     else
-        decode_int8_avx512<128>(q, q_stride, kp, vp, block_tables, table_stride, seq_lens, out, num_seqs, num_heads, num_kv_heads, block_size, scale);
+        decode_int8_avx512<128>(q, q_stride, kp, vp, block_tables, table_stride, seq_lens, out, num_seqs, num_heads, num_kv_heads,
+                                block_size, scale, window, soft_cap);
     return 0;
 #else
     (void)q, (void)q_stride, (void)k_cache, (void)v_cache, (void)block_bytes, (void)block_tables, (void)table_stride;
     (void)seq_lens, (void)out, (void)num_seqs, (void)num_heads, (void)num_kv_heads, (void)block_size, (void)scale;
+    (void)window, (void)soft_cap;
     return -1;
 #endif
 }
@@ -381,28 +409,30 @@ int paged_decode_int8(const T* q, int64_t q_stride, const int8_t* k_cache, const
 template <typename T>
 void paged_decode(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int32_t* block_tables, int64_t table_stride,
                   const int32_t* seq_lens, T* out, int num_seqs, int num_heads, int num_kv_heads, int head_dim,
-                  int block_size, float scale) {
+                  int block_size, float scale, int window, float soft_cap) {
 #ifdef PAGEDLLM_AVX512_PATH
     if (head_dim == 64)
         return decode_avx512<64>(q, q_stride, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs,
-                                 num_heads, num_kv_heads, block_size, scale);
+                                 num_heads, num_kv_heads, block_size, scale, window, soft_cap);
     if (head_dim == 128)
         return decode_avx512<128>(q, q_stride, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs,
-                                  num_heads, num_kv_heads, block_size, scale);
+                                  num_heads, num_kv_heads, block_size, scale, window, soft_cap);
 #endif
     decode(q, q_stride, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs, num_heads, num_kv_heads,
-           head_dim, block_size, scale);
+           head_dim, block_size, scale, window, soft_cap);
 }
 
 }  // namespace
 
+// Every entry point ends with window (0: attend to every position; w: to the
+// last w positions, the query's own included) and soft_cap (0: none).
 extern "C" {
 
 void paged_decode_f32(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache, const int32_t* block_tables,
                       int64_t table_stride, const int32_t* seq_lens, float* out, int num_seqs, int num_heads,
-                      int num_kv_heads, int head_dim, int block_size, float scale) {
+                      int num_kv_heads, int head_dim, int block_size, float scale, int window, float soft_cap) {
     paged_decode(q, q_stride, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs, num_heads, num_kv_heads,
-                 head_dim, block_size, scale);
+                 head_dim, block_size, scale, window, soft_cap);
 }
 
 int paged_decode_int8_supported(int head_dim) { return decode_int8_supported(head_dim); }
@@ -411,21 +441,24 @@ int paged_decode_int8_supported(int head_dim) { return decode_int8_supported(hea
 // (nothing written) where paged_decode_int8_supported says no.
 int paged_decode_int8_bf16(const uint16_t* q, int64_t q_stride, const int8_t* k_cache, const int8_t* v_cache, int64_t block_bytes,
                            const int32_t* block_tables, int64_t table_stride, const int32_t* seq_lens, uint16_t* out,
-                           int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale) {
+                           int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale,
+                           int window, float soft_cap) {
     return paged_decode_int8(q, q_stride, k_cache, v_cache, block_bytes, block_tables, table_stride, seq_lens, out, num_seqs,
-                             num_heads, num_kv_heads, head_dim, block_size, scale);
+                             num_heads, num_kv_heads, head_dim, block_size, scale, window, soft_cap);
 }
 int paged_decode_int8_f32(const float* q, int64_t q_stride, const int8_t* k_cache, const int8_t* v_cache, int64_t block_bytes,
                           const int32_t* block_tables, int64_t table_stride, const int32_t* seq_lens, float* out,
-                          int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale) {
+                          int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale,
+                          int window, float soft_cap) {
     return paged_decode_int8(q, q_stride, k_cache, v_cache, block_bytes, block_tables, table_stride, seq_lens, out, num_seqs,
-                             num_heads, num_kv_heads, head_dim, block_size, scale);
+                             num_heads, num_kv_heads, head_dim, block_size, scale, window, soft_cap);
 }
 
 void paged_decode_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_cache, const uint16_t* v_cache,
                        const int32_t* block_tables, int64_t table_stride, const int32_t* seq_lens, uint16_t* out,
-                       int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale) {
+                       int num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale,
+                       int window, float soft_cap) {
     paged_decode(q, q_stride, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs, num_heads, num_kv_heads,
-                 head_dim, block_size, scale);
+                 head_dim, block_size, scale, window, soft_cap);
 }
 }

@@ -15,6 +15,14 @@
 //  - the softmax of a tile is element-wise across registers (lane = row);
 //  - P.V is done in float32 (P is never rounded to bf16), on value rows
 //    widened once per tile for all the rows of the task.
+//
+// A sliding window (window > 0: a query at position p sees keys p - window + 1
+// .. p) starts each task's key loop at its first row's window, so that no key
+// or value before it is read (the engine may have given those blocks back to
+// the pool), and masks, per row, the keys of a tile that lie before the row's
+// window. A soft cap (Gemma 2) turns each scaled score s into cap * tanh(s / cap)
+// before the mask and the softmax. Both take one more pass over a tile's scores,
+// only in the layers that have them.
 #include <algorithm>
 #include <atomic>
 #include <climits>
@@ -32,6 +40,10 @@ namespace {
 constexpr int MAX_ROWS = 64;    // query rows per task: four registers of 16 lanes
 constexpr int TILE_KEYS = 48;   // keys per softmax tile; a multiple of every key block below
 constexpr float MASKED = -1e30f;  // finite: -ffast-math assumes no infinities
+// Where each row's running maximum starts: above every masked score, so that a
+// row that has seen only masked keys so far (before its sliding window) takes
+// probabilities 0 from them, not 2^0.
+constexpr float MAX_START = 0.5f * MASKED;
 
 // Keys per Q.K register block: keys x row registers = 24 accumulators (8 for one
 // register: enough independent sums to hide the latency). Without AVX-512 BF16
@@ -58,6 +70,17 @@ inline __m512 exp2_512(__m512 x) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718056e-1f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_maskz_scalef_ps(live, p, n);
+}
+
+// cap * tanh(x / cap) on 16 lanes (cap > 0): tanh|y| = (1 - e) / (1 + e) with e = 2^(-2 |y| log2(e)) <= 1,
+// to a few 1e-7 of cap, and the sign of y put back.
+inline __m512 soft_cap512(__m512 x, float cap) {
+    const __m512 y = _mm512_div_ps(x, _mm512_set1_ps(cap));
+    const __m512 e = exp2_512(_mm512_mul_ps(_mm512_abs_ps(y), _mm512_set1_ps(-2.0f * 1.44269504088896341f)));
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(static_cast<int>(0x80000000u)));
+    return _mm512_mul_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(t), sign)), _mm512_set1_ps(cap));
 }
 
 // Keeps a loaded vector in a register: otherwise GCC folds the load into every
@@ -202,6 +225,8 @@ struct Args {  // one call's inputs
     uint16_t* out;
     int num_heads, num_kv_heads, group, block_size;
     float scale;  // in log2 units
+    int window;      // 0: none
+    float soft_cap;  // in log2 units; 0: none
 };
 
 struct Task {
@@ -278,10 +303,16 @@ void run_task(const Args& a, const Task& t, Scratch& w) {
     const int block_size = a.block_size;
     const uint16_t *k_cache = a.k_cache, *v_cache = a.v_cache;
     const int pos0 = a.seq_lens[t.seq] - chunk + t.tok0;  // position of the task's first query token
-    const int key_end = pos0 + t.toks;          // keys 0 .. key_end - 1 are seen by some row
+    const int key_end = pos0 + t.toks;          // keys key_begin .. key_end - 1 are seen by some row
+    // With a sliding window, the first row's window starts the keys: nothing before it is read.
+    const int key_begin = a.window > 0 ? std::max(0, pos0 - a.window + 1) : 0;
+    const int lo_end = a.window > 0 ? std::max(0, key_end - a.window) : 0;  // keys before it lie outside some row's window
 
-    alignas(64) int32_t qpos[R];
-    for (int r = 0; r < R; ++r) qpos[r] = r < rows ? pos0 + r / t.heads : INT_MAX;  // padding rows: never masked
+    alignas(64) int32_t qpos[R], qlo[R];  // each row sees keys qlo .. qpos
+    for (int r = 0; r < R; ++r) {
+        qpos[r] = r < rows ? pos0 + r / t.heads : INT_MAX;  // padding rows: never masked
+        qlo[r] = r < rows && a.window > 0 ? std::max(0, qpos[r] - a.window + 1) : 0;
+    }
     for (int b = 0; b < RB; ++b) {  // 16 rows at a time, 16 d-pairs at a time: a 16 x 16 transpose of 32-bit pairs
         const uint16_t* src[16];
         for (int i = 0; i < 16; ++i) {
@@ -298,11 +329,11 @@ void run_task(const Args& a, const Task& t, Scratch& w) {
     std::memset(w.o, 0, sizeof(float) * rows * D);
     __m512 m[RB], l[RB];
     for (int b = 0; b < RB; ++b) {
-        m[b] = _mm512_set1_ps(MASKED);
+        m[b] = _mm512_set1_ps(MAX_START);
         l[b] = _mm512_setzero_ps();
     }
 
-    for (int k0 = 0; k0 < key_end; k0 += TILE_KEYS) {
+    for (int k0 = key_begin; k0 < key_end; k0 += TILE_KEYS) {
         const int nk = std::min(TILE_KEYS, key_end - k0);
         const int nkp = (nk + NKB - 1) / NKB * NKB;
         for (int k = 0; k < nk; ++k) {
@@ -356,6 +387,23 @@ void run_task(const Args& a, const Task& t, Scratch& w) {
             for (int k = 0; k < nkp; k += NKB)
                 qk_block<D, RB, 0, false>(w.qp, w.keys + k, w.st + k * R, a.scale, k0 + k, qpos, mx, kscale ? kscale + k : nullptr);
         }
+        if (a.soft_cap > 0.0f || k0 < lo_end) {
+            // Soft-capped scores, and the keys before each row's window masked: the rows' maxima taken again.
+            for (int b = 0; b < RB; ++b) {
+                const __m512i hi = _mm512_load_si512(qpos + 16 * b), lo = _mm512_load_si512(qlo + 16 * b);
+                __m512 mb = m[b];
+                for (int k = 0; k < nkp; ++k) {
+                    __m512 x = _mm512_load_ps(w.st + k * R + 16 * b);
+                    if (a.soft_cap > 0.0f) x = soft_cap512(x, a.soft_cap);
+                    const __m512i kpos = _mm512_set1_epi32(k0 + k);
+                    const __mmask16 hidden = _mm512_cmpgt_epi32_mask(kpos, hi) | _mm512_cmpgt_epi32_mask(lo, kpos);
+                    x = _mm512_mask_mov_ps(x, hidden, _mm512_set1_ps(MASKED));
+                    mb = _mm512_max_ps(mb, x);
+                    _mm512_store_ps(w.st + k * R + 16 * b, x);
+                }
+                mx[b] = mb;
+            }
+        }
         // Online softmax, lane = row: the rescale of what came before, probabilities
         // (0 without computing them past the register's last row position).
         for (int b = 0; b < RB; ++b) {
@@ -398,6 +446,7 @@ void run_task(const Args& a, const Task& t, Scratch& w) {
 template <int D, bool Q8>
 void prefill(Args a, int num_seqs) {
     a.scale *= 1.44269504088896341f;  // scores in log2 units: the softmax takes 2^x
+    a.soft_cap *= 1.44269504088896341f;  // cap * tanh(s / cap), s in log2 units: the same with the cap in them
     const int heads_per_task = std::min(a.group, MAX_ROWS);
     const int toks_per_task = std::max(1, MAX_ROWS / heads_per_task);
     std::vector<Task> tasks;
@@ -407,7 +456,8 @@ void prefill(Args a, int num_seqs) {
             for (int h0 = 0; h0 < a.group; h0 += heads_per_task)
                 for (int t0 = 0; t0 < chunk; t0 += toks_per_task) {
                     const int heads = std::min(heads_per_task, a.group - h0), toks = std::min(toks_per_task, chunk - t0);
-                    const int64_t keys = a.seq_lens[s] - chunk + t0 + toks;
+                    int64_t keys = a.seq_lens[s] - chunk + t0 + toks;
+                    if (a.window > 0) keys = std::min<int64_t>(keys, a.window + toks - 1);
                     tasks.push_back({s, kvh, h0, heads, t0, toks, keys * ((toks * heads + 15) / 16)});
                 }
     }
@@ -464,15 +514,17 @@ int paged_prefill_bf16_supported(int head_dim) {
 // the prefill rows only: sequence s owns rows
 // query_start_loc[s] .. query_start_loc[s + 1] - 1, its last seq_lens[s] - 1.
 // k_cache, v_cache: [blocks, block_size, num_kv_heads, head_dim]. block_tables:
-// [num_seqs, table_stride]. Returns 0, or -1 (nothing written) where unsupported.
+// [num_seqs, table_stride]. window: a query at position p sees keys p - window + 1
+// .. p (0: 0 .. p); soft_cap: cap of the scaled scores (0: none). Returns 0, or -1
+// (nothing written) where unsupported.
 int paged_prefill_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_cache, const uint16_t* v_cache,
                        const int32_t* block_tables, int64_t table_stride, const int32_t* query_start_loc,
                        const int32_t* seq_lens, uint16_t* out, int num_seqs, int num_heads, int num_kv_heads,
-                       int head_dim, int block_size, float scale) {
+                       int head_dim, int block_size, float scale, int window, float soft_cap) {
     if (!paged_prefill_bf16_supported(head_dim) || num_kv_heads <= 0 || num_heads % num_kv_heads) return -1;
 #ifdef PAGEDLLM_PREFILL_AVX512_BF16
     const Args a{q, q_stride, k_cache, v_cache, nullptr, nullptr, 0, block_tables, table_stride, query_start_loc, seq_lens, out,
-                 num_heads, num_kv_heads, num_heads / num_kv_heads, block_size, scale};
+                 num_heads, num_kv_heads, num_heads / num_kv_heads, block_size, scale, window, soft_cap};
     if (head_dim == 64)
         prefill<64, false>(a, num_seqs);
     else
@@ -480,7 +532,7 @@ int paged_prefill_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_ca
     return 0;
 #else
     (void)q, (void)q_stride, (void)k_cache, (void)v_cache, (void)block_tables, (void)table_stride, (void)query_start_loc;
-    (void)seq_lens, (void)out, (void)num_seqs, (void)block_size, (void)scale;
+    (void)seq_lens, (void)out, (void)num_seqs, (void)block_size, (void)scale, (void)window, (void)soft_cap;
     return -1;
 #endif
 }
@@ -489,11 +541,11 @@ int paged_prefill_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k_ca
 int paged_prefill_int8_bf16(const uint16_t* q, int64_t q_stride, const int8_t* k_cache, const int8_t* v_cache, int64_t block_bytes,
                             const int32_t* block_tables, int64_t table_stride, const int32_t* query_start_loc,
                             const int32_t* seq_lens, uint16_t* out, int num_seqs, int num_heads, int num_kv_heads,
-                            int head_dim, int block_size, float scale) {
+                            int head_dim, int block_size, float scale, int window, float soft_cap) {
     if (!paged_prefill_bf16_supported(head_dim) || num_kv_heads <= 0 || num_heads % num_kv_heads) return -1;
 #ifdef PAGEDLLM_PREFILL_AVX512_BF16
     const Args a{q, q_stride, nullptr, nullptr, k_cache, v_cache, block_bytes, block_tables, table_stride, query_start_loc, seq_lens,
-                 out, num_heads, num_kv_heads, num_heads / num_kv_heads, block_size, scale};
+                 out, num_heads, num_kv_heads, num_heads / num_kv_heads, block_size, scale, window, soft_cap};
     if (head_dim == 64)
         prefill<64, true>(a, num_seqs);
     else
@@ -501,7 +553,8 @@ int paged_prefill_int8_bf16(const uint16_t* q, int64_t q_stride, const int8_t* k
     return 0;
 #else
     (void)q, (void)q_stride, (void)k_cache, (void)v_cache, (void)block_bytes, (void)block_tables, (void)table_stride;
-    (void)query_start_loc, (void)seq_lens, (void)out, (void)num_seqs, (void)block_size, (void)scale;
+    (void)query_start_loc, (void)seq_lens, (void)out, (void)num_seqs, (void)block_size, (void)scale, (void)window;
+    (void)soft_cap;
     return -1;
 #endif
 }
