@@ -45,7 +45,7 @@ def test_greedy_outputs_equal_transformers_over_several_windows(tmp_path, arch):
     new = 3 * WINDOW + 4
     # Block size 2 and a chunked prompt: blocks leave the window in the middle of prefills and decodes.
     llm = LLM(model=path, dtype="float32", block_size=2, max_num_batched_tokens=16, max_model_len=128,
-              attention_backend="torch")
+              attention_backend="torch", core_process=False)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
     for p, out in zip(prompts, outs):
@@ -56,10 +56,10 @@ def test_greedy_outputs_equal_transformers_over_several_windows(tmp_path, arch):
 
 def test_a_sliding_group_holds_about_a_window_of_blocks(tmp_path):
     path, _ = _model_dir(tmp_path, CONFIGS["mistral"]())
-    llm = LLM(model=path, dtype="float32", block_size=2, max_model_len=256, attention_backend="torch",
-              enable_prefix_caching=False)
-    llm.generate([{"prompt_token_ids": [5] * 10}], SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True))
-    # 160 tokens would take 80 blocks with full attention; the window keeps 8 tokens, +1 block being filled.
+    llm = LLM(model=path, dtype="float32", block_size=2, max_model_len=256, enable_prefix_caching=False,
+              core_process=False)
+    llm.generate([{"prompt_token_ids": [5] * 10}], SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True))
+    # 90 tokens would take 45 blocks with full attention; the window keeps 8 tokens, +1 block being filled.
     assert llm.stats().peak_used_blocks <= WINDOW // 2 + 2 + 10 // 2
 
 

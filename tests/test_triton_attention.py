@@ -383,9 +383,10 @@ def run_windowed(seqs, heads, block_size, window, soft_cap, dtype=torch.float32,
     assert torch.equal(out[num_real:], torch.zeros_like(out[num_real:])), "padded rows must come out as zeros"
 
 
-# Each window with both block sizes; each cap alone and with a window (interpreted kernels are slow: not every pair).
-WINDOW_CASES = ([(w, None, bs) for w in WINDOWS if w for bs in (1, 16)] + [(None, cap, bs) for cap in (50.0, 2.0) for bs in (1, 16)]
-                + [(16, 2.0, 16), (37, 50.0, 1), (5, 2.0, 1)])
+# Each window and each cap, alone and together, over both block sizes (interpreted kernels are slow: not every pair;
+# the CPU backend's tests in test_attention.py run every pair against the same torch reference).
+WINDOW_CASES = [(1, None, 1), (5, None, 16), (16, None, 1), (37, None, 16), (None, 50.0, 16), (None, 2.0, 1),
+                (16, 2.0, 16), (37, 50.0, 1)]
 
 
 @needs_triton
@@ -397,7 +398,7 @@ def test_sliding_window_and_soft_cap_match_torch_and_never_read_before_the_windo
 
 
 @needs_triton
-@pytest.mark.parametrize("kv_dtype,window,soft_cap", [(torch.int8, 5, None), (torch.int8, 37, 2.0), (torch.float8_e4m3fn, 16, 2.0),
-                                                      (torch.float8_e4m3fn, None, 50.0)], ids=["int8-w5", "int8-w37-cap2", "fp8-w16-cap2", "fp8-cap50"])
+@pytest.mark.parametrize("kv_dtype,window,soft_cap", [(torch.int8, 37, 2.0), (torch.float8_e4m3fn, 16, 50.0)],
+                         ids=["int8-w37-cap2", "fp8-w16-cap50"])
 def test_sliding_window_and_soft_cap_over_a_quantized_pool(kv_dtype, window, soft_cap):
     run_windowed(WINDOW_SEQS, (4, 1, 128), 16, window, soft_cap, kv_dtype=kv_dtype, seed=3)
