@@ -73,9 +73,16 @@ def _bar(total: int, desc: str, unit: str, use_tqdm: bool):
 
 
 def _load_hf(path: str, dtype, device: str):
+    """SDPA attention where transformers has it for the model; eager where it refuses SDPA (Gemma 2: soft-capping)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except ValueError as exc:
+        if "scaled_dot_product_attention" not in str(exc):
+            raise
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+    return model.to(device).eval()
 
 
 def run_pagedllm(path, prompts, out_lens, dtype, device, engine_options, use_tqdm):
@@ -197,7 +204,7 @@ def run_cb(path, arch, prompts, out_lens, dtype, device, kv_cache_bytes, max_bat
 
 def compare(model=None, *, sides=SIDES, num_requests=48, input_len=(32, 384), output_len=(32, 192),
             dtype="bfloat16", device="cpu", batch_size=16, kv_cache_memory="2GiB", max_num_batched_tokens=2048, seed=0,
-            repeat=1, use_tqdm=True) -> dict:
+            repeat=1, use_tqdm=True, max_model_len=None) -> dict:
     """Run the chosen sides on one workload; returns the figures (see the module docstring)."""
     import torch
 
@@ -223,7 +230,7 @@ def compare(model=None, *, sides=SIDES, num_requests=48, input_len=(32, 384), ou
     kv_bytes = parse_memory(kv_cache_memory)
     runs = {
         "pagedllm": lambda: run_pagedllm(source.path, prompts, out_lens, dtype, device, dict(
-            kv_cache_memory=kv_bytes, max_num_batched_tokens=max_num_batched_tokens), use_tqdm),
+            kv_cache_memory=kv_bytes, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len), use_tqdm),
         "static": lambda: run_static(source.path, prompts, out_lens, torch_dtype, device, batch_size, use_tqdm),
         "cb": lambda: run_cb(source.path, source.config, prompts, out_lens, torch_dtype, device, kv_bytes,
                           max_num_batched_tokens, use_tqdm),
@@ -292,6 +299,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--kv-cache-memory", default="2GiB", help="KV cache of pagedllm and of HF continuous batching")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048,
                     help="tokens per step of pagedllm and of HF continuous batching (its max_batch_tokens)")
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="pagedllm's context (default: the model's; a 128k model needs a KV pool that holds one)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=1, help="run the sides in turn this many times; report each side's median")
     ap.add_argument("--json", default=None, help="write all figures to this file")
@@ -300,7 +309,7 @@ def main(argv=None) -> dict:
                      input_len=args.input_len, output_len=args.output_len, dtype=args.dtype, device=args.device,
                      batch_size=args.batch_size,
                      kv_cache_memory=args.kv_cache_memory, max_num_batched_tokens=args.max_num_batched_tokens,
-                     seed=args.seed, repeat=args.repeat)
+                     seed=args.seed, repeat=args.repeat, max_model_len=args.max_model_len)
     print(table(result))
     if args.json:
         with open(args.json, "w") as f:
