@@ -259,23 +259,28 @@ def _tiny_vocab():
     return tokens, types, merges
 
 
-def _write_tiny_gguf(path, model, arch: str, rope_freqs: np.ndarray | None = None) -> None:
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads  # Qwen2Config has none
-    tokens, types, merges = _tiny_vocab()
-    assert cfg.vocab_size == len(tokens)
-    w = gguf.GGUFWriter(str(path), arch)
+def add_size_keys(w, cfg) -> None:
+    """The GGUF keys of a model's sizes that every architecture writes (the tiny writers of the family tests too)."""
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+
+
+def _write_tiny_gguf(path, model, arch: str, rope_freqs: np.ndarray | None = None) -> None:
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads  # Qwen2Config has none
+    tokens, types, merges = _tiny_vocab()
+    assert cfg.vocab_size == len(tokens)
+    w = gguf.GGUFWriter(str(path), arch)
+    add_size_keys(w, cfg)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_tokenizer_model("gpt2")
     w.add_token_list(tokens)

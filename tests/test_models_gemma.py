@@ -334,20 +334,14 @@ def _write_gemma_gguf(path, model, swa_pattern=None, swa_base=None, spm=False) -
     (newer converters: rope.freq_base_swa), no layer pattern, Gemma 2 without rope.freq_base; norms plus 1."""
     import gguf
     import numpy as np
-    from test_loader import CHAT_TEMPLATE
+    from test_loader import CHAT_TEMPLATE, add_size_keys
 
     cfg = model.config
     arch = "gemma2" if cfg.model_type == "gemma2" else "gemma3"
     tokens, types, merges = (SPM_TOKENS, SPM_TYPES, None) if spm else _gemma_vocab()
     assert cfg.vocab_size == len(tokens)
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    add_size_keys(w, cfg)
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
     w.add_sliding_window(cfg.sliding_window)

@@ -404,20 +404,14 @@ def _write_gguf(path, model, arch: str) -> None:
     """What convert_hf_to_gguf.py writes for Phi3ForCausalLM (phi3), MixtralForCausalLM (llama with experts) and
     Qwen3MoeForCausalLM (qwen3moe): keys, tensor names from gguf-py's own map, q/k permuted for llama, experts stacked."""
     import gguf
-    from test_loader import CHAT_TEMPLATE, _llama_cpp_permute, _tiny_vocab
+    from test_loader import CHAT_TEMPLATE, _llama_cpp_permute, _tiny_vocab, add_size_keys
 
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     tokens, types, merges = _tiny_vocab()
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
+    add_size_keys(w, cfg)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     rope = cfg.rope_parameters
     if arch == "phi3":
         w.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * cfg.hidden_size) // cfg.num_attention_heads)

@@ -23,7 +23,7 @@ from pagedllm.model.arch_config import ArchConfig
 from pagedllm.model.attention.metadata import AttentionMetadata, per_layer
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
 from pagedllm.model.layers import RotaryEmbedding
-from pagedllm.model.models.llama import LlamaForCausalLM
+from pagedllm.model.models.llama import LlamaAttention, LlamaForCausalLM
 from pagedllm.model.packed_linear import PackedLinear, can_pack, pack_linears
 
 # hidden_activation -> the `approximate` argument of F.gelu (transformers' ACT2FN names)
@@ -56,23 +56,14 @@ class GemmaMLP(nn.Module):
         return self.down_proj(F.gelu(gate, approximate=self.approximate) * up)
 
 
-class GemmaAttention(nn.Module):
+class GemmaAttention(LlamaAttention):
+    """Llama's projections with Gemma's q/k norms, score scale and soft cap; rope per layer kind, in torch."""
+
+    norm_class = GemmaRMSNorm
+
     def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, attn_backend: type, scale: float,
                  sliding_window: int | None, soft_cap: float | None, qk_norm: bool) -> None:
-        super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = head_dim = cfg.head_dim
-        self.q_size = self.num_heads * head_dim
-        self.kv_size = self.num_kv_heads * head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
-        self.qk_norm = qk_norm
-        if qk_norm:
-            self.q_norm = GemmaRMSNorm(head_dim, cfg.rms_norm_eps)
-            self.k_norm = GemmaRMSNorm(head_dim, cfg.rms_norm_eps)
-        self.rotary = rotary
-        self.attn = attn_backend(self.num_heads, self.num_kv_heads, head_dim, scale, sliding_window, soft_cap)
+        super().__init__(cfg, rotary, attn_backend, sliding_window, scale=scale, soft_cap=soft_cap, qk_norm=qk_norm)
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]

@@ -22,8 +22,13 @@ from pagedllm.model.packed_linear import PackedLinear, can_pack, pack_linears
 
 
 class LlamaAttention(nn.Module):
+    norm_class = RMSNorm  # of the per-head q/k norms (Gemma's subclass has its own)
+
     def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, attn_backend: type = TorchPagedAttention,
-                 sliding_window: int | None = None) -> None:
+                 sliding_window: int | None = None, scale: float | None = None, soft_cap: float | None = None,
+                 qk_norm: bool | None = None) -> None:
+        """scale: of the scores (default head_dim ** -0.5); soft_cap: the backend's logits_soft_cap;
+        qk_norm: default cfg.qk_norm."""
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -32,12 +37,13 @@ class LlamaAttention(nn.Module):
         self.kv_size = self.num_kv_heads * head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
-        self.qk_norm = cfg.qk_norm
+        self.qk_norm = cfg.qk_norm if qk_norm is None else qk_norm
         if self.qk_norm:
-            self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
+            self.q_norm = self.norm_class(head_dim, cfg.rms_norm_eps)
+            self.k_norm = self.norm_class(head_dim, cfg.rms_norm_eps)
         self.rotary = rotary
-        self.attn = attn_backend(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, sliding_window)
+        scale = head_dim**-0.5 if scale is None else scale
+        self.attn = attn_backend(self.num_heads, self.num_kv_heads, head_dim, scale, sliding_window, soft_cap)
         self.native_rope = False  # rotary + KV store in one CPU kernel (model/cpu_ops.py)
         self.float_out = False  # a widened o_proj hands its float32 product unrounded to the next norm, which rounds it
 
