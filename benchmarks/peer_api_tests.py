@@ -76,6 +76,7 @@ LLAMA_SELECTION = [
     ("tools/server/tests/unit/test_tokenize.py", None, "tokenize"),
 ]
 LLAMA_SUPPORT = ["tools/server/tests/utils.py", "tools/server/tests/conftest.py"]
+LLAMA_TEMPLATES = "models/templates"  # the chat templates the tool-call tests load by relative path
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -280,7 +281,9 @@ VALUED = {"--port", "--host", "--temp", "--seed", "--hf-repo", "--hf-file", "--m
           "--parallel", "-np", "--n-predict", "--batch-size", "--ubatch-size", "--threads", "--n-gpu-layers", "-ngl",
           "--chat-template", "--chat-template-file", "--reasoning-format", "--reasoning", "--api-key", "-fa", "-ctk",
           "-ctv", "--pooling", "--tags", "--model-url", "--lora", "--slot-save-path", "--grp-attn-n", "--grp-attn-w",
-          "--spec-type", "--cache-ram", "--sleep-idle-seconds", "--media-path", "--mmproj-url"}
+          "--spec-type", "--cache-ram", "--sleep-idle-seconds", "--media-path", "--mmproj-url", "--models-dir",
+          "--models-max", "--models-preset", "--cors-origins", "--model-draft", "--spec-draft-n-max",
+          "--spec-draft-n-min", "--tools", "--tools-runtime", "--mcp-servers-config", "--mcp-servers-json"}
 while i < len(args):
     a = args[i]
     v = args[i + 1] if a in VALUED and i + 1 < len(args) else None
@@ -291,6 +294,8 @@ while i < len(args):
     elif a in ("--parallel", "-np"): out += ["--max-num-seqs", v]
     elif a == "--alias": names.append(v)
     elif a == "--api-key": out += ["--api-key", v]
+    elif a == "--chat-template-file": out += ["--chat-template", v]
+    elif a == "--chat-template" and "{" in v: out += ["--chat-template", v]  # Jinja text; not a built-in name
     i += 2 if v is not None else 1
 names.append(os.environ.get("PEER_DEFAULT_NAME", "SmolLM2-135M-Instruct"))
 cmd = shlex.split(os.environ["PEER_PAGEDLLM_CMD"]) + out + ["--dtype", os.environ.get("PEER_DTYPE", "float32"),
@@ -386,6 +391,8 @@ def run_llama(peer: Path, tmp: Path, env: dict, timeout: int, extra: list[str]) 
             print(f"-- not in the checkout: {rel}")
     for rel in LLAMA_SUPPORT:
         _copy(peer, rel, work)
+    if (peer / LLAMA_TEMPLATES).is_dir():
+        shutil.copytree(peer / LLAMA_TEMPLATES, work / LLAMA_TEMPLATES)
     shim = tmp / "llama-server"
     shim.write_text(LLAMA_SERVER_SHIM.replace("#!/usr/bin/env python3", f"#!{sys.executable}", 1))
     shim.chmod(0o755)

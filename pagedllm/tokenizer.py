@@ -58,6 +58,17 @@ def _names_generic_fast_tokenizer(directory: str) -> bool:
         return False
 
 
+def load_chat_template(value: str) -> str:
+    """A chat template given on the command line: a file's path, or the Jinja text itself (as vLLM's --chat-template)."""
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template: give the path of a .jinja file "
+                     "or the template's text")
+
+
 def apply_chat_template(
     tokenizer: PreTrainedTokenizerBase,
     messages: list[dict],

@@ -90,14 +90,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pagedllm.engine.engine import LLMEngine
     from pagedllm.entrypoints.server.app import build_app
     from pagedllm.entrypoints.server.cors import CorsSettings
+    from pagedllm.tokenizer import load_chat_template
 
     if args.model_tag is not None and args.model is not None and args.model_tag != args.model:
         raise ValueError(f"the model is named twice, as {args.model_tag!r} and --model {args.model!r}: give one")
     args.model = args.model_tag or args.model
+    template = load_chat_template(args.chat_template) if args.chat_template is not None else None
     # Bound now (listening only once the model is loaded): a taken port fails in a second, not after the load.
     sock = _bind(args.host, args.port)
     t0 = time.perf_counter()
     engine = LLMEngine.from_options(**engine_options(args))
+    if template is not None:  # for every request that names none, and for choosing the tool-call parser
+        engine.tokenizer.chat_template = template
     from pagedllm.model.loader import default_model_name
 
     names = args.served_model_name or [args.model or default_model_name()]
@@ -166,6 +170,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--allowed-methods", type=_list_flag, default=["*"], help="CORS: allowed methods (default: all)")
     g.add_argument("--allowed-headers", type=_list_flag, default=["*"], help="CORS: allowed request headers (default: all)")
     g.add_argument("--allow-credentials", action="store_true", help="CORS: let pages send cookies and credentials")
+    g.add_argument("--chat-template", default=None,
+                   help="the chat template to use instead of the model's: a .jinja file's path or the template's text")
     g.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral"],
                    help="how the model writes tool calls (default: read from its chat template; hermes where it says nothing)")
 
