@@ -34,7 +34,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 # --- what runs -----------------------------------------------------------------
-# (path in the peer checkout, -k expression or None, why). Chosen for the
+# (path in the peer checkout, or the paths it has had across versions; -k expression or None; why). Chosen for the
 # features pagedllm gained: structured outputs, tool calls, prompt logprobs,
 # return_token_ids, beam search, usage details, logit_bias.
 VLLM_SELECTION = [
@@ -53,11 +53,14 @@ VLLM_SELECTION = [
     ("tests/entrypoints/openai/chat_completion/test_completion_with_function_calling.py",
      "not (test_function_tool_use and True-)", "tools"),
     # return_token_ids / prompt_token_ids, with tools and streaming (basic/conftest.py serves)
-    ("tests/entrypoints/openai/basic/test_return_token_ids.py", None, "return_token_ids"),
+    (("tests/entrypoints/openai/basic/test_return_token_ids.py",
+      "tests/entrypoints/openai/test_return_token_ids.py"), None, "return_token_ids"),
     # chat echo + continue_final_message, prompt_logprobs=-1, top_logprobs=-1
-    ("tests/entrypoints/openai/basic/test_chat_echo.py", None, "chat echo"),
+    (("tests/entrypoints/openai/basic/test_chat_echo.py",
+      "tests/entrypoints/openai/chat_completion/test_chat_echo.py"), None, "chat echo"),
     # logit_bias range check (needs vllm.config.ModelConfig: the stand-in answers)
-    ("tests/entrypoints/openai/basic/test_chat_logit_bias_validation.py", None, "logit_bias"),
+    (("tests/entrypoints/openai/basic/test_chat_logit_bias_validation.py",
+      "tests/entrypoints/openai/chat_completion/test_chat_logit_bias_validation.py"), None, "logit_bias"),
     # Not run: tests/tool_use and tests/entrypoints/openai/tool_parsers (one model
     # family each: Qwen, Llama 3, Mistral, xLAM, ...), multimodal, LoRA, prompt
     # embeds (test_prompt_validation), harmony/reasoning, vLLM unit tests.
@@ -361,13 +364,15 @@ def run_vllm(peer: Path, tmp: Path, env: dict, timeout: int, extra: list[str]) -
     work = tmp / "vllm"
     (work / "tests").mkdir(parents=True)
     targets = []
-    for rel, k, _why in VLLM_SELECTION:
-        if os.environ.get("PEER_ONLY") and os.environ["PEER_ONLY"] not in rel:
+    for paths, k, _why in VLLM_SELECTION:
+        paths = (paths,) if isinstance(paths, str) else paths
+        if os.environ.get("PEER_ONLY") and not any(os.environ["PEER_ONLY"] in p for p in paths):
             continue
-        if _copy(peer, rel, work):
+        rel = next((p for p in paths if _copy(peer, p, work)), None)
+        if rel is not None:
             targets.append((rel, k))
         else:
-            print(f"-- not in the checkout: {rel}")
+            print(f"-- not in the checkout: {' or '.join(paths)}")
     for rel in VLLM_SUPPORT:
         _copy(peer, rel, work)
     _packages(work, work / "tests")

@@ -146,6 +146,11 @@ def build_app(
             raise bad_request(f"token id {bad[0]} is out of range: token ids must be in [0, {vocab})", "tokens")
         return DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens))
 
+    # The same endpoints without /v1, as llama.cpp's server answers them: clients configured with a base URL
+    # that lacks /v1 work too. Left out of the OpenAPI document, which names each endpoint once.
+    guarded.add_api_route("/models", models, methods=["GET"], include_in_schema=False)
+    guarded.add_api_route("/completions", completions, methods=["POST"], include_in_schema=False)
+    guarded.add_api_route("/chat/completions", chat_completions, methods=["POST"], include_in_schema=False)
     app.include_router(open_routes)
     app.include_router(guarded)
     return app
