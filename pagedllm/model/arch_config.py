@@ -1,8 +1,8 @@
 """The numbers a decoder is built from, read straight from config.json.
 
 transformers 5 imports a large part of itself (torch.distributed among it) the
-first time a model's config class is used, which alone took ~2 s of a ~4 s
-start. The model needs fifteen numbers, so they are read here, with the
+first time a model's config class is used, which alone took about half of
+the start. The model needs fifteen numbers, so they are read here, with the
 defaults transformers uses for each model type when config.json leaves one out.
 A transformers config object converts too (`from_hf`), which is how tests
 build the same model on both sides. The numbers every family shares are

@@ -17,8 +17,8 @@ def cpu_flags() -> frozenset[str]:
 
 
 def native_bf16() -> bool:
-    """True where the CPU has bf16 matrix instructions (avx512_bf16 or AMX): bf16 matmuls run ~4x faster than fp32
-    there, and ~5x slower elsewhere, where oneDNN emulates them."""
+    """True where the CPU has bf16 matrix instructions (avx512_bf16 or AMX): bf16 matmuls run several times faster
+    than fp32 there, and several times slower elsewhere, where oneDNN emulates them (docs/cpu-performance.md)."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 

@@ -1,12 +1,13 @@
 """Fused bfloat16 and float32 element-wise ops for the CPU (csrc/cpu_ops.cpp): residual + RMSNorm, SiLU-and-mul,
 rotary + KV store; and the greedy argmax over float32 logits.
 
-A decode step with 48 sequences spent about 30 ms of ~100 in torch's small
-ops (each costs 10-70 us of dispatch at these sizes, 15 of them per layer).
-One native pass per fused step removes most of that. bf16 rounds where
-transformers' bf16 code rounds; float32 computes each value as torch's float32
-ops do, up to the order of the norm's sum of squares and the last bit of exp,
-so that greedy outputs stay token-identical to transformers.
+At decode batch sizes a step spent a large share of its time in torch's small
+ops (15 of them per layer, each costing more in dispatch than in arithmetic;
+figures in docs/cpu-performance.md). One native pass per fused step removes
+most of that. bf16 rounds where transformers' bf16 code rounds; float32
+computes each value as torch's float32 ops do, up to the order of the norm's
+sum of squares and the last bit of exp, so that greedy outputs stay
+token-identical to transformers.
 """
 
 from __future__ import annotations

@@ -3,33 +3,34 @@
 torch's bf16 matmul on the CPU hands a plain weight to oneDNN, which
 re-lays it out into its blocked format on every call. At decode batch sizes
 (1..64 rows) that re-layout is a large share of each projection: packing once
-at load time is 1.3-2.3x faster there and gives the same bits (checked by
+at load time is faster there and gives the same bits (checked by
 tests/test_packed_linear.py).
 
-torch's float32 matmul goes to MKL, which on a 2-core Ice Lake takes 2-4x
-longer than oneDNN on a packed weight from 4 to 64 rows (576x3072 at 16 rows:
-1.72 against 0.42 ms; at 1-2 rows MKL is ~20% faster, above 128 rows they are
-even). oneDNN sums in another order than MKL, so float32 results move in the
-last bits; the greedy outputs stay token-identical to transformers
-(tests/test_smollm2.py) and the logits within the tolerance of tests/test_models.py.
+torch's float32 matmul goes to MKL, which on a 2-core Ice Lake takes several
+times longer than oneDNN on a packed weight from 4 to 64 rows (at 1-2 rows MKL
+is a little faster, above 128 rows they are even; figures in
+docs/cpu-performance.md and benchmarks/RESULTS.md). oneDNN sums in another
+order than MKL, so float32 results move in the last bits; the greedy outputs
+stay token-identical to transformers (tests/test_smollm2.py) and the logits
+within the tolerance of tests/test_models.py.
 
 On a CPU without bf16 matrix instructions (AVX-512 BF16 or AMX), oneDNN and
-torch emulate bf16 products and run about 5x slower than float32. There the
+torch emulate bf16 products and run several times slower than float32. There the
 weight is widened to float32 once (exactly: every bf16 value is a float32),
 each input is widened, the product runs in float32 and the output is rounded
 back to bf16. That is what a bf16 kernel computes (exact products, float32
 sums, one rounding at the end), up to the order of the sums. Decode steps
 (up to 64 rows) instead go to csrc/skinny_gemm.cpp, which reads the bf16
 weight itself (half the bytes), widens it in registers and computes the same
-float32 sums: 1.2-4x faster than oneDNN's float32 there, most at the fewest
-rows, where a step is bound by reading the weights (benchmarks/skinny_gemm.py).
+float32 sums: faster than oneDNN's float32 there, most at the fewest rows,
+where a step is bound by reading the weights (benchmarks/skinny_gemm.py).
 So a widened layer holds its weight twice, packed in float32 for oneDNN and in
 bf16 for the skinny kernel: three times the bf16 weight's memory.
 
 Where the CPU has AVX-512 BF16, decode steps go to the skinny kernel's bf16
 pair form instead (vdpbf16ps on the weight in its operand layout, the input
-rows broadcast from memory): 1.4-2.3x oneDNN's packed bf16 at 1 row, 1.1-1.3x
-at 48, on a 2-core Zen 4 (benchmarks/skinny_gemm.py --kernel pairs), with
+rows broadcast from memory): ahead of oneDNN's packed bf16 on decode batches,
+most at the fewest rows (benchmarks/skinny_gemm.py --kernel pairs), with
 each output one float32 sum, as oneDNN's. Such a layer holds its bf16 weight
 twice (oneDNN's layout for prefill, pairs for decode).
 """

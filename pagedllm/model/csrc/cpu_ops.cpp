@@ -1,7 +1,7 @@
 // Fused element-wise steps of a Llama decoder layer in bfloat16 and float32, for the CPU.
 // torch runs each of these as several ops, and at decode batch sizes each op
-// costs more in dispatch than in arithmetic: a layer spent ~1 ms in them per
-// step. Each kernel here is one pass over its rows and rounds to bfloat16
+// costs more in dispatch than in arithmetic (docs/cpu-performance.md). Each
+// kernel here is one pass over its rows and rounds to bfloat16
 // wherever transformers' bf16 code rounds (float32: where its float32 code
 // rounds), so results match torch's bits (up to the order of a sum of squares
 // in the norm).
@@ -334,9 +334,8 @@ void rope_store_int8_f32(float* qkv, int64_t row_stride, int tokens, const int64
 }
 
 // out[r] = the index of the largest value of row r (the first one on ties; the first NaN
-// if there is one), as torch.argmax. torch's takes ~1.4 ms for 48 rows of a 49k
-// vocabulary here, a single pass over memory a few times less: greedy decoding runs
-// it every step.
+// if there is one), as torch.argmax. A single pass over memory takes a fraction of
+// torch's time at 48 rows of a 49k vocabulary: greedy decoding runs it every step.
 void argmax_rows_f32(const float* x, int64_t stride, int rows, int cols, int64_t* out) {
 #pragma omp parallel for schedule(static) if (static_cast<int64_t>(rows) * cols >= (1 << 18))
     for (int r = 0; r < rows; ++r) {

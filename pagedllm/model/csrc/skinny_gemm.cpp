@@ -2,13 +2,13 @@
 // float32 arithmetic for CPUs with AVX-512 but without bf16 matrix instructions, and bf16
 // dot products (vdpbf16ps) for those with AVX-512 BF16 (further down).
 //
-// There, oneDNN's float32 kernels run at 30-60 GFLOP/s from 1 to 8 rows and
-// 100-150 at 48 rows on a 2-core Ice Lake, and its bf16 ones are emulated (5x
-// slower still). A decode step reads every weight once: with few rows it is
-// bound by those reads, and it pays for each oneDNN call's own set-up. This
-// kernel reads bf16 weights (half the bytes of float32) or float32 ones, widens
-// each in registers (exact) and multiplies in float32: 1.2-4.3x oneDNN's float32
-// from 1 to 64 rows there, most at the fewest rows (benchmarks/skinny_gemm.py).
+// There, oneDNN's float32 kernels are slow at few rows, and its bf16 ones are
+// emulated (slower still). A decode step reads every weight once: with few rows
+// it is bound by those reads, and it pays for each oneDNN call's own set-up.
+// This kernel reads bf16 weights (half the bytes of float32) or float32 ones, widens
+// each in registers (exact) and multiplies in float32: faster than oneDNN's float32
+// from 1 to 64 rows there, most at the fewest rows (benchmarks/skinny_gemm.py;
+// figures in docs/cpu-performance.md).
 //
 // Each output is one float32 sum over k = 0..K-1 in order, with FMA, whatever
 // the number of rows: a row's result does not depend on the rest of the batch.
@@ -18,10 +18,10 @@
 // bf16 panel the 32-bit word j of row k holds column j in its low half and column
 // j + 16 in its high half: a shift and a mask widen the two halves to float32.
 //
-// With AVX-512 BF16, oneDNN's packed bf16 is fast on big batches (~400 GFLOP/s at
-// 2,048 rows on a 2-core Zen 4) but loses to a plain register tile on decode
-// batches: the pair form below is 1.4-2.3x oneDNN's bf16 at 1 row, 1.3-1.9x at 8,
-// 1.1-1.3x at 48 (benchmarks/skinny_gemm.py --kernel pairs) and even from ~128 rows.
+// With AVX-512 BF16, oneDNN's packed bf16 is fast on big batches but loses to a
+// plain register tile on decode batches: the pair form below is ahead of oneDNN's
+// bf16 on decode batches, most at the fewest rows (benchmarks/skinny_gemm.py
+// --kernel pairs), and even from ~128 rows.
 // Built at first use by model/native.py; called through ctypes.
 #include <algorithm>
 #include <array>

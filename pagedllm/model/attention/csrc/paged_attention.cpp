@@ -56,8 +56,8 @@ inline void softmax_rows(float* scores, int rows, int len, float* inv_sum) {
 // Prefetch a block's slots (all KV heads: one contiguous run of bytes) while
 // the previous block is being computed on; the pool is far larger than the
 // caches, so without it each row costs a trip to memory. The hint is T2
-// (prefetcht2): on Zen 4 the non-temporal hint made the kernel 1.4x slower
-// on a cold pool, 0.67 against 0.48 ms per layer for 48 sequences of ~220 tokens.
+// (prefetcht2): on Zen 4 the non-temporal hint made the kernel slower on a cold
+// pool (benchmarks/RESULTS.md, Zen 4 kernels).
 template <typename T>
 inline void prefetch_block(const T* base, int64_t elems) {
     const char* p = reinterpret_cast<const char*>(base);
