@@ -8,14 +8,21 @@ and the model runner are all configured from one validated place.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
-from pagedllm.model.attention.selector import check_backend_name
+from pagedllm.model.attention.selector import ATTENTION_BACKENDS
 
 GiB = 1 << 30
 
 DEFAULT_KV_CACHE_MEMORY = 2 * GiB
 KV_CACHE_DTYPES = ("auto", "int8", "fp8", "fp8_e4m3")  # fp8 is fp8_e4m3
+# Every name --dtype accepts (vLLM's and torch's short ones too), to the torch dtype it names. Strings, so
+# that the config imports no torch; the model runner looks them up as getattr(torch, DTYPES[name]).
+DTYPES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+}
 
 _MEMORY_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": GiB, "t": 1 << 40}
@@ -48,47 +55,65 @@ def parse_memory(value: int | float | str | None, *, name: str = "kv_cache_memor
     return nbytes
 
 
+def option(default: object, help: str, *, choices: tuple[str, ...] | None = None, cli: bool = True):
+    """An EngineConfig field with its help text and choices, from which args.py makes its flag.
+
+    cli=False keeps a field off the command line (set from Python only). Choices are
+    also what __post_init__ checks, so a name is accepted or refused the same way
+    from the CLI and from Python.
+    """
+    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli})
+
+
 @dataclass
 class EngineConfig:
     """All engine options, with vLLM's names where vLLM has them."""
 
-    model: str | None = None  # None: the embedded default model (SmolLM2-135M-Instruct)
-    revision: str | None = None
-    tokenizer: str | None = None  # defaults to the model's own tokenizer
-    load_format: str = "auto"  # "auto" (real weights) or "dummy" (random weights)
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    device: str = "auto"  # auto | cpu | cuda
-    max_model_len: int | None = None  # default: the model's context length
-    block_size: int = 16
-    kv_cache_memory: int | float | str | None = None  # bytes, GiB (float) or "4GiB"; None: 2 GiB on the CPU, profiled on CUDA
-    num_kv_blocks: int | None = None  # overrides kv_cache_memory; for tests and experiments
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    enable_prefix_caching: bool = True
-    # Sliding-window layers keep every block, in one KV cache group with the others, as if they attended
-    # to everything (vLLM's flag): outputs are the same, memory is not; for comparisons and debugging.
-    disable_hybrid_kv_cache_manager: bool = False
-    seed: int = 0
-    trust_remote_code: bool = False
-    # The engine core (scheduler, KV cache, model) runs in a process of its own, so that
-    # no frontend work (HTTP, detokenizing) shares its interpreter; False runs it in the
-    # caller's process (debugging, tests that reach into the core).
-    core_process: bool = True
+    model: str | None = option(None, "HF directory, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
+    revision: str | None = option(None, "the model's revision on the hub: a branch, tag or commit")
+    tokenizer: str | None = option(None, "HF directory or hub id of the tokenizer (default: the model's own)")
+    load_format: str = option("auto", "auto: the model's weights; dummy: random weights of the same shapes",
+                              choices=("auto", "dummy"))
+    dtype: str = option("auto", "the weights' and activations' type (default: bfloat16 where the device computes it "
+                                "natively, else float32 on the CPU and float16 on CUDA)", choices=("auto", *DTYPES))
+    device: str = option("auto", "where the model runs (default: cuda when torch sees a GPU, else cpu)",
+                         choices=("auto", "cpu", "cuda"))
+    max_model_len: int | None = option(None, "longest sequence, prompt and output together (default: the model's context length)")
+    block_size: int = option(16, "tokens per KV cache block")
+    kv_cache_memory: int | float | str | None = option(
+        None, "KV pool size: bytes, or e.g. 2GiB (default: 2GiB on the CPU; on CUDA what --gpu-memory-utilization leaves)")
+    num_kv_blocks: int | None = option(None, "the KV pool in blocks; overrides kv_cache_memory (tests and experiments)",
+                                       cli=False)
+    max_num_seqs: int = option(256, "most requests running in one step")
+    max_num_batched_tokens: int = option(2048, "most tokens computed in one step; longer prompts are prefilled in chunks")
+    enable_prefix_caching: bool = option(True, "share the KV blocks of common prompt prefixes between requests (default: on)")
+    # vLLM's flag: one KV cache group for all layers, as if sliding-window layers attended to everything.
+    disable_hybrid_kv_cache_manager: bool = option(
+        False, "sliding-window layers keep every KV block, as full-attention layers do (same outputs, more memory; "
+               "for comparisons and debugging)")
+    seed: int = option(0, "seed of the random weights of --load-format dummy")
+    trust_remote_code: bool = option(False, "let the tokenizer run code from its hub repository", cli=False)
+    # In a process of its own, no frontend work (HTTP, detokenizing) shares the core's interpreter;
+    # False also serves tests that reach into the core.
+    core_process: bool = option(True, "run the engine core (scheduler, KV cache, model) in a process of its own "
+                                      "(default: on); --no-core-process runs it in this one, for debugging")
     # --- GPU (on the CPU only attention_backend applies) ---
-    attention_backend: str = "auto"  # auto (triton on CUDA, native kernels on the CPU) | torch | cpu | triton
-    # The KV cache's element type: auto (the model's dtype), int8 (CPU and CUDA) or fp8 (CUDA): one byte per
-    # element and a float16 scale per token and KV head, about twice the tokens in the same kv_cache_memory.
-    kv_cache_dtype: str = "auto"
-    gpu_memory_utilization: float = 0.9  # share of the GPU's memory for weights, activations and the KV pool
-    enforce_eager: bool = False  # never replay CUDA graphs for decode steps
+    attention_backend: str = option("auto", "paged attention kernels (default: triton on CUDA, native kernels on the CPU, "
+                                            "torch where they cannot be built)", choices=ATTENTION_BACKENDS)
+    # Quantized: one byte per element and a float16 scale per token and KV head.
+    kv_cache_dtype: str = option("auto", "KV cache elements: auto (the model's dtype), int8 (CPU and CUDA) or fp8 (CUDA); "
+                                         "a quantized cache holds about twice the tokens in the same --kv-cache-memory",
+                                 choices=KV_CACHE_DTYPES)
+    gpu_memory_utilization: float = option(
+        0.9, "CUDA: share of GPU memory for weights, activations and the KV pool, in (0, 1] (default 0.9); "
+             "the KV pool gets what a profiled step leaves, unless --kv-cache-memory is given")
+    enforce_eager: bool = option(False, "CUDA: run decode steps eagerly, without CUDA graphs")
 
     def __post_init__(self) -> None:
-        if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"):
-            raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16, got {self.dtype!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        for f in fields(self):
+            choices = f.metadata["choices"]
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         # Up to a whole context: `pagedllm bench memory` models a contiguous allocator with block_size = max_model_len.
         _check_int("block_size", self.block_size, 1, 1 << 16)
         _check_int("max_num_seqs", self.max_num_seqs, 1, 1 << 20)
@@ -98,16 +123,12 @@ class EngineConfig:
         if self.num_kv_blocks is not None:
             _check_int("num_kv_blocks", self.num_kv_blocks, 1, 1 << 30)
         self.kv_cache_bytes = parse_memory(self.kv_cache_memory)
-        check_backend_name(self.attention_backend)
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1], got {u!r}")
-        for name in ("enforce_eager", "core_process", "enable_prefix_caching", "trust_remote_code",
-                     "disable_hybrid_kv_cache_manager"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for f in fields(self):
+            if isinstance(f.default, bool) and not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"{f.name} must be True or False, got {getattr(self, f.name)!r}")
         _check_int("seed", self.seed, -(1 << 63), (1 << 64) - 1)
 
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pagedllm.config import EngineConfig
-from pagedllm.entrypoints.cli import add_engine_args, engine_options
+from pagedllm.entrypoints.args import add_engine_args, engine_options
 
 
 def parse(*argv: str) -> dict:

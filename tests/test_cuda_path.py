@@ -20,7 +20,8 @@ import torch
 import transformers
 
 from pagedllm.config import EngineConfig
-from pagedllm.entrypoints.cli import add_engine_args, engine_options, main
+from pagedllm.entrypoints.args import add_engine_args, engine_options
+from pagedllm.entrypoints.cli import main
 from pagedllm.model.attention.selector import get_attention_backend
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
 from pagedllm.worker import gpu_memory

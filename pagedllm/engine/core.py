@@ -81,7 +81,7 @@ class EngineCore:
             from pagedllm.worker.cuda_graphs import capture_decode_graphs
 
             self.runner.cuda_graphs = capture_decode_graphs(self.runner, config.max_num_seqs, self.max_model_len)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len), self.kv_cache)
+        self.scheduler = Scheduler(SchedulerConfig.from_engine(config, self.max_model_len), self.kv_cache)
         self.info = CoreInfo(
             model_path=source.path, dtype=str(dtype).replace("torch.", ""), kv_cache_dtype=str(self.runner.kv_dtype).replace("torch.", ""),
             device=str(device), max_model_len=self.max_model_len,

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pagedllm.engine.kv_cache import KVCacheManager
 from pagedllm.engine.request import FinishReason, Request, RequestStatus
+
+if TYPE_CHECKING:
+    from pagedllm.config import EngineConfig
 
 
 @dataclass
@@ -23,6 +27,12 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
+
+    @classmethod
+    def from_engine(cls, config: EngineConfig, max_model_len: int) -> SchedulerConfig:
+        """The scheduler's budgets from the engine's options; max_model_len as resolved against the model."""
+        return cls(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                   max_model_len=max_model_len)
 
 
 @dataclass

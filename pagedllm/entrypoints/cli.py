@@ -10,56 +10,8 @@ import socket
 import sys
 import time
 
-from pagedllm.config import KV_CACHE_DTYPES
-from pagedllm.model.attention.selector import ATTENTION_BACKENDS
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="HF directory, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--tokenizer", default=None)
-    g.add_argument("--revision", default=None)
-    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--kv-cache-memory", default=None, help="KV pool size: bytes, or e.g. 2GiB (default: 2GiB on the CPU; on CUDA what --gpu-memory-utilization leaves)")
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="share the KV blocks of common prompt prefixes between requests (default: on)")
-    g.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
-                   help="sliding-window layers keep every KV block, as full-attention layers do (same outputs, more memory)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS),
-                   help="paged attention kernels (default: triton on CUDA, native kernels on the CPU, "
-                        "torch where they cannot be built)")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
-                   help="KV cache elements: auto (the model's dtype), int8 (CPU and CUDA) or fp8 (CUDA); a quantized cache "
-                        "holds about twice the tokens in the same --kv-cache-memory")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="CUDA: share of GPU memory for weights, activations and the KV pool, in (0, 1] (default 0.9); "
-                        "the KV pool gets what a profiled step leaves, unless --kv-cache-memory is given")
-    g.add_argument("--enforce-eager", action="store_true", help="CUDA: run decode steps eagerly, without CUDA graphs")
-    g.add_argument("--core-process", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the engine core (scheduler, KV cache, model) in a process of its own (default: on); "
-                        "--no-core-process runs it in this one, for debugging")
-
-
-def engine_options(args: argparse.Namespace) -> dict:
-    kv = args.kv_cache_memory
-    if kv is not None and kv.isdigit():
-        kv = int(kv)
-    return dict(
-        model=args.model, tokenizer=args.tokenizer, revision=args.revision, load_format=args.load_format,
-        dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, block_size=args.block_size,
-        kv_cache_memory=kv, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        seed=args.seed, enable_prefix_caching=args.enable_prefix_caching,
-        disable_hybrid_kv_cache_manager=args.disable_hybrid_kv_cache_manager,
-        attention_backend=args.attention_backend, gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager, core_process=args.core_process, kv_cache_dtype=args.kv_cache_dtype,
-    )
+from pagedllm.entrypoints import bench
+from pagedllm.entrypoints.args import add_engine_args, engine_options
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -200,8 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--sampling-seed", type=int, default=None)
-    from pagedllm.entrypoints import bench  # imported here: bench imports this module's engine flags
-
     bench.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

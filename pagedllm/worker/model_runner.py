@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pagedllm.config import DTYPES
 from pagedllm.model.arch_config import ArchConfig
 from pagedllm.model.cpu_info import native_bf16
 from pagedllm.model.attention import kv_quant
@@ -23,12 +24,6 @@ from pagedllm.worker.kv_cache_groups import KVCacheGroup, kv_cache_groups, slot_
 from pagedllm.worker.sampler import Sampler, SamplingRow, TokenLogprobs, gather_logprobs
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,7 +36,7 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
-        return _DTYPES[name]
+        return getattr(torch, DTYPES[name])
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if native_bf16() else torch.float32

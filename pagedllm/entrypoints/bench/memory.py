@@ -25,9 +25,9 @@ import gc
 import statistics
 from dataclasses import dataclass
 
+from pagedllm.entrypoints.args import add_engine_args, engine_options
 from pagedllm.entrypoints.bench.report import print_table, write_json
 from pagedllm.entrypoints.bench.workload import Workload, add_workload_args, load_workload, workload_config
-from pagedllm.entrypoints.cli import add_engine_args, engine_options
 
 DEFAULT_MAX_MODEL_LEN = 2048
 DEFAULT_KV_REQUESTS = 8  # the default pool holds 8 requests of max_model_len: memory, not seats, binds
@@ -81,8 +81,7 @@ class Trace:
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    add_engine_args(parser)
-    parser.set_defaults(max_model_len=DEFAULT_MAX_MODEL_LEN)
+    add_engine_args(parser, max_model_len=DEFAULT_MAX_MODEL_LEN)
     add_workload_args(parser, seed_flag=False)  # the engine's --seed seeds the workload too
     g = parser.add_argument_group("memory")
     g.add_argument("--kv-cache-tokens", type=int, default=None, metavar="N",

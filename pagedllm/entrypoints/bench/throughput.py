@@ -13,9 +13,9 @@ import argparse
 import time
 from dataclasses import dataclass
 
+from pagedllm.entrypoints.args import add_engine_args, engine_options
 from pagedllm.entrypoints.bench.report import print_table, write_json
 from pagedllm.entrypoints.bench.workload import Workload, add_workload_args, load_workload, workload_config
-from pagedllm.entrypoints.cli import add_engine_args, engine_options
 from pagedllm.model.loader import default_model_name
 
 
