@@ -278,3 +278,25 @@ def test_chat_template_kwargs_reach_the_template(http, offline):
     assert offline.get_tokenizer().decode(r["prompt_token_ids"]).startswith("Hello there. ")
     bad = http.post("/v1/chat/completions", json={**body, "chat_template_kwargs": {"tools": []}})
     assert bad.status_code == 400 and "chat_template_kwargs may not set tools" in bad.json()["error"]["message"]
+
+
+def test_routes_without_v1_answer_as_with_it(http):
+    """llama.cpp's server and clients whose base URL lacks /v1 use /completions, /chat/completions, /models."""
+    for path, body in (("completions", {"prompt": PROMPT, "max_tokens": 4}), ("chat/completions", {"messages": MSG, "max_tokens": 4})):
+        with_v1, without = post(http, "/v1/" + path, **body), post(http, "/" + path, **body)
+        key = "text" if path == "completions" else "message"
+        assert without["choices"][0][key] == with_v1["choices"][0][key]
+    assert http.get("/models").json()["data"][0]["id"] == MODEL
+    assert all(not p.startswith(("/completions", "/chat/", "/models")) for p in http.get("/openapi.json").json()["paths"])
+
+
+def test_serve_chat_template_is_a_file_or_the_template_text(tmp_path):
+    from pagedllm.tokenizer import load_chat_template
+
+    text = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    f = tmp_path / "t.jinja"
+    f.write_text(text)
+    assert load_chat_template(str(f)) == text
+    assert load_chat_template(text) == text
+    with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
+        load_chat_template("chatml")
