@@ -73,7 +73,7 @@ LLAMA_SELECTION = [
     # usage, streaming. Left out: their native /completion and /infill, slots,
     # ctx shift, multimodal, LoRA, speculative, reranking/embeddings.
     ("tools/server/tests/unit/test_chat_completion.py",
-     "response_format or json_schema or logprobs or usage or stream or tool", "chat"),
+     "response_format or json_schema or grammar or logprobs or usage or stream or tool", "chat"),
     # fast tool-call tests (tinyllama template); --slow tests need 7B+ models.
     ("tools/server/tests/unit/test_tool_call.py", "not slow", "tools"),
     ("tools/server/tests/unit/test_tokenize.py", None, "tokenize"),

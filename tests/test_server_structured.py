@@ -79,6 +79,20 @@ def test_json_object_regex_choice_and_grammar_constrain_every_output(client):
     assert re.fullmatch(r"id-[0-9]{2}", r.choices[0].text)
 
 
+def test_llama_cpp_names_constrain_the_output(client):
+    """llama.cpp's server's fields: json_schema and grammar at the top, a schema inside a json_object response_format."""
+    msgs = [{"role": "user", "content": "An example"}]
+    for extra in ({"json_schema": {"const": "42"}}, {"response_format": {"type": "json_object", "schema": {"const": "42"}}}):
+        r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0, extra_body=extra)
+        assert r.choices[0].message.content == '"42"'
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0,
+                                       extra_body={"grammar": 'root ::= "a"{5,5}'})
+    assert r.choices[0].message.content == "aaaaa"
+    for bad in ({"type": "json_object", "schema": 123}, {"type": "json_object", "schema": {"type": "hiccup"}}):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, response_format=bad)
+
+
 def test_streamed_structured_output_equals_the_whole_answer(client):
     body = dict(model=MODEL, messages=[{"role": "user", "content": "A pet"}], max_tokens=200, temperature=0,
                 response_format={"type": "json_schema", "json_schema": {"name": "pet", "schema": Pet.model_json_schema()}})

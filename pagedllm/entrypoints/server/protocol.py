@@ -80,6 +80,8 @@ class SamplingRequest(_Request):
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
     guided_decoding_backend: str | None = None
+    json_schema: dict[str, Any] | None = None  # llama.cpp's server: a JSON schema for the output
+    grammar: str | None = None  # llama.cpp's server: a GBNF grammar for the output
 
 
 class CompletionRequest(SamplingRequest):

@@ -2,8 +2,9 @@
 
 OpenAI's `response_format` (json_object, json_schema), vLLM's
 `structured_outputs` object and its older `guided_json`, `guided_regex`,
-`guided_choice` and `guided_grammar` fields all mean the same thing to the
-engine. A request may use one of them; two at once is a 400, as is any
+`guided_choice` and `guided_grammar` fields, and llama.cpp's server's
+`json_schema` and `grammar` fields (and its `schema` inside a json_object
+response_format) all mean the same thing to the engine. A request may use one of them; two at once is a 400, as is any
 option of theirs this server does not honour (nothing is silently ignored).
 """
 
@@ -14,7 +15,8 @@ from typing import Any
 from pagedllm.entrypoints.server.errors import bad_request
 from pagedllm.structured_output.params import StructuredOutputsParams
 
-_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar",
+           "json_schema": "json", "grammar": "grammar"}  # the last two: llama.cpp's names
 _SO_KEYS = ("json", "regex", "choice", "grammar", "json_object", "disable_any_whitespace")
 # vLLM's options this server does not have (other grammar backends' settings).
 _SO_UNSUPPORTED = ("structural_tag", "whitespace_pattern", "disable_fallback", "disable_additional_properties")
@@ -61,7 +63,9 @@ def _response_format(rf: Any) -> dict | None:
     if kind == "text":
         return None
     if kind == "json_object":
-        return {"json_object": True}
+        if "schema" not in rf:
+            return {"json_object": True}
+        return {"json": _schema(rf["schema"], "response_format.schema")}  # llama.cpp's server reads a schema here
     if kind == "json_schema":
         js = rf.get("json_schema")
         if not isinstance(js, dict):
@@ -69,12 +73,15 @@ def _response_format(rf: Any) -> dict | None:
         schema = js.get("schema")
         if schema is None:  # OpenAI allows leaving the schema out: any JSON object
             return {"json_object": True}
-        if not isinstance(schema, dict):
-            raise bad_request(f"response_format.json_schema.schema must be a JSON schema object, got {type(schema).__name__}",
-                              "response_format")
-        return {"json": schema}
+        return {"json": _schema(schema, "response_format.json_schema.schema")}
     raise bad_request(f"response_format type {kind!r} is not supported: allowed types are text, json_object, json_schema",
                       "response_format", "unsupported_parameter")
+
+
+def _schema(schema: Any, where: str) -> dict:
+    if not isinstance(schema, dict):
+        raise bad_request(f"{where} must be a JSON schema object, got {type(schema).__name__}", "response_format")
+    return schema
 
 
 def _structured_outputs_field(so: Any) -> dict:
