@@ -76,6 +76,10 @@ LLAMA_SELECTION = [
      "response_format or json_schema or grammar or logprobs or usage or stream or tool", "chat"),
     # fast tool-call tests (tinyllama template); --slow tests need 7B+ models.
     ("tools/server/tests/unit/test_tool_call.py", "not slow", "tools"),
+    # tool_choice "required" under real models' chat templates (Hermes 2 Pro and 3, functionary, Llama 3.2,
+    # and chatml): the default model stands in for theirs (no downloads), the call is forced by a grammar.
+    ("tools/server/tests/unit/test_tool_call.py", "required_tool_real_model and (Hermes or functionary or Llama-3.2)",
+     "tools required"),
     ("tools/server/tests/unit/test_tokenize.py", None, "tokenize"),
 ]
 LLAMA_SUPPORT = ["tools/server/tests/utils.py", "tools/server/tests/conftest.py"]
