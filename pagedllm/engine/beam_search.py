@@ -154,13 +154,13 @@ class BeamSearchRunner:
                     req.num_computed_tokens = hit.num_tokens
                 n = min(req.num_tokens - req.num_computed_tokens, max(1, token_budget))
                 self._allocate(req, req.num_computed_tokens, n)
-                scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n, self.kv.get_block_tables(req.request_id)))
+                scheduled.append(self.scheduler.scheduled(req, n))
                 token_budget -= n
             else:
                 for beam in g.running:
                     seq = beam.seq
                     self._allocate(seq, seq.num_computed_tokens, 1)
-                    scheduled.append(ScheduledRequest(seq, seq.num_computed_tokens, 1, self.kv.get_block_tables(seq.request_id)))
+                    scheduled.append(self.scheduler.scheduled(seq, 1))
                     token_budget -= 1
         step = SchedulerOutput(scheduled, block_copies=self.kv.take_copies(), finished_req_ids=self.scheduler.take_finished_req_ids())
         results = self.runner.execute(step).sampled
