@@ -180,11 +180,6 @@ class Scheduler:
         ids, self.finished_req_ids = self.finished_req_ids, set()
         return ids
 
-    def free_sequence(self, request_id: str) -> None:
-        """Give back the blocks of a sequence kept outside the queues (a beam of beam search)."""
-        self.kv_cache.free(request_id)
-        self.finished_req_ids.add(request_id)
-
     def _preempt(self, req: Request) -> None:
         self.kv_cache.free(req.request_id)
         req.num_computed_tokens = 0
@@ -217,14 +212,18 @@ class Scheduler:
             reasons.append(self._append_token(seq, token))
         return reasons
 
-    def _fork(self, parent: Request) -> None:
-        """Children that share the parent's computed blocks join the running batch where the parent was; it leaves."""
+    def fork(self, parent: Request, children: list[Request]) -> None:
+        """Children that share every block the running parent has computed join the batch right after it."""
         idx = self.running.index(parent)
-        for child in parent.children:
+        for child in children:
             self.kv_cache.fork(parent.request_id, child.request_id)
             child.num_computed_tokens = parent.num_computed_tokens
             child.status = RequestStatus.RUNNING
-        self.running[idx + 1 : idx + 1] = parent.children
+        self.running[idx + 1 : idx + 1] = children
+
+    def _fork(self, parent: Request) -> None:
+        """A prompt is done: its n completions take over its blocks and its place in the batch, and it leaves."""
+        self.fork(parent, parent.children)
         self.finish_request(parent, FinishReason.STOP)  # its prompt is done; its completions are the children's
 
     def _append_token(self, req: Request, token: int) -> FinishReason | None:
