@@ -152,9 +152,10 @@ class ModelRunner:
 
         Each scheduled request lists the sequences that sample from its last
         logits (`sample_seqs`: one, or a prompt's n completions); each gets one
-        row, sampled with its own parameters and generator. Sampling is checked row by row: where a row's own parameters make it
-        fail, that row gets the exception instead of a token and the others
-        are sampled as if it were not there. A failing forward pass raises:
+        row, sampled with its own parameters and generator. Sampling is checked
+        row by row: where a row's own parameters make it fail, that row gets
+        the exception instead of a token and the others are sampled as if it
+        were not there. A failing forward pass raises:
         the engine core finds the request behind it (core.py).
         """
         for request_id in out.finished_req_ids:
@@ -169,11 +170,9 @@ class ModelRunner:
         sampled, logits, prompt_logprobs = self.compute_logits(out.scheduled)
         if not sampled:
             return RunnerOutput(prompt_logprobs=prompt_logprobs)
-        targets, rows = [], []  # one row per sequence that samples
-        for i, s in enumerate(sampled):
-            targets.extend(s.sample_seqs)
-            rows.extend([i] * len(s.sample_seqs))
-        if len(targets) != len(sampled):
+        targets = [seq for s in sampled for seq in s.sample_seqs]  # one row for each sequence that samples
+        if len(targets) != len(sampled):  # a prompt's last logits, sampled by each of its n children
+            rows = [i for i, s in enumerate(sampled) for _ in s.sample_seqs]
             logits = logits[torch.tensor(rows, device=logits.device)]
         return RunnerOutput(list(zip(targets, self._sample(logits, targets))), prompt_logprobs)
 
