@@ -235,8 +235,8 @@ def step_pagedllm(spec: dict, graphs: bool) -> dict:
         engine.step()
     before = engine.stats()
     for i, (p, n) in enumerate(zip(prompts, lens)):
-        engine.add(engine.make_request({"prompt_token_ids": p}, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), f"r{i}"),
-                   final_only=True)
+        engine.add_request(f"r{i}", {"prompt_token_ids": p}, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True),
+                           final_only=True)
     t0 = time.perf_counter()
     done = 0
     while engine.has_unfinished_requests() and time.monotonic() < deadline:

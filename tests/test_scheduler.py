@@ -120,7 +120,7 @@ def run_simulation(seed: int, num_blocks: int, block_size: int, max_seqs: int, b
         sched.update_after_step(out)
         for s in out.scheduled:
             req = s.request
-            if not s.samples:
+            if not s.needs_sample:
                 continue
             req.append_output_token(rng.randrange(1000))
             if req.num_output_tokens >= req.max_tokens or req.num_tokens >= max_len:
@@ -183,10 +183,10 @@ def test_long_prompt_is_chunked_by_the_token_budget():
     chunks = []
     while long.num_computed_tokens < 40:
         out = sched.schedule()
-        chunks.append([(s.request_id, s.num_new_tokens, s.samples) for s in out.scheduled])
+        chunks.append([(s.request_id, s.num_new_tokens, s.needs_sample) for s in out.scheduled])
         sched.update_after_step(out)
         for s in out.scheduled:
-            if s.samples:
+            if s.needs_sample:
                 s.request.append_output_token(1)
     assert chunks[0] == [("long", 16, False)]
     assert chunks[1] == [("long", 16, False)]

@@ -16,9 +16,14 @@ not end run on; and the search stops when no running beam can still beat the
 worst finished one (early_stopping=False), when beam_width hypotheses are
 finished (True), or at the length limit.
 
-The groups step in lockstep outside the continuous-batching scheduler: a group
-can only choose once all of its beams have their logits. Groups are admitted
-only while their worst case fits the pool, so no beam is ever preempted.
+Beams are sequences of the scheduler: a group's prompt joins its queue, the
+scheduler admits it and computes it (in chunks if it is long), and each step
+schedules every running beam; a beam forks through Scheduler.fork (the KV cache
+manager's fork: shared blocks) and dies through finish_request (its blocks
+freed). Only the choice of tokens is beam search's. The groups step in lockstep:
+a group chooses once all of its beams have their logits, so a group is handed
+to the scheduler only while the worst case of every active group fits the pool
+(no beam is ever preempted) and all their beams fit one step's token budget.
 """
 
 from __future__ import annotations
@@ -26,8 +31,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from pagedllm.engine.request import Request
-from pagedllm.engine.scheduler import ScheduledRequest, SchedulerOutput
+from pagedllm.engine.request import FinishReason, Request
 from pagedllm.sampling_params import SamplingParams
 
 
@@ -95,7 +99,6 @@ class BeamSearchRunner:
         self.core = core
         self.scheduler = core.scheduler
         self.kv = core.kv_cache
-        self.runner = core.runner
         self._ids = itertools.count()
 
     def run(self, requests: list[Request], params: BeamSearchParams) -> list[BeamSearchOutput]:
@@ -113,17 +116,27 @@ class BeamSearchRunner:
                 )
             req.sampling_params = internal
             groups.append(_Group(i, req, params))
+        token_budget = self.scheduler.config.max_num_batched_tokens
+        if params.beam_width > token_budget:
+            raise ValueError(f"beam_width={params.beam_width} is more than max_num_batched_tokens={token_budget}: "
+                             f"every beam computes a token in every step")
         waiting = list(groups)
         active: list[_Group] = []
-        budget = self.kv.num_blocks
-        while waiting or active:
-            while waiting and self._admissible(waiting[0], active, budget):
-                active.append(waiting.pop(0))
-            self._step(active)
-            for g in [g for g in active if g.done]:
-                for beam in g.running:
-                    self._free(beam.seq)
-                active.remove(g)
+        try:
+            while waiting or active:
+                while waiting and self._admissible(waiting[0], active):
+                    active.append(waiting.pop(0))
+                    self.scheduler.add_request(active[-1].prompt)
+                self._step(active)
+                for g in [g for g in active if g.done]:
+                    for beam in g.running:
+                        self._free(beam.seq)
+                    active.remove(g)
+        except BaseException:
+            for g in active:  # leave the scheduler idle, as it was found
+                for seq in [g.prompt, *(b.seq for b in g.running)]:
+                    self._free(seq)
+            raise
         return [self._output(g) for g in groups]
 
     def _num_candidates(self, params: BeamSearchParams) -> int:
@@ -136,49 +149,27 @@ class BeamSearchRunner:
         per_beam = self.kv.max_blocks(prompt_len + params.max_tokens, prompt_len) + 1  # +1: a copy-on-write in flight
         return params.beam_width * per_beam
 
-    def _admissible(self, group: _Group, active: list[_Group], budget: int) -> bool:
+    def _admissible(self, group: _Group, active: list[_Group]) -> bool:
         blocks = sum(self._worst_case_blocks(g.prompt_len, g.params) for g in active + [group])
         seqs = sum(g.params.beam_width for g in active + [group])
-        return not active or (blocks <= budget and seqs <= self.core.config.max_num_seqs)
+        config = self.scheduler.config
+        return not active or (blocks <= self.kv.num_blocks and seqs <= min(config.max_num_seqs, config.max_num_batched_tokens))
 
     # --- one lockstep step --------------------------------------------------
     def _step(self, active: list[_Group]) -> None:
-        token_budget = self.core.config.max_num_batched_tokens
-        scheduled: list[ScheduledRequest] = []
-        for g in active:
-            if not g.running:  # the prompt, in chunks if it is long
-                req = g.prompt
-                if req.num_computed_tokens == 0 and req.request_id not in self.kv.block_tables:
-                    hit = self.kv.find_cached_prefix(req.all_token_ids)
-                    self._allocate(req, hit.num_tokens, 0, hit)
-                    req.num_computed_tokens = hit.num_tokens
-                n = min(req.num_tokens - req.num_computed_tokens, max(1, token_budget))
-                self._allocate(req, req.num_computed_tokens, n)
-                scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n, self.kv.get_block_tables(req.request_id)))
-                token_budget -= n
-            else:
-                for beam in g.running:
-                    seq = beam.seq
-                    self._allocate(seq, seq.num_computed_tokens, 1)
-                    scheduled.append(ScheduledRequest(seq, seq.num_computed_tokens, 1, self.kv.get_block_tables(seq.request_id)))
-                    token_budget -= 1
-        step = SchedulerOutput(scheduled, block_copies=self.kv.take_copies(), finished_req_ids=self.scheduler.take_finished_req_ids())
-        results = self.runner.execute(step).sampled
+        out = self.scheduler.schedule()
+        if out.preempted or out.is_empty:
+            raise RuntimeError("beam search ran out of KV blocks despite its admission check")
+        results = self.core.runner.execute(out).sampled
         failed = [e for _, e in results if isinstance(e, Exception)]
         if failed:
             raise failed[0]
-        for s in scheduled:
-            s.request.num_computed_tokens += s.num_new_tokens
-            self.kv.cache_full_blocks(s.request.request_id, s.request.all_token_ids, s.request.num_computed_tokens)
+        self.scheduler.update_after_step(out)
         proposals = {seq.request_id: sampled.logprobs for seq, sampled in results}
         for g in active:
             beams = g.running or ([_Beam(g.prompt, 0.0)] if g.prompt.request_id in proposals else [])
             if beams:
                 self._select(g, beams, proposals)
-
-    def _allocate(self, seq: Request, num_computed: int, num_new: int, hit=None) -> None:
-        if not self.kv.allocate_slots(seq.request_id, num_computed, num_new, hit):
-            raise RuntimeError("beam search ran out of KV blocks despite its admission check")
 
     # --- choosing the next beams ------------------------------------------
     def _select(self, g: _Group, beams: list[_Beam], proposals: dict) -> None:
@@ -251,12 +242,11 @@ class BeamSearchRunner:
                         eos_token_ids=seq.eos_token_ids)
         child.output_token_ids = list(seq.output_token_ids)
         child.all_token_ids = list(seq.all_token_ids)
-        child.num_computed_tokens = seq.num_computed_tokens
-        self.kv.fork(seq.request_id, child.request_id)
+        self.scheduler.fork(seq, [child])
         return child
 
     def _free(self, seq: Request) -> None:
-        self.scheduler.free_sequence(seq.request_id)
+        self.scheduler.finish_request(seq, FinishReason.STOP)  # out of the batch, its blocks back at once
 
     def _output(self, g: _Group) -> BeamSearchOutput:
         seqs = []

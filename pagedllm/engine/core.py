@@ -29,8 +29,6 @@ from pagedllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutpu
 
 logger = logging.getLogger(__name__)
 
-_SEED_MOD = 1 << 64
-
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
@@ -108,25 +106,18 @@ class EngineCore:
             self._outputs.append(EngineCoreOutput(req.request_id, 0, [], finish_reason="error",
                                                   error=f"request id {req.request_id!r} is already in use"))
             return
-        top = self._sequence(req, req.request_id, index=0, seed=req.sampling_params.seed)
-        params = req.sampling_params
-        if params.n > 1:
-            # The request computes the prompt; its n children carry the completions.
-            top.children = [
-                self._sequence(req, f"{req.request_id}#{i}", index=i, seed=_child_seed(params.seed, i), parent=top)
-                for i in range(params.n)
-            ]
-        self.requests[req.request_id] = top
-        self.prompt_tokens_total += top.num_prompt_tokens
-        spec = params.structured_outputs
+        root = self._sequence(req)  # with n > 1, its children too: the request computes the prompt, they the completions
+        self.requests[req.request_id] = root
+        self.prompt_tokens_total += root.num_prompt_tokens
+        spec = req.sampling_params.structured_outputs
         if spec is not None:
             manager = self._structured_outputs()
             grammar = manager.cached(spec)
             if grammar is None:  # it waits outside the scheduler until compiled (step() polls)
-                self._compiling.append((top, spec, manager.submit(spec)))
+                self._compiling.append((root, spec, manager.submit(spec)))
                 return
-            self._attach_grammar(top, grammar)
-        self.scheduler.add_request(top)
+            self._attach_grammar(root, grammar)
+        self.scheduler.add_request(root)
 
     def _structured_outputs(self):
         """The grammar manager, made at the first structured request (it loads the tokenizer on its own thread)."""
@@ -139,32 +130,32 @@ class EngineCore:
             self.structured_outputs = StructuredOutputManager(lambda: XgrammarBackend.from_tokenizer(load_tokenizer(path), vocab, eos))
         return self.structured_outputs
 
-    def _attach_grammar(self, top: Request, grammar) -> None:
+    def _attach_grammar(self, root: Request, grammar) -> None:
         """Each sequence that samples gets its own matcher (n > 1: one per completion)."""
-        for seq in top.sequences:
+        for seq in root.sequences:
             seq.grammar = self.structured_outputs.matcher(grammar)
 
     def _admit_compiled(self, outputs: list[EngineCoreOutput]) -> None:
         """Requests whose grammar compiled since the last step join the scheduler; one that failed to compile ends alone."""
         still = []
-        for top, spec, fut in self._compiling:
-            if top.is_finished:  # aborted while its grammar compiled
+        for root, spec, fut in self._compiling:
+            if root.is_finished:  # aborted while its grammar compiled
                 continue
             if not fut.done():
-                still.append((top, spec, fut))
+                still.append((root, spec, fut))
                 continue
             try:
                 grammar = self.structured_outputs.collect(spec, fut)
             except Exception as exc:
-                self._fail(top, exc, outputs)
+                self._fail(root, exc, outputs)
                 continue
-            self._attach_grammar(top, grammar)
-            self.scheduler.add_request(top)
+            self._attach_grammar(root, grammar)
+            self.scheduler.add_request(root)
         self._compiling = still
 
-    def _sequence(self, req: EngineCoreRequest, request_id: str, *, index: int, seed: int | None, parent=None) -> Request:
-        return Request(request_id, req.prompt_token_ids, req.sampling_params, eos_token_ids=self.eos_token_ids,
-                       arrival_time=req.arrival_time, parent=parent, index=index, seed=seed)
+    def _sequence(self, req: EngineCoreRequest) -> Request:
+        return Request(req.request_id, req.prompt_token_ids, req.sampling_params, eos_token_ids=self.eos_token_ids,
+                       arrival_time=req.arrival_time)
 
     def abort_requests(self, targets: list) -> None:
         """End requests (an id) or single sequences of them (an (id, index) pair) now, freeing their blocks.
@@ -174,17 +165,17 @@ class EngineCore:
         """
         for target in targets:
             request_id, index = (target, None) if isinstance(target, str) else target
-            top = self.requests.get(request_id)
-            if top is None:
+            root = self.requests.get(request_id)
+            if root is None:
                 continue
-            if index is None or len(top.sequences) == 1:
-                seqs = [top, *top.children]
+            if index is None or len(root.sequences) == 1:
+                seqs = [root, *root.children]
             else:
-                seqs = [s for s in top.children if s.index == index]
+                seqs = [s for s in root.children if s.index == index]
             for seq in seqs:
                 self.scheduler.finish_request(seq, FinishReason.ABORT)
-            if all(s.is_finished for s in top.sequences):
-                self.scheduler.finish_request(top, FinishReason.ABORT)
+            if all(s.is_finished for s in root.sequences):
+                self.scheduler.finish_request(root, FinishReason.ABORT)
                 del self.requests[request_id]
 
     def has_work(self) -> bool:
@@ -206,25 +197,27 @@ class EngineCore:
         results = self._execute(out, outputs)
         self.scheduler.update_after_step(out)
         self._prompt_logprob_outputs(out, results.prompt_logprobs, outputs)
-        touched: dict[int, EngineCoreOutput] = {}
+        # A row that failed, or a token its grammar refuses, ends its request (after the others' tokens are in).
+        ok, failed = [], {}
         for seq, sampled in results.sampled:
-            top = seq.top
-            if top.request_id not in self.requests:
+            root = seq.root
+            if root.request_id not in self.requests or root.request_id in failed:
                 continue  # failed in this step already
             if isinstance(sampled, Exception):
-                self._fail(top, sampled, outputs)
-                continue
-            if seq.grammar is not None and not seq.grammar.accept(sampled.token_id):
-                self._fail(top, ValueError(f"token {sampled.token_id} does not continue the request's grammar"), outputs)
-                continue
-            if seq.parent is not None and not top.is_finished:
-                self._fork(top)
-            reason = self._append_token(seq, sampled.token_id)
-            touched[id(seq)] = self._output(seq, sampled, reason)
-        outputs.extend(touched.values())
-        for out_ in touched.values():
-            top = self.requests.get(out_.request_id)
-            if top is not None and all(s.is_finished for s in top.sequences):
+                failed[root.request_id] = (root, sampled)
+            elif seq.grammar is not None and not seq.grammar.accept(sampled.token_id):
+                failed[root.request_id] = (root, ValueError(f"token {sampled.token_id} does not continue the request's grammar"))
+            else:
+                ok.append((seq, sampled))
+        reasons = self.scheduler.update([(seq, sampled.token_id) for seq, sampled in ok])
+        self.generation_tokens_total += len(ok)
+        for root, exc in failed.values():
+            self._fail(root, exc, outputs)
+        touched = [self._output(seq, sampled, reason) for (seq, sampled), reason in zip(ok, reasons)]
+        outputs.extend(touched)
+        for out_ in touched:
+            root = self.requests.get(out_.request_id)
+            if root is not None and all(s.is_finished for s in root.sequences):
                 del self.requests[out_.request_id]
         return EngineCoreOutputs(outputs)
 
@@ -254,9 +247,9 @@ class EngineCore:
                     half = len(group) // 2
                     groups += [group[half:], group[:half]]
                 else:
-                    logger.error("request %s makes the forward pass fail; ending it alone", group[0].request.top.request_id,
+                    logger.error("request %s makes the forward pass fail; ending it alone", group[0].request.root.request_id,
                                  exc_info=exc)
-                    self._fail(group[0].request.top, exc, outputs)
+                    self._fail(group[0].request.root, exc, outputs)
         out.scheduled = [s for s in out.scheduled if not s.request.is_finished]
         return results
 
@@ -268,57 +261,30 @@ class EngineCore:
                 continue
             req = s.request
             req.num_prompt_logprobs += len(entries)
-            outputs.append(EngineCoreOutput(req.top.request_id, 0, [], prompt_logprobs=[
+            outputs.append(EngineCoreOutput(req.root.request_id, 0, [], prompt_logprobs=[
                 NewLogprobs(lp.logprob, lp.rank, lp.top_ids, lp.top_logprobs) for lp in entries]))
 
-    def _fail(self, top: Request, exc: BaseException, outputs: list[EngineCoreOutput]) -> None:
+    def _fail(self, root: Request, exc: BaseException, outputs: list[EngineCoreOutput]) -> None:
         """End a request, with all of its sequences, with finish_reason "error" and the exception's message."""
-        for seq in [top, *top.children]:
+        for seq in [root, *root.children]:
             self.scheduler.finish_request(seq, FinishReason.ERROR)
-        self.requests.pop(top.request_id, None)
+        self.requests.pop(root.request_id, None)
         message = f"{type(exc).__name__}: {exc}"
-        logger.warning("request %s failed: %s", top.request_id, message)
-        outputs.append(EngineCoreOutput(top.request_id, 0, [], finish_reason="error", error=message,
-                                        num_cached_tokens=top.num_cached_tokens, num_preemptions=top.num_preemptions))
-
-    def _fork(self, top: Request) -> None:
-        """The prompt is computed: its n sequences take over its blocks and it leaves the batch."""
-        self.scheduler.add_forked(top, top.children)
-        self.scheduler.finish_request(top, FinishReason.STOP)
-
-    def _append_token(self, req: Request, token: int) -> FinishReason | None:
-        """Append a sampled token; end the sequence if it stops here (stop strings are the frontend's)."""
-        params = req.sampling_params
-        req.append_output_token(token)
-        self.generation_tokens_total += 1
-        n = req.num_output_tokens
-        reason = None
-        if n >= params.min_tokens:
-            if not params.ignore_eos and token in req.eos_token_ids:
-                reason = FinishReason.STOP
-            elif token in params.stop_token_ids:
-                reason, req.stop_reason = FinishReason.STOP, token
-        if reason is None and req.grammar is not None and req.grammar.is_terminated:
-            reason = FinishReason.STOP  # the grammar is complete and took its stop token: nothing may follow
-        if reason is None and (
-            (params.max_tokens is not None and n >= params.max_tokens) or req.num_tokens >= self.max_model_len
-        ):
-            reason = FinishReason.LENGTH
-        if reason is not None:
-            self.scheduler.finish_request(req, reason)
-        return reason
+        logger.warning("request %s failed: %s", root.request_id, message)
+        outputs.append(EngineCoreOutput(root.request_id, 0, [], finish_reason="error", error=message,
+                                        num_cached_tokens=root.num_cached_tokens, num_preemptions=root.num_preemptions))
 
     @staticmethod
     def _output(seq: Request, sampled, reason: FinishReason | None) -> EngineCoreOutput:
-        top = seq.top
+        root = seq.root
         lp = sampled.logprobs
         return EngineCoreOutput(
-            top.request_id, seq.index, [sampled.token_id],
+            root.request_id, seq.index, [sampled.token_id],
             None if lp is None else [NewLogprobs(lp.logprob, lp.rank, lp.top_ids, lp.top_logprobs)],
             finish_reason=None if reason is None else reason.value,
             stop_reason=seq.stop_reason,
-            num_cached_tokens=top.num_cached_tokens,
-            num_preemptions=top.num_preemptions + (seq.num_preemptions if seq is not top else 0),
+            num_cached_tokens=root.num_cached_tokens,
+            num_preemptions=root.num_preemptions + (seq.num_preemptions if seq is not root else 0),
         )
 
     # --- utilities (called between steps) ---------------------------------
@@ -365,17 +331,10 @@ class EngineCore:
         """Beam search over shared blocks (engine/beam_search.py); runs on an idle engine. Outputs carry token ids, no text."""
         from pagedllm.engine.beam_search import BeamSearchRunner
 
-        seqs = [self._sequence(r, r.request_id, index=0, seed=None) for r in requests]
+        seqs = [self._sequence(r) for r in requests]
         return BeamSearchRunner(self).run(seqs, params)
 
 
 def model_context_len(cfg) -> int:
     return cfg.max_position_embeddings
 
-
-def _child_seed(seed: int | None, index: int) -> int | None:
-    """Sample i of a seeded request uses seed + i, kept within the 64 bits a generator takes."""
-    if seed is None:
-        return None
-    s = seed + index
-    return s - _SEED_MOD if s >= _SEED_MOD else s

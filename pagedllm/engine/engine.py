@@ -72,20 +72,27 @@ class LLMEngine:
         return self.info.block_size
 
     # --- requests ---------------------------------------------------------
+    # One way in: add_request (one request) or add_requests (several, seen by the same step). make_request only
+    # checks a prompt and its parameters, so that a caller can refuse a bad one before submitting anything.
     def make_request(self, prompt: str | dict, params: SamplingParams | None = None, request_id: str | None = None) -> EngineCoreRequest:
         """Check a prompt and its parameters; raise ValueError saying what is wrong. Adds nothing."""
         return self.input_processor.process(prompt, params, request_id)
 
-    def add_request(self, request_id: str | None, prompt: str | dict, params: SamplingParams | None = None) -> str:
-        return self.add(self.make_request(prompt, params, request_id))
-
-    def add(self, req: EngineCoreRequest, final_only: bool = False) -> str:
-        """Submit a request made by make_request; final_only: step() reports it only once it has finished."""
-        self.add_all([req], final_only)
+    def add_request(self, request_id: str | None, prompt: str | dict | EngineCoreRequest, params: SamplingParams | None = None,
+                    *, final_only: bool = False) -> str:
+        """Submit a prompt with its parameters, or (as vLLM's) a request already made by make_request; returns its id.
+        final_only: step() reports it only once it has finished."""
+        if isinstance(prompt, EngineCoreRequest):
+            if request_id is not None and request_id != prompt.request_id:
+                raise ValueError(f"request_id {request_id!r} differs from the id {prompt.request_id!r} of the request given")
+            req = prompt
+        else:
+            req = self.make_request(prompt, params, request_id)
+        self.add_requests([req], final_only)
         return req.request_id
 
-    def add_all(self, reqs: list[EngineCoreRequest], final_only: bool = False) -> None:
-        """Submit requests together: the core's next step sees them all (a batch, not a trickle)."""
+    def add_requests(self, reqs: list[EngineCoreRequest], final_only: bool = False) -> None:
+        """Submit requests made by make_request together: the core's next step sees them all (a batch, not a trickle)."""
         for i, req in enumerate(reqs):
             try:
                 self.output_processor.add_request(req, final_only)

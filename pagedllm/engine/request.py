@@ -14,6 +14,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedllm.sampling_params import SamplingParams  # plain Python, like everything under engine/
+
+_SEED_MOD = 1 << 64
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -35,7 +39,7 @@ class FinishReason(str, enum.Enum):
 class Request:
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: Any  # SamplingParams; kept untyped so engine/ stays free of worker imports
+    sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...] = ()
     arrival_time: float = field(default_factory=time.monotonic)
 
@@ -47,8 +51,10 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: int | None = None  # the stop token id that ended it
-    # Parallel sampling (n > 1): the request computes the prompt once, then
-    # forks into `children`, one sequence per completion, sharing its blocks.
+    # Parallel sampling (n > 1): the request computes the prompt once; its n
+    # `children`, one sequence per completion, are made with it and draw the
+    # first tokens from the prompt's last logits, then the scheduler's update
+    # forks them (they share its blocks) and they run on in its place.
     parent: "Request | None" = None
     children: list["Request"] = field(default_factory=list)
     index: int = 0  # which completion of its parent this sequence is
@@ -61,11 +67,19 @@ class Request:
         # One list that grows by appends, so the scheduler and the runner can
         # slice new tokens without concatenating prompt and output every step.
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
-        if self.seed is None and self.parent is None and self.sampling_params is not None:
-            self.seed = self.sampling_params.seed
+        if self.parent is None:
+            if self.seed is None and self.sampling_params is not None:
+                self.seed = self.sampling_params.seed
+            n = getattr(self.sampling_params, "n", 1)
+            if n > 1 and not self.children:
+                self.children = [
+                    Request(f"{self.request_id}#{i}", self.prompt_token_ids, self.sampling_params, self.eos_token_ids,
+                            self.arrival_time, parent=self, index=i, seed=child_seed(self.seed, i))
+                    for i in range(n)
+                ]
 
     @property
-    def top(self) -> "Request":
+    def root(self) -> "Request":
         """The request this sequence belongs to: its parent, or itself."""
         return self.parent or self
 
@@ -93,3 +107,11 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+
+def child_seed(seed: int | None, index: int) -> int | None:
+    """Sample i of a seeded request uses seed + i, kept within the 64 bits a generator takes."""
+    if seed is None:
+        return None
+    s = seed + index
+    return s - _SEED_MOD if s >= _SEED_MOD else s

@@ -7,6 +7,10 @@ token budget. Running requests are served first, in admission order; then
 waiting ones in arrival order. When the pool runs out of blocks, the most
 recently admitted running request is preempted: its blocks are freed and it
 goes back to the front of the queue, to be recomputed later.
+
+After the step, `update()` takes the sampled tokens: it appends them, forks
+the children of a request whose prompt is done (n > 1: they share its blocks
+and run on in its place), checks the stop conditions and frees what finished.
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ class ScheduledRequest:
     start_pos: int  # = num_computed_tokens before this step
     num_new_tokens: int
     block_tables: list[list[int]]  # the live table of each KV cache group; the runner reads them before anything changes them
+    # The sequences that draw their next token from this step's last logits, one sampled row each: none when the
+    # step ends before the known tokens do (a prompt chunk), else the request itself, or, for a request with
+    # n > 1 whose prompt this step completes, its n children (update() forks them once they have their tokens).
+    sample_seqs: tuple[Request, ...] = ()
 
     @property
     def request_id(self) -> str:
@@ -53,9 +61,9 @@ class ScheduledRequest:
         return self.request.all_token_ids[self.start_pos : self.start_pos + self.num_new_tokens]
 
     @property
-    def samples(self) -> bool:
-        """True when this step reaches the end of the known tokens, so its last logits pick the next one."""
-        return self.start_pos + self.num_new_tokens == self.request.num_tokens
+    def needs_sample(self) -> bool:
+        """Whether this step reaches the end of the known tokens, so that its last logits pick the next ones."""
+        return bool(self.sample_seqs)
 
 
 @dataclass
@@ -125,7 +133,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                out.scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n, kv.get_block_tables(req.request_id)))
+                out.scheduled.append(self.scheduled(req, n))
                 budget -= n
                 i += 1
                 continue
@@ -150,7 +158,7 @@ class Scheduler:
                 self.waiting.popleft()
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
-                out.scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n, kv.get_block_tables(req.request_id)))
+                out.scheduled.append(self.scheduled(req, n))
                 budget -= n
 
         out.num_batched_tokens = self.config.max_num_batched_tokens - budget
@@ -158,15 +166,19 @@ class Scheduler:
         out.finished_req_ids = self.take_finished_req_ids()
         return out
 
+    def scheduled(self, req: Request, num_new_tokens: int) -> ScheduledRequest:
+        """The request's share of this step (its slots allocated): which tokens it computes, and who samples after."""
+        start = req.num_computed_tokens
+        if start + num_new_tokens < req.num_tokens:
+            seqs: tuple[Request, ...] = ()
+        else:
+            seqs = tuple(req.children) if req.children else (req,)
+        return ScheduledRequest(req, start, num_new_tokens, self.kv_cache.get_block_tables(req.request_id), seqs)
+
     def take_finished_req_ids(self) -> set[str]:
         """Requests ended since the last call, for the runner to drop their state."""
         ids, self.finished_req_ids = self.finished_req_ids, set()
         return ids
-
-    def free_sequence(self, request_id: str) -> None:
-        """Give back the blocks of a sequence kept outside the queues (a beam of beam search)."""
-        self.kv_cache.free(request_id)
-        self.finished_req_ids.add(request_id)
 
     def _preempt(self, req: Request) -> None:
         self.kv_cache.free(req.request_id)
@@ -183,11 +195,53 @@ class Scheduler:
             req.num_computed_tokens += s.num_new_tokens
             self.kv_cache.cache_full_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
 
-    def add_forked(self, parent: Request, children: list[Request]) -> None:
-        """Children that share the parent's computed blocks join the running batch where the parent was."""
+    def update(self, sampled: list[tuple[Request, int]]) -> list[FinishReason | None]:
+        """Append each sequence's sampled token (after update_after_step); return why each one finished, or None.
+
+        The first token of a child is where its parent's prompt is done: the
+        parent forks, its children take over its blocks and its place in the
+        batch, and it leaves. A sequence that stops here (EOS, a stop token id,
+        its grammar's end, max_tokens, the model's context) is freed at once.
+        Stop strings are the frontend's.
+        """
+        reasons = []
+        for seq, token in sampled:
+            parent = seq.parent
+            if parent is not None and not parent.is_finished:
+                self._fork(parent)
+            reasons.append(self._append_token(seq, token))
+        return reasons
+
+    def fork(self, parent: Request, children: list[Request]) -> None:
+        """Children that share every block the running parent has computed join the batch right after it."""
         idx = self.running.index(parent)
         for child in children:
             self.kv_cache.fork(parent.request_id, child.request_id)
             child.num_computed_tokens = parent.num_computed_tokens
             child.status = RequestStatus.RUNNING
         self.running[idx + 1 : idx + 1] = children
+
+    def _fork(self, parent: Request) -> None:
+        """A prompt is done: its n completions take over its blocks and its place in the batch, and it leaves."""
+        self.fork(parent, parent.children)
+        self.finish_request(parent, FinishReason.STOP)  # its prompt is done; its completions are the children's
+
+    def _append_token(self, req: Request, token: int) -> FinishReason | None:
+        params = req.sampling_params
+        req.append_output_token(token)
+        n = req.num_output_tokens
+        reason = None
+        if n >= params.min_tokens:
+            if not params.ignore_eos and token in req.eos_token_ids:
+                reason = FinishReason.STOP
+            elif token in params.stop_token_ids:
+                reason, req.stop_reason = FinishReason.STOP, token
+        if reason is None and req.grammar is not None and req.grammar.is_terminated:
+            reason = FinishReason.STOP  # the grammar is complete and took its stop token: nothing may follow
+        if reason is None and (
+            (params.max_tokens is not None and n >= params.max_tokens) or req.num_tokens >= self.config.max_model_len
+        ):
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            self.finish_request(req, reason)
+        return reason

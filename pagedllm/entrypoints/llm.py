@@ -84,7 +84,7 @@ class LLM:
 
     def _run(self, requests, use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine
-        engine.add_all(requests, final_only=True)  # nothing is built for a request before it ends
+        engine.add_requests(requests, final_only=True)  # nothing is built for a request before it ends
         order = {req.request_id: i for i, req in enumerate(requests)}
         results: list[RequestOutput | None] = [None] * len(requests)
         bar = None

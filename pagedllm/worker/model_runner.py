@@ -150,11 +150,12 @@ class ModelRunner:
         """Run one step (a SchedulerOutput); return (sequence, sampled token) for every sequence that samples,
         and the prompt logprobs the step computed.
 
-        A request whose prompt forks into several sequences (n > 1) lists them
-        in `children`: each draws its own token from the prompt's last logits.
-        Sampling is checked row by row: where a row's own parameters make it
-        fail, that row gets the exception instead of a token and the others
-        are sampled as if it were not there. A failing forward pass raises:
+        Each scheduled request lists the sequences that sample from its last
+        logits (`sample_seqs`: one, or a prompt's n completions); each gets one
+        row, sampled with its own parameters and generator. Sampling is checked
+        row by row: where a row's own parameters make it fail, that row gets
+        the exception instead of a token and the others are sampled as if it
+        were not there. A failing forward pass raises:
         the engine core finds the request behind it (core.py).
         """
         for request_id in out.finished_req_ids:
@@ -169,12 +170,9 @@ class ModelRunner:
         sampled, logits, prompt_logprobs = self.compute_logits(out.scheduled)
         if not sampled:
             return RunnerOutput(prompt_logprobs=prompt_logprobs)
-        targets, rows = [], []
-        for i, s in enumerate(sampled):
-            for t in s.request.sequences:
-                targets.append(t)
-                rows.append(i)
-        if len(targets) != len(sampled):
+        targets = [seq for s in sampled for seq in s.sample_seqs]  # one row for each sequence that samples
+        if len(targets) != len(sampled):  # a prompt's last logits, sampled by each of its n children
+            rows = [i for i, s in enumerate(sampled) for _ in s.sample_seqs]
             logits = logits[torch.tensor(rows, device=logits.device)]
         return RunnerOutput(list(zip(targets, self._sample(logits, targets))), prompt_logprobs)
 
@@ -300,7 +298,7 @@ class ModelRunner:
                 tables[g].append(table)
             qsl.append(qsl[-1] + n)
             seq_lens.append(start + n)
-            if s.samples:
+            if s.needs_sample:
                 logits_idx.append(qsl[-1] - 1)
                 sampled.append(s)
         dev = self.device
