@@ -221,3 +221,31 @@ def test_a_prefix_hit_in_a_sliding_group_takes_only_the_blocks_the_window_reache
     # Block 4 stays free (and findable): the hit did not take it out of the queue.
     assert kv.pool.is_free(4) and refs(kv, [0, 5, 6]) == [1, 1, 1]
     kv.check_invariants()
+
+
+def test_one_groups_new_block_never_evicts_a_block_that_another_groups_hit_takes():
+    # Layer i of every group stores into the same tensor (worker/kv_cache_groups.py), so a block
+    # id must belong to one group at a time. Here the queue's front, once group 0 has taken its
+    # cached blocks out, is group 1's cached block 5: group 0's new block must not be it.
+    kv = KVCacheManager(num_blocks=8, block_size=BS, group_windows=(None, 8))
+    compute(kv, "a", toks(12))  # [0, 1, 2] and [3, 4, 5], all cached
+    assert kv.allocate_slots("x", 0, 1)  # [6] and [7]
+    kv.free("a")
+    kv.free("x")  # queue: 2, 1, 0, 5, 4, 3, 6, 7
+    hit = kv.find_cached_prefix(toks(12) + [50])
+    assert hit.blocks == [[0, 1, 2], [NULL_BLOCK, 4, 5]]
+    assert kv.allocate_slots("b", 12, 1, hit)
+    # Both groups' hits leave the queue first (3, 6, 7 left); then group 0 and group 1 take one new block each.
+    assert kv.get_block_tables("b") == [[0, 1, 2, 3], [NULL_BLOCK, 4, 5, 6]]
+    assert refs(kv, [0, 1, 2, 3, 4, 5, 6, 7]) == [1, 1, 1, 1, 1, 1, 1, 0]
+    kv.check_invariants()
+
+
+def test_a_fork_in_two_groups_reports_one_copy_per_group_in_group_order():
+    kv = KVCacheManager(num_blocks=8, block_size=BS, group_windows=(None, None))
+    compute(kv, "p", toks(6))  # [0, 1] and [2, 3]; the second block of each is half full
+    kv.fork("p", "c")
+    assert kv.allocate_slots("c", 6, 1)
+    assert kv.take_copies() == [(1, 4), (3, 5)]
+    assert kv.get_block_tables("c") == [[0, 4], [2, 5]] and kv.get_block_tables("p") == [[0, 1], [2, 3]]
+    kv.check_invariants()
