@@ -1,7 +1,7 @@
 """The GPU path, checked and measured in one prepared call on a CUDA machine.
 
     bash benchmarks/gpu_check.sh                                # on the GPU: $OUT/gpu_check.json, the log, junit.xml
-    python benchmarks/gpu_check.py --dry-run --out /tmp/gc      # the same steps on the CPU, on tiny shapes (CI)
+    python -m benchmarks.gpu_check --dry-run --out /tmp/gc      # the same steps on the CPU, on tiny shapes (CI)
 
 Each step runs in a process of its own with a time budget, and writes its
 figures as it ends, so a step that fails or overruns loses only its own:
@@ -43,7 +43,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 # Seconds per step on the GPU; the steps end their own work a little before, the parent kills at budget + 30.
 BUDGETS = {"env": 30, "tests": 120, "decode": 45, "model": 45, "pagedllm_graphs": 75, "pagedllm_eager": 60, "hf_cb": 50, "hf_static": 45}
@@ -328,7 +327,7 @@ def run_step(name: str, spec: dict, log) -> dict:
     t0 = time.perf_counter()
     print(f"== {name} (budget {spec['budget']}s)", file=log, flush=True)
     try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--step", name, "--spec", json.dumps(spec), "--result", result_file],
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--step", name, "--spec", json.dumps(spec), "--result", result_file],
                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=spec["budget"] + 30)
         code = proc.returncode
     except subprocess.TimeoutExpired:

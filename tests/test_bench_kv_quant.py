@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
 
 def test_kv_quality_compares_an_int8_cache_with_the_models_own(tiny_model_dir, tmp_path):
-    import kv_quality
+    from benchmarks import kv_quality
 
     out = tmp_path / "q.json"
     assert kv_quality.main(["--model", tiny_model_dir, "--max-tokens", "4", "--json", str(out)]) == 0
@@ -27,7 +22,7 @@ def test_kv_quality_compares_an_int8_cache_with_the_models_own(tiny_model_dir, t
 
 
 def test_decode_attention_times_both_pools(tmp_path):
-    import decode_attention
+    from benchmarks import decode_attention
     from pagedllm.model.attention.cpu_backend import CpuPagedAttention
 
     if not CpuPagedAttention.available():

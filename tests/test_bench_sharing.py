@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-import sharing  # noqa: E402
+from benchmarks import sharing
 
 TINY = dict(dtype="float32", num_kv_blocks=256, use_tqdm=False)
 

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-import compare_hf  # noqa: E402
+from benchmarks import compare_hf
 
 
 def test_three_sides_agree_in_float32(tiny_model_dir, tmp_path):

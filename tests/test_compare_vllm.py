@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-import compare_vllm  # noqa: E402
-import transport  # noqa: E402
+from benchmarks import compare_vllm, transport
 
 
 def test_pagedllm_side_offline_and_served_with_a_missing_vllm_skipped(tiny_model_dir, tmp_path):
@@ -42,7 +36,7 @@ def test_transport_measures_what_is_installed(tmp_path):
 
 
 def test_engine_thread_runs_both_sides(tiny_model_dir, tmp_path):
-    import engine_thread
+    from benchmarks import engine_thread
 
     out = tmp_path / "e.json"
     assert engine_thread.main(["--model", tiny_model_dir, "--dtype", "float32", "--num-requests", "3", "--repeat", "1",

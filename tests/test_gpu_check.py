@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")  # not imported here: see
 def test_the_dry_run_goes_through_every_step(tmp_path):  # test_triton_attention.py on TRITON_INTERPRET
-    import gpu_check
+    from benchmarks import gpu_check
 
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "gpu_check.json").read_text())

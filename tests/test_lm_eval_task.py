@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
+from benchmarks import lm_eval_check
 
-import lm_eval_check  # noqa: E402
-
-TASK_DIR = BENCHMARKS / "data" / "lm_eval_task"
+TASK_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "lm_eval_task"
 
 
 def test_data_set_loads():
