@@ -59,4 +59,5 @@ def test_direct_results_on_tiny_model(tiny_model_dir):
     assert len(res["loglikelihoods"]) == 3 and all(len(row) == 4 for row in res["loglikelihoods"])
     assert all(math.isfinite(x) and x < 0 for row in res["loglikelihoods"] for x in row)
     assert res["predictions"] == [max(range(4), key=row.__getitem__) for row in res["loglikelihoods"]]
+    assert res["correct"] == [int(p == it["answer"]) for p, it in zip(res["predictions"], items)]
     assert res["acc"] == sum(res["correct"]) / 3
