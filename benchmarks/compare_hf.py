@@ -1,6 +1,6 @@
 """Throughput of pagedllm against Hugging Face transformers, on one workload, in one process.
 
-    python benchmarks/compare_hf.py --dtype bfloat16 --json compare_hf.json
+    python -m benchmarks.compare_hf --dtype bfloat16 --json compare_hf.json
 
 Workload (pagedllm.entrypoints.bench.workload.make_workload): 48 requests, random-token prompts of
 32..384 tokens, outputs of 32..192 tokens, greedy, every request runs to its

@@ -1,6 +1,6 @@
 """pagedllm against vLLM's CPU build on the same workload, offline and served, each side in its own process, in turn.
 
-    python benchmarks/compare_vllm.py --repeat 2 --json compare_vllm.json
+    python -m benchmarks.compare_vllm --repeat 2 --json compare_vllm.json
 
 Workload (pagedllm.entrypoints.bench.workload.make_workload): 48 requests,
 random-token prompts of 32..384 tokens, outputs of 32..192 tokens, greedy,
@@ -47,7 +47,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from pagedllm.entrypoints.bench.report import write_json  # noqa: E402
 

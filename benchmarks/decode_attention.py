@@ -1,7 +1,7 @@
 """Decode attention alone on the CPU, a bf16 pool against an int8 pool, side by side.
 
-    python benchmarks/decode_attention.py --repeat 7 --json decode_attention.json
-    python benchmarks/decode_attention.py --pools bfloat16,float32   # a CPU without AVX-512 (no int8 kernel)
+    python -m benchmarks.decode_attention --repeat 7 --json decode_attention.json
+    python -m benchmarks.decode_attention --pools bfloat16,float32   # a CPU without AVX-512 (no int8 kernel)
 
 One decode step's attention at SmolLM2-135M's shape (9 query heads over 3 KV
 heads of 64) for --seqs sequences of --context tokens, in blocks of 16 spread
@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pagedllm.entrypoints.bench.report import write_json  # noqa: E402
+from pagedllm.entrypoints.bench.report import write_json
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Why the engine core has a process of its own: the same workload stepped on the thread that built the model, and on another.
 
-    python benchmarks/engine_thread.py --repeat 3
+    python -m benchmarks.engine_thread --repeat 3
 
 The server used to build the engine on its main thread and step it on a
 thread of its own, beside the event loop. This runs the 48-request workload
@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pagedllm.entrypoints.bench.report import write_json
 
-from pagedllm.entrypoints.bench.report import write_json  # noqa: E402
-
-from pagedllm.entrypoints.bench.workload import make_workload  # noqa: E402
+from pagedllm.entrypoints.bench.workload import make_workload
 
 
 def main(argv: list[str] | None = None) -> int:

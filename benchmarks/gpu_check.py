@@ -1,7 +1,7 @@
 """The GPU path, checked and measured in one prepared call on a CUDA machine.
 
     bash benchmarks/gpu_check.sh                                # on the GPU: $OUT/gpu_check.json, the log, junit.xml
-    python benchmarks/gpu_check.py --dry-run --out /tmp/gc      # the same steps on the CPU, on tiny shapes (CI)
+    python -m benchmarks.gpu_check --dry-run --out /tmp/gc      # the same steps on the CPU, on tiny shapes (CI)
 
 Each step runs in a process of its own with a time budget, and writes its
 figures as it ends, so a step that fails or overruns loses only its own:
@@ -43,7 +43,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 # Seconds per step on the GPU; the steps end their own work a little before, the parent kills at budget + 30.
 BUDGETS = {"env": 30, "tests": 120, "decode": 45, "model": 45, "pagedllm_graphs": 75, "pagedllm_eager": 60, "hf_cb": 50, "hf_static": 45}
@@ -265,8 +264,15 @@ def step_hf_cb(spec: dict) -> dict:
     deadline = time.monotonic() + spec["budget"] - 8
     model = _hf_model(spec)
     prompts, lens = workload(spec)
+    cb = {}
+    if spec["dry_run"]:
+        # A cache for the tiny workload, not one sized from the machine's free memory: setting up
+        # gigabytes of cache on a busy CPU can outlast the step's budget before any request runs.
+        from transformers import ContinuousBatchingConfig
+
+        cb["continuous_batching_config"] = ContinuousBatchingConfig(num_blocks=64, max_batch_tokens=256)
     manager = model.init_continuous_batching(generation_config=GenerationConfig(
-        do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=max(lens)))
+        do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=max(lens)), **cb)
     manager.start()
     try:
         t0 = time.perf_counter()
@@ -328,7 +334,7 @@ def run_step(name: str, spec: dict, log) -> dict:
     t0 = time.perf_counter()
     print(f"== {name} (budget {spec['budget']}s)", file=log, flush=True)
     try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--step", name, "--spec", json.dumps(spec), "--result", result_file],
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--step", name, "--spec", json.dumps(spec), "--result", result_file],
                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=spec["budget"] + 30)
         code = proc.returncode
     except subprocess.TimeoutExpired:

@@ -1,6 +1,6 @@
 """What a quantized KV cache costs in quality, on natural text: log-likelihood of reference texts, and greedy outputs.
 
-    python benchmarks/kv_quality.py --kv-cache-dtype int8 --json kv_quality.json
+    python -m benchmarks.kv_quality --kv-cache-dtype int8 --json kv_quality.json
 
 Two engines on the same weights (the embedded default model unless --model),
 at the same --dtype, one with the model's own KV dtype ("auto") and one with
@@ -32,7 +32,6 @@ import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from pagedllm.entrypoints.bench.report import write_json  # noqa: E402
 DATA = os.path.join(ROOT, "benchmarks", "data")

@@ -1,6 +1,6 @@
 """lm-evaluation-harness's log-likelihood path against `pagedllm serve`, checked against the offline API.
 
-    python benchmarks/lm_eval_check.py --json lm_eval_check.json
+    python -m benchmarks.lm_eval_check --json lm_eval_check.json
 
 Two sides, one after the other (never two models loaded at once):
 
@@ -49,7 +49,6 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 TASK_DIR = REPO / "benchmarks" / "data" / "lm_eval_task"
 TASK_NAME = "pagedllm_mc"
 DATA = TASK_DIR / "data.jsonl"
@@ -224,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped: no lm_eval executable at {args.lm_eval} (install lm-eval[api] in its own venv; see --help)")
         return 0
 
-    from report import emit  # benchmarks/ is on sys.path when a script runs
+    from benchmarks.report import emit
     from pagedllm.model.loader import resolve_model
 
     items = load_items()

@@ -1,6 +1,6 @@
 """Dummy-weight runs of real model shapes: pagedllm against transformers' generate, on the same weights.
 
-    python benchmarks/model_families.py --dir /tmp/shapes --json model_families.json \
+    python -m benchmarks.model_families --dir /tmp/shapes --json model_families.json \
         [--shapes gemma-2-2b,gemma-3-1b,phi-3.5-mini,qwen3-30b-a3b] [-- extra compare_hf.py flags]
 
 For each shape of benchmarks/model_shapes.py, at the layer count that fits
@@ -20,7 +20,6 @@ import os
 import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SHAPES = "gemma-2-2b,gemma-3-1b,phi-3.5-mini,qwen3-30b-a3b"
 WORKLOAD = ["--num-requests", "16", "--input-len", "32:128", "--output-len", "32:64", "--dtype", "float32",
             "--sides", "pagedllm,static", "--batch-size", "16"]
@@ -37,9 +36,9 @@ def main() -> None:
     for name in args.shapes.split(","):
         path = os.path.join(args.dir, name)
         if not os.path.isfile(os.path.join(path, "config.json")):
-            subprocess.run([sys.executable, os.path.join(HERE, "model_shapes.py"), "write", name, path], check=True)
+            subprocess.run([sys.executable, "-m", "benchmarks.model_shapes", "write", name, path], check=True)
         out = os.path.join(args.dir, f"{name}.json")
-        cmd = [sys.executable, os.path.join(HERE, "compare_hf.py"), "--model", path, *WORKLOAD, *extra, "--json", out]
+        cmd = [sys.executable, "-m", "benchmarks.compare_hf", "--model", path, *WORKLOAD, *extra, "--json", out]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         with open(out) as f:

@@ -1,7 +1,7 @@
 """Real model configurations, for dummy-weight runs of their shapes on this machine.
 
-    python benchmarks/model_shapes.py write gemma-3-1b /tmp/shapes/gemma-3-1b [--layers N]
-    python benchmarks/model_shapes.py list
+    python -m benchmarks.model_shapes write gemma-3-1b /tmp/shapes/gemma-3-1b [--layers N]
+    python -m benchmarks.model_shapes list
 
 Each entry is the published config.json of a model (the numbers that set
 its shapes), with the layer count that fits a 2-core, 24 GiB CPU given

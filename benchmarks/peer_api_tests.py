@@ -1,6 +1,6 @@
 """Run vLLM's and llama.cpp's own OpenAI-API tests against `pagedllm serve`.
 
-    python benchmarks/peer_api_tests.py --vllm /path/to/vllm [--llama-cpp /path/to/llama.cpp] [--json out.json]
+    python -m benchmarks.peer_api_tests --vllm /path/to/vllm [--llama-cpp /path/to/llama.cpp] [--json out.json]
 
 The peer checkouts are the user's (a git clone, or the search tool's fetch):
 nothing of theirs is kept in this repository. At run time the runner copies

@@ -1,6 +1,6 @@
 """Prefill attention on the CPU: the native bf16 kernel against the fp32-SDPA path it replaces.
 
-    OMP_NUM_THREADS=2 PYTHONPATH=. python benchmarks/prefill_attention.py [--threads 2] [--reps 7]
+    OMP_NUM_THREADS=2 python -m benchmarks.prefill_attention [--threads 2] [--reps 7]
 
 The shapes of the throughput benchmark: SmolLM2-135M's attention (9 query
 heads over 3 KV heads, head_dim 64), block_size 16, 48 prompts of 32..384

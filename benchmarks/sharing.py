@@ -1,8 +1,8 @@
 """Memory sharing: what prefix caching, parallel sampling and beam search save.
 
-    python benchmarks/sharing.py prefix     # 32 requests with one 1,024-token prefix: time with caching on vs off
-    python benchmarks/sharing.py parallel   # n=4 sampling: peak KV blocks shared (fork + copy-on-write) vs 4 private copies
-    python benchmarks/sharing.py beam       # beam_width=4: peak KV blocks vs 4 private greedy sequences per prompt
+    python -m benchmarks.sharing prefix     # 32 requests with one 1,024-token prefix: time with caching on vs off
+    python -m benchmarks.sharing parallel   # n=4 sampling: peak KV blocks shared (fork + copy-on-write) vs 4 private copies
+    python -m benchmarks.sharing beam       # beam_width=4: peak KV blocks vs 4 private greedy sequences per prompt
 
 prefix: every request is the same "system prompt" of random token ids plus a
 distinct random tail, greedy, ignore_eos. Two engines, one after the other in
@@ -35,7 +35,7 @@ import os
 import random
 import time
 
-from report import emit  # benchmarks/ is on sys.path when a script runs
+from benchmarks.report import emit
 
 # The PagedAttention paper (Kwon et al., SOSP 2023, section 6.3): memory saved
 # by sharing, in percent, over its Alpaca and ShareGPT traces.

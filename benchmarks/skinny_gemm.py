@@ -1,6 +1,6 @@
 """Decode-sized projections on the CPU: csrc/skinny_gemm.cpp against oneDNN on a packed weight.
 
-    PYTHONPATH=. python benchmarks/skinny_gemm.py [--rows 1,8,48,64] [--dtype bfloat16] [--kernel pairs]
+    python -m benchmarks.skinny_gemm [--rows 1,8,48,64] [--dtype bfloat16] [--kernel pairs]
 
 The projections of SmolLM2-135M (fused qkv 576->960, o 576->576, fused
 gate/up 576->3072, down 1536->576, the tied LM head 576->49152) at decode

@@ -1,19 +1,19 @@
 """Structured outputs on the default model: does every schema parse, what do grammars cost, do new ones stall others?
 
-    python benchmarks/structured_outputs.py schemas [--json F]
+    python -m benchmarks.structured_outputs schemas [--json F]
         20 pydantic models (structured_schemas.py) through `pagedllm serve`'s API with the openai
         client's beta.chat.completions.parse, sent at once: how many come back parsed.
-    python benchmarks/structured_outputs.py throughput [--repeat 3] [--json F]
+    python -m benchmarks.structured_outputs throughput [--repeat 3] [--json F]
         The 48-request workload of `pagedllm bench throughput` (random-token prompts 32..384,
         outputs 32..192, greedy), plain and with every request under a JSON schema whose
         output never ends early (so both sides produce the same tokens); each side in its own
         process, in turn; medians of output tokens/s and their ratio.
-    python benchmarks/structured_outputs.py itl [--json F]
+    python -m benchmarks.structured_outputs itl [--json F]
         16 running requests, their inter-token latency (the time between one step's outputs and
         the next) with nothing arriving, while 20 plain requests arrive one every few steps, and
         while 20 requests with new schemas arrive the same way: p50 and p99. Compiles run beside
         the steps, so the last should be close to the second.
-    python benchmarks/structured_outputs.py masks [--json F]
+    python -m benchmarks.structured_outputs masks [--json F]
         One step's grammar work for 48 rows: filling the bitmasks, applying them (our kernel, xgrammar's).
 """
 
@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from pagedllm.entrypoints.bench.report import write_json  # noqa: E402
+from pagedllm.entrypoints.bench.report import write_json
 
 WORKLOAD = dict(n=48, input_len=(32, 384), output_len=(32, 192), seed=0)
 
@@ -68,7 +65,8 @@ def throughput(repeat: int) -> dict:
     runs = {"plain": [], "json": []}
     for r in range(repeat):
         for kind in ("plain", "json") if r % 2 == 0 else ("json", "plain"):
-            out = subprocess.run([sys.executable, __file__, "_side", kind], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, "-m", "benchmarks.structured_outputs", "_side", kind],
+                                 capture_output=True, text=True, check=True)
             fig = json.loads(out.stdout.strip().splitlines()[-1])
             runs[kind].append(fig)
             print(f"round {r + 1} {kind}: {fig['output_tokens_per_s']} tok/s ({fig['output_tokens']} tokens, {fig['elapsed_s']} s)",
@@ -171,7 +169,7 @@ def schemas() -> dict:
     from pagedllm.config import EngineConfig
     from pagedllm.entrypoints.server.app import build_app
     from pagedllm.entrypoints.server.background import BackgroundServer
-    from structured_schemas import SCHEMAS
+    from benchmarks.structured_schemas import SCHEMAS
 
     engine = LLMEngine(EngineConfig(None))
     results = []

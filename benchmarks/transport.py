@@ -1,6 +1,6 @@
 """What a step's message costs between the frontend and the engine core, for each transport we considered.
 
-    python benchmarks/transport.py [--requests 48] [--rounds 2000] [--json FILE]
+    python -m benchmarks.transport [--requests 48] [--rounds 2000] [--json FILE]
 
 The engine core sends one message per step: the new token id of every
 running sequence (48 in the default workload), their finish reasons, and the
@@ -34,13 +34,12 @@ import sys
 import time
 from multiprocessing.connection import Connection
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pagedllm.entrypoints.bench.report import write_json  # noqa: E402
+from pagedllm.entrypoints.bench.report import write_json
 
-from pagedllm.engine.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest  # noqa: E402
-from pagedllm.engine.outputs import EngineStats  # noqa: E402
-from pagedllm.sampling_params import SamplingParams  # noqa: E402
+from pagedllm.engine.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
+from pagedllm.engine.outputs import EngineStats
+from pagedllm.sampling_params import SamplingParams
 
 
 def step_message(num_requests: int) -> EngineCoreOutputs:

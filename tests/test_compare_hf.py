@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
+from benchmarks import compare_hf
+from pagedllm.entrypoints.bench.workload import make_workload
 
-import compare_hf  # noqa: E402
+TINY_VOCAB = 49152  # conftest's tiny_model_dir
 
 
 def test_three_sides_agree_in_float32(tiny_model_dir, tmp_path):
@@ -22,18 +20,26 @@ def test_three_sides_agree_in_float32(tiny_model_dir, tmp_path):
                      "--max-num-batched-tokens", "256", "--json", str(out)])
     r = json.loads(out.read_text())
     assert list(r["sides"]) == ["pagedllm", "static", "cb"]
-    assert r["num_requests"] == 3 and 3 * 8 <= r["input_tokens"] <= 3 * 24 and 3 * 4 <= r["output_tokens"] <= 3 * 8
+    # The token counts are the workload's own, request for request.
+    prompts, out_lens = make_workload(3, (8, 24), (4, 8), TINY_VOCAB, r["workload"]["seed"])
+    assert r["num_requests"] == 3 and r["input_tokens"] == sum(len(p["prompt_token_ids"]) for p in prompts)
+    assert r["output_tokens"] == sum(out_lens)
     for side, f in r["sides"].items():
         assert f["output_tokens"] == r["output_tokens"], side
         assert f["elapsed_s"] > 0
         assert f["output_tokens_per_s"] == pytest.approx(r["output_tokens"] / f["elapsed_s"], rel=0.02)
         assert f["total_tokens_per_s"] == pytest.approx((r["input_tokens"] + r["output_tokens"]) / f["elapsed_s"], rel=0.02)
+        assert f["requests_per_s"] == pytest.approx(3 / f["elapsed_s"], rel=0.02)
     assert r["sides"]["static"]["identical_to_pagedllm"] == r["sides"]["cb"]["identical_to_pagedllm"] == 3
     # The static batches ran to their longest request; the extra tokens are computed but not counted as output.
     assert r["sides"]["static"]["settings"]["computed_output_tokens"] >= r["output_tokens"]
     cb = r["sides"]["cb"]["settings"]
     assert cb["max_batch_tokens"] == 256 and cb["num_blocks"] >= 1 and cb["attn_implementation"] == "sdpa"
-    assert set(r["ratios"]) == {"pagedllm/static", "pagedllm/cb"} and all(v > 0 for v in r["ratios"].values())
+    # Each ratio is the two sides' reported output tokens/s, divided.
+    tps = {side: f["output_tokens_per_s"] for side, f in r["sides"].items()}
+    assert r["ratios"] == {f"pagedllm/{s}": round(tps["pagedllm"] / tps[s], 3) for s in ("static", "cb")}
+    shown = compare_hf.table(r)
+    assert all(f"{name} (output tok/s): {v:.2f}x" in shown for name, v in r["ratios"].items())
 
 
 def test_unknown_side_is_refused():

@@ -126,11 +126,13 @@ def test_a_dead_core_process_fails_requests_in_flight_and_refuses_new_ones(tiny_
     engine.add_request("long", prompts(1, 3)[0], greedy(100_000 // 1000))
     engine.step()
     os.kill(engine.info.pid, signal.SIGKILL)
-    t0 = time.monotonic()
+    # Steps may still hand out tokens the core sent before it died; then one must raise. The
+    # deadline only turns a hang into a failure that says so; it is not a speed requirement.
+    deadline = time.monotonic() + 60
     with pytest.raises(EngineDeadError, match="SIGKILL"):
-        while True:
+        while time.monotonic() < deadline:
             engine.step()
-    assert time.monotonic() - t0 < 10
+        pytest.fail("engine.step() kept returning for 60s after the core process was killed")
     with pytest.raises(EngineDeadError):
         engine.stats()
     with pytest.raises(EngineDeadError):
@@ -156,11 +158,12 @@ def test_killing_the_core_gives_503_and_errors_not_a_hang(tiny_model_dir):
         while engine.stats().num_running < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         os.kill(engine.info.pid, signal.SIGKILL)
-        t0 = time.monotonic()
+        # Both requests must end (with the errors checked below) rather than hang. The wait is
+        # bounded below the client's 30s read timeout, so a hang shows as a live thread here.
+        deadline = time.monotonic() + 25
         for t in threads:
-            t.join(15)
+            t.join(max(0.0, deadline - time.monotonic()))
         assert not any(t.is_alive() for t in threads), "a request hung after the core died"
-        assert time.monotonic() - t0 < 10
         r = results["plain"]
         assert r.status_code == 503 and "died" in r.json()["error"]["message"]
         events = [line for line in results["stream"].text.splitlines() if line.startswith("data: ")]

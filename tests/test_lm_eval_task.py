@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
+from benchmarks import lm_eval_check
 
-import lm_eval_check  # noqa: E402
-
-TASK_DIR = BENCHMARKS / "data" / "lm_eval_task"
+TASK_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "lm_eval_task"
 
 
 def test_data_set_loads():
@@ -63,4 +59,5 @@ def test_direct_results_on_tiny_model(tiny_model_dir):
     assert len(res["loglikelihoods"]) == 3 and all(len(row) == 4 for row in res["loglikelihoods"])
     assert all(math.isfinite(x) and x < 0 for row in res["loglikelihoods"] for x in row)
     assert res["predictions"] == [max(range(4), key=row.__getitem__) for row in res["loglikelihoods"]]
+    assert res["correct"] == [int(p == it["answer"]) for p, it in zip(res["predictions"], items)]
     assert res["acc"] == sum(res["correct"]) / 3

@@ -302,12 +302,16 @@ class KVCacheManager:
             plans.append((table, cached, live, cow, new))
         if wanted > self.pool.num_free_blocks:
             return False
+        # Every group's cached blocks leave the free queue before any group allocates: layer i of
+        # every group stores into one tensor, so one group's new block must not be (evict) a
+        # cached block that another group's hit is about to read.
+        for _, _, live, _, _ in plans:
+            for block_id in live:
+                self.pool.incref(block_id)
         for g, (table, cached, live, cow, new) in enumerate(plans):
             if request_id not in self.tables[g]:
                 self.tables[g][request_id] = table
             if cached:
-                for block_id in live:
-                    self.pool.incref(block_id)
                 table.extend(cached)
                 self._num_cached[g][request_id] = len(table)
                 if hit.first_live[g]:
@@ -419,10 +423,12 @@ class KVCacheManager:
         """DESIGN.md's invariants, plus the prefix cache's; cheap enough for tests to call every step."""
         pool = self.pool
         refs = [0] * self.num_blocks
+        owner: dict[int, int] = {}  # block -> the one group whose tables hold it
         for g, tables in enumerate(self.tables):
             for request_id, table in tables.items():
                 for block_id in self._live(g, request_id, table):
                     refs[block_id] += 1
+                    assert owner.setdefault(block_id, g) == g, f"block {block_id} is in groups {owner[block_id]} and {g} at once"
                 assert self._num_tokens[request_id] <= len(table) * self.block_size
                 assert self._first_live[g].get(request_id, 0) <= len(table)
         for block_id in range(self.num_blocks):
