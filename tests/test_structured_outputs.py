@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from pagedllm import LLMEngine, SamplingParams, StructuredOutputsParams
 from pagedllm.config import EngineConfig
-from pagedllm.structured_output.backend import XgrammarBackend, choice_grammar
+from pagedllm.structured_output.backend import XgrammarBackend, choice_grammar, tuple_items_as_prefix_items
 from test_isolation import prompts as _prompts
 from test_isolation import run_all
 
@@ -146,6 +146,26 @@ def test_compile_errors_say_what_is_wrong():
     assert "/project/" not in str(info.value)
     with pytest.raises(ValueError, match="structured_outputs.grammar could not be compiled"):
         backend.compile(StructuredOutputsParams(grammar="root ::= undefined_rule"))
+
+
+def test_tuple_items_of_older_drafts_compile_as_prefix_items():
+    old = {"type": "array", "items": [{"type": "integer"}, {"const": "x"}], "additionalItems": False,
+           "properties": {"items": {"const": {"items": [1]}}}}
+    assert tuple_items_as_prefix_items(old) == {
+        "type": "array", "prefixItems": [{"type": "integer"}, {"const": "x"}], "items": False,
+        "properties": {"items": {"const": {"items": [1]}}}}  # const is data: left alone
+    assert tuple_items_as_prefix_items({"items": [{"type": "integer"}]}) == {"prefixItems": [{"type": "integer"}]}
+    vocab = [*'0123456789[],"x ', "<eos>"]
+    backend = XgrammarBackend(xgr.TokenizerInfo(vocab, stop_token_ids=[len(vocab) - 1]))
+    grammar = backend.compile(StructuredOutputsParams(json=json.dumps({"type": "array", "items": [{"type": "integer"}, {"const": "x"}],
+                                                                        "additionalItems": False})))
+
+    def accepts(text: str) -> bool:
+        state = backend.matcher(grammar)
+        return all(state.accept(vocab.index(ch)) for ch in text) and state.accept(len(vocab) - 1)
+
+    assert accepts('[7,"x"]')
+    assert not accepts('["x",7]') and not accepts('[7,"x",1]')
 
 
 # --- through the engine (tiny random-weight model: only the grammar makes its output valid) ---

@@ -46,7 +46,8 @@ class XgrammarBackend:
         kind = params.kind
         try:
             if kind == "json":
-                schema = params.json if isinstance(params.json, str) else json.dumps(params.json)
+                schema = json.dumps(tuple_items_as_prefix_items(
+                    json.loads(params.json) if isinstance(params.json, str) else params.json))
                 if params.disable_any_whitespace:
                     return self.compiler.compile_json_schema(schema, any_whitespace=False)
                 return self.compiler.compile_json_schema(schema, any_whitespace=True, max_whitespace_cnt=_MAX_JSON_WHITESPACE)
@@ -84,6 +85,26 @@ class GrammarState:
     def is_terminated(self) -> bool:
         """The grammar is complete and its stop token was taken: nothing more may follow."""
         return self.matcher.is_terminated()
+
+
+# Values that are data, not subschemas: left as they are.
+_DATA_KEYWORDS = ("const", "enum", "default", "examples")
+
+
+def tuple_items_as_prefix_items(schema: Any) -> Any:
+    """A schema with drafts 4 to 2019's tuple form, "items": [s1, s2] (+ "additionalItems"), in 2020-12's
+    "prefixItems" form, which the compiler reads: schemas written for older drafts (and llama.cpp's server,
+    which takes both) keep their meaning instead of failing to compile."""
+    if isinstance(schema, list):
+        return [tuple_items_as_prefix_items(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in _DATA_KEYWORDS else tuple_items_as_prefix_items(v) for k, v in schema.items()}
+    if isinstance(out.get("items"), list) and "prefixItems" not in out:
+        out["prefixItems"] = out.pop("items")
+        if "additionalItems" in out:  # absent: further items are free, as 2020-12's absent "items"
+            out["items"] = out.pop("additionalItems")
+    return out
 
 
 def choice_grammar(choices: list[str]) -> str:
