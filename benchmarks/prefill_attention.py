@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from pagedllm.model.attention import cpu_kernels
+from pagedllm.kernels.cpu import attention as cpu_kernels
 from pagedllm.model.attention.cpu_backend import CpuPagedAttention
 from pagedllm.model.attention.metadata import AttentionMetadata
 from pagedllm.model.attention.torch_backend import TorchPagedAttention, write_kv

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedllm.model.attention import cpu_kernels
+from pagedllm.kernels.cpu import attention as cpu_kernels
 from pagedllm.model.attention.metadata import AttentionMetadata
 from pagedllm.model.attention.cpu_backend import CpuPagedAttention
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
@@ -197,7 +197,7 @@ def test_cpu_decode_kernel_pads_with_zeros_and_matches_the_reference(dtype, head
     Covers both the AVX-512 path (head sizes 64 and 128, query groups of 1 to 6
     heads, so passes over the values of one and of several heads) and the generic one.
     """
-    from pagedllm.model.attention import cpu_kernels
+    from pagedllm.kernels.cpu import attention as cpu_kernels
 
     h, kvh = heads
     g = torch.Generator().manual_seed(head_dim + h)
@@ -231,7 +231,7 @@ def test_loading_the_cpu_kernels_leaves_subnormal_floats_alone():
     import sys
 
     code = (
-        "from pagedllm.model.attention import cpu_kernels; import torch; assert cpu_kernels.load() is not None; "
+        "from pagedllm.kernels.cpu import attention as cpu_kernels; import torch; assert cpu_kernels.load() is not None; "
         "import struct; x = struct.unpack('f', struct.pack('f', 1e-40))[0]; "
         "assert torch.tensor(x).mul(1.0).item() != 0.0, 'flush-to-zero is on'"
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pagedllm.model import skinny_gemm
+from pagedllm.kernels.cpu import skinny_gemm
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))

@@ -124,7 +124,7 @@ def test_logits_match_transformers(arch, block_size):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("arch", ["smollm2", "llama3", "qwen2", "qwen3"])
 def test_fused_cpu_ops_give_the_logits_of_torch_ops(arch, dtype):
-    from pagedllm.model import cpu_ops
+    from pagedllm.kernels.cpu import ops as cpu_ops
 
     if not cpu_ops.available(torch.empty(1, dtype=dtype)):
         pytest.skip("CPU kernels did not build")

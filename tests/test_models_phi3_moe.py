@@ -289,7 +289,7 @@ def test_moe_block_runs_each_routed_expert_once(monkeypatch, renormalize):
 def test_fused_cpu_ops_give_the_logits_of_torch_ops(arch, dtype):
     """The native kernels (norms, SiLU-and-mul, rope + KV store where the whole head rotates, LongRoPE's long rows
     too: the first prompt is longer than the original length) against torch's ops."""
-    from pagedllm.model import cpu_ops
+    from pagedllm.kernels.cpu import ops as cpu_ops
 
     if not cpu_ops.available(torch.empty(1, dtype=dtype)):
         pytest.skip("CPU kernels did not build")

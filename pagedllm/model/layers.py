@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.model import cpu_ops
+from pagedllm.kernels.cpu import ops as cpu_ops
 
 
 class RMSNorm(nn.Module):
@@ -20,8 +20,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self.native = False  # the fused CPU kernel of model/cpu_ops.py (bf16 on the CPU only)
-        # bf16 output values in float32, for a widened projection to read (native only; model/packed_linear.py)
+        self.native = False  # the fused CPU kernel of kernels/cpu/ops.py (bf16 on the CPU only)
+        # bf16 output values in float32, for a widened projection to read (native only; kernels/cpu/packed_linear.py)
         self.float_out = False
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):

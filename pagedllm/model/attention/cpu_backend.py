@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from pagedllm.model.attention import cpu_kernels
+from pagedllm.kernels.cpu import attention as cpu_kernels
 from pagedllm.model.attention.metadata import AttentionMetadata
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
 

@@ -24,7 +24,7 @@ from pagedllm.model.attention.metadata import AttentionMetadata, per_layer
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
 from pagedllm.model.layers import RotaryEmbedding
 from pagedllm.model.models.llama import LlamaAttention, LlamaForCausalLM
-from pagedllm.model.packed_linear import PackedLinear, can_pack, pack_linears
+from pagedllm.kernels.cpu.packed_linear import PackedLinear, can_pack, pack_linears
 
 # hidden_activation -> the `approximate` argument of F.gelu (transformers' ACT2FN names)
 _GELU = {"gelu_pytorch_tanh": "tanh", "gelu_python_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}
@@ -166,7 +166,7 @@ class _GemmaForCausalLM(nn.Module):
         return logits.float()
 
     def pack_for_cpu(self) -> int:
-        """Lay out the projections once for oneDNN (model/packed_linear.py); the element-wise steps stay in
+        """Lay out the projections once for oneDNN (kernels/cpu/packed_linear.py); the element-wise steps stay in
         torch (the fused CPU norms compute Llama's rounding, not Gemma's)."""
         weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
         if not can_pack(weight):

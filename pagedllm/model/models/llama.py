@@ -16,9 +16,9 @@ from torch import nn
 from pagedllm.model.attention.metadata import AttentionMetadata, per_layer
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
 from pagedllm.model.arch_config import ArchConfig
-from pagedllm.model import cpu_ops
+from pagedllm.kernels.cpu import ops as cpu_ops
 from pagedllm.model.layers import RMSNorm, RotaryEmbedding, rotary_embedding, silu_and_mul
-from pagedllm.model.packed_linear import PackedLinear, can_pack, pack_linears
+from pagedllm.kernels.cpu.packed_linear import PackedLinear, can_pack, pack_linears
 
 
 class LlamaAttention(nn.Module):
@@ -44,7 +44,7 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         scale = head_dim**-0.5 if scale is None else scale
         self.attn = attn_backend(self.num_heads, self.num_kv_heads, head_dim, scale, sliding_window, soft_cap)
-        self.native_rope = False  # rotary + KV store in one CPU kernel (model/cpu_ops.py)
+        self.native_rope = False  # rotary + KV store in one CPU kernel (kernels/cpu/ops.py)
         self.float_out = False  # a widened o_proj hands its float32 product unrounded to the next norm, which rounds it
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
@@ -76,8 +76,8 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-        self.native = False  # SiLU-and-mul in one CPU kernel (model/cpu_ops.py)
-        # bf16 projections widened to float32 (model/packed_linear.py): the activations around
+        self.native = False  # SiLU-and-mul in one CPU kernel (kernels/cpu/ops.py)
+        # bf16 projections widened to float32 (kernels/cpu/packed_linear.py): the activations around
         # them stay in float32, rounded where bf16 code rounds by the kernels that read them
         # (SiLU-and-mul, the next norm), instead of being converted on every side.
         self.widened = False
@@ -152,7 +152,7 @@ class LlamaForCausalLM(nn.Module):
         return torch.nn.functional.linear(hidden, weight).float()
 
     def pack_for_cpu(self) -> int:
-        """Lay out bf16 and fp32 projection weights once for oneDNN (see model/packed_linear.py), and switch
+        """Lay out bf16 and fp32 projection weights once for oneDNN (see kernels/cpu/packed_linear.py), and switch
         the element-wise steps to the fused CPU kernels where they built; returns how many weights were packed."""
         weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
         packed = 0
@@ -167,7 +167,7 @@ class LlamaForCausalLM(nn.Module):
         return packed
 
     def use_native_ops(self, enabled: bool = True) -> None:
-        """Run norms, SiLU-and-mul and rotary + KV store through model/cpu_ops.py (bf16 or fp32 on the CPU), or not."""
+        """Run norms, SiLU-and-mul and rotary + KV store through kernels/cpu/ops.py (bf16 or fp32 on the CPU), or not."""
         def widened(*linears) -> bool:
             return enabled and all(isinstance(p, PackedLinear) and p.upcast for p in linears)
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from pagedllm.model.arch_config import ArchConfig
 from pagedllm.model.models.llama import LlamaForCausalLM, LlamaMLP
-from pagedllm.model.packed_linear import PackedLinear, can_pack
+from pagedllm.kernels.cpu.packed_linear import PackedLinear, can_pack
 
 # An expert's own weight in an on-disk checkpoint: layer prefix, expert, which projection.
 _EXPERT_WEIGHT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
@@ -42,7 +42,7 @@ class MoEExperts(nn.Module):
         self.packed: nn.ModuleList | None = None  # per expert (gate_up, down) PackedLinears, once packed
 
     def pack(self) -> int:
-        """Lay each expert's weights out once for oneDNN, as the dense layers are (model/packed_linear.py: bf16 on
+        """Lay each expert's weights out once for oneDNN, as the dense layers are (kernels/cpu/packed_linear.py: bf16 on
         a CPU without bf16 instructions computes from widened weights); the stacks are freed. Returns how many."""
         if self.packed is not None or not can_pack(self.gate_up_proj):
             return 0

@@ -39,8 +39,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagedllm.model import skinny_gemm
-from pagedllm.model.cpu_info import native_bf16, onednn_bf16
+from pagedllm.kernels.cpu import skinny_gemm
+from pagedllm.kernels.cpu.cpu_info import native_bf16, onednn_bf16
 
 _BATCH_HINT = 64  # oneDNN picks its blocking for about this many rows; other sizes run fine
 _SKINNY_ROWS = 64  # widened layers multiply up to this many rows in the skinny kernel (oneDNN is ahead from ~96)
