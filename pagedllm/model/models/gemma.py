@@ -176,9 +176,6 @@ class _GemmaForCausalLM(nn.Module):
             del self.lm_head
         return 1 + pack_linears(self.layers)
 
-    def use_native_ops(self, enabled: bool = True) -> None:
-        """Nothing to switch: no fused CPU kernel computes Gemma's element-wise steps yet."""
-
     # --- weights ----------------------------------------------------------
     _fused_slices = LlamaForCausalLM._fused_slices
     _weight_slot = LlamaForCausalLM._weight_slot
