@@ -28,9 +28,9 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from pagedllm.file_cache import cache_root
 from pagedllm.kernels.cpu.cpu_info import cpu_flags
 from pagedllm.kernels.cpu.signatures import LIBRARIES
-from pagedllm.model.cache import cache_root
 
 logger = logging.getLogger(__name__)
 
