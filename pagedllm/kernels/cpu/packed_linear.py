@@ -111,14 +111,3 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 
 def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-def pack_linears(model: nn.Module) -> int:
-    """Swap every bf16 nn.Linear under `model` for a PackedLinear; returns how many were packed."""
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and can_pack(child.weight):
-                setattr(parent, name, PackedLinear(child.weight, child.bias))
-                count += 1
-    return count
