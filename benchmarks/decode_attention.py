@@ -5,7 +5,7 @@
 
 One decode step's attention at SmolLM2-135M's shape (9 query heads over 3 KV
 heads of 64) for --seqs sequences of --context tokens, in blocks of 16 spread
-at random over a pool, through the native kernel (model/attention/cpu_kernels.py),
+at random over a pool, through the native kernel (kernels/cpu/attention.py),
 over --layers pools in turn as a model's layers would be, so the keys and values
 come from memory and not from the caches. The two pools alternate in each
 round; medians over --repeat rounds, in ms per layer, with the bytes of keys
@@ -28,7 +28,8 @@ from pagedllm.entrypoints.bench.report import write_json
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from pagedllm.model.attention import cpu_kernels, kv_quant
+    from pagedllm.kernels.cpu import attention as cpu_kernels
+    from pagedllm.model.attention import kv_quant
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seqs", type=int, default=48)

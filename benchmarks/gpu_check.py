@@ -130,7 +130,8 @@ def step_decode(spec: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from pagedllm.model.attention import kv_quant, triton_kernels
+    from pagedllm.kernels.triton import attention as triton_kernels
+    from pagedllm.model.attention import kv_quant
 
     dry = spec["dry_run"]
     dev = "cpu" if dry else "cuda"

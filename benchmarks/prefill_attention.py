@@ -6,7 +6,7 @@ The shapes of the throughput benchmark: SmolLM2-135M's attention (9 query
 heads over 3 KV heads, head_dim 64), block_size 16, 48 prompts of 32..384
 tokens prefilled in steps of up to 2,048 tokens as the scheduler packs them
 (whole prompts in arrival order, the one that does not fit chunked across
-steps). Both paths run CpuPagedAttention._prefill_batch on the same steps and
+steps). Both paths run CpuPagedAttention.prefill_batch (the kernel, or its torch fallback) on the same steps and
 the same pool, alternated step by step in one process, so that other load on
 the machine hits both alike; each step's time is its best of --reps.
 """
@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from pagedllm.model.attention import cpu_kernels
+from pagedllm.kernels.cpu import attention as cpu_kernels
 from pagedllm.model.attention.cpu_backend import CpuPagedAttention
 from pagedllm.model.attention.metadata import AttentionMetadata
-from pagedllm.model.attention.torch_backend import TorchPagedAttention, write_kv
+from pagedllm.model.attention.torch_backend import write_kv
 
 
 def make_steps(lengths: list[int], budget: int) -> list[list[tuple[int, int]]]:
@@ -87,8 +87,8 @@ def main() -> None:
         steps.append((q, k, v, meta))
 
     paths = {
-        "fp32 SDPA (current)": lambda q, k, v, meta, out: TorchPagedAttention._prefill_batch(attn, q, k, v, cache, meta, out),
-        "native bf16 kernel": lambda q, k, v, meta, out: attn._prefill_batch(q, k, v, cache, meta, out),
+        "fp32 SDPA (current)": lambda q, k, v, meta, out: attn.torch.prefill_batch(q, k, v, cache, meta, out),
+        "native bf16 kernel": lambda q, k, v, meta, out: attn.prefill_batch(q, k, v, cache, meta, out),
     }
     best = {name: [float("inf")] * len(steps) for name in paths}
     outs = {name: [None] * len(steps) for name in paths}

@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from pagedllm.model import skinny_gemm
-from pagedllm.model.packed_linear import _linear, _pack
+from pagedllm.kernels.cpu import skinny_gemm
+from pagedllm.kernels.cpu.packed_linear import _linear, _pack
 
 SHAPES = [("qkv", 576, 960), ("o", 576, 576), ("gate_up", 576, 3072), ("down", 1536, 576), ("lm_head", 576, 49152)]
 

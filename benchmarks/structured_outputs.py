@@ -124,7 +124,7 @@ def masks(rows: int = 48) -> dict:
     import torch
     import xgrammar as xgr
 
-    from pagedllm.model import cpu_ops
+    from pagedllm.kernels.cpu import ops as cpu_ops
     from pagedllm.model.loader import resolve_model
     from pagedllm.structured_output.backend import XgrammarBackend
     from pagedllm.structured_output.params import StructuredOutputsParams

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedllm.model.attention import cpu_kernels
+from pagedllm.kernels.cpu import attention as cpu_kernels
 from pagedllm.model.attention.metadata import AttentionMetadata
 from pagedllm.model.attention.cpu_backend import CpuPagedAttention
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
@@ -197,7 +197,7 @@ def test_cpu_decode_kernel_pads_with_zeros_and_matches_the_reference(dtype, head
     Covers both the AVX-512 path (head sizes 64 and 128, query groups of 1 to 6
     heads, so passes over the values of one and of several heads) and the generic one.
     """
-    from pagedllm.model.attention import cpu_kernels
+    from pagedllm.kernels.cpu import attention as cpu_kernels
 
     h, kvh = heads
     g = torch.Generator().manual_seed(head_dim + h)
@@ -231,7 +231,7 @@ def test_loading_the_cpu_kernels_leaves_subnormal_floats_alone():
     import sys
 
     code = (
-        "from pagedllm.model.attention import cpu_kernels; import torch; assert cpu_kernels.load() is not None; "
+        "from pagedllm.kernels.cpu import attention as cpu_kernels; import torch; assert cpu_kernels.load() is not None; "
         "import struct; x = struct.unpack('f', struct.pack('f', 1e-40))[0]; "
         "assert torch.tensor(x).mul(1.0).item() != 0.0, 'flush-to-zero is on'"
     )
@@ -352,7 +352,7 @@ def test_cpu_backend_bf16_step_of_decodes_and_prefill_chunks(head_dim, monkeypat
         max_query_len=max(chunks),
     )
     if cpu_kernels.supports_prefill(torch.bfloat16, head_dim):
-        monkeypatch.setattr(CpuPagedAttention, "_prefill", lambda *a: pytest.fail("the prefill kernel should have run"))
+        fail_in_torch_fallback(monkeypatch, "_prefill", "the prefill kernel should have run")
     out = CpuPagedAttention(h, kvh, head_dim, head_dim**-0.5).forward(q, k, v, cache, meta).view(-1, h, head_dim)
     ref = TorchPagedAttention(h, kvh, head_dim, head_dim**-0.5).forward(q.float(), k.float(), v.float(), ref_cache.float(), meta)
     _assert_close_to_bf16_rounding(out, ref.view(-1, h, head_dim))
@@ -375,6 +375,12 @@ def _poison(pool, block, offsets, value, kvh, d):
         scales[:, block, offsets] = value
     else:
         pool[:, block, offsets] = value
+
+
+def fail_in_torch_fallback(monkeypatch, method: str, message: str) -> None:
+    """The torch backend that CpuPagedAttention holds for what its kernels do not take fails in `method`."""
+    failing = type("Failing", (CpuPagedAttention.fallback,), {method: lambda *a: pytest.fail(message)})
+    monkeypatch.setattr(CpuPagedAttention, "fallback", failing)
 
 
 def run_windowed_step(heads, block_size, window, soft_cap, q_dtype, kv_dtype, seed=0, seqs=WINDOW_SEQS):
@@ -457,9 +463,9 @@ def test_cpu_backend_sliding_window_and_soft_cap_never_read_before_the_window(wi
     """Decodes and prefill chunks in one step, native kernels where they run here (the torch path elsewhere)."""
     q_dtype, kv_dtype = POOLS[pool]
     if cpu_kernels.supports(q_dtype, kv_dtype, 64):
-        monkeypatch.setattr(CpuPagedAttention, "_decode", lambda *a: pytest.fail("the native decode kernel should have run"))
+        fail_in_torch_fallback(monkeypatch, "_decode", "the native decode kernel should have run")
     if cpu_kernels.supports_prefill(q_dtype, 64, kv_dtype):
-        monkeypatch.setattr(CpuPagedAttention, "_prefill", lambda *a: pytest.fail("the native prefill kernel should have run"))
+        fail_in_torch_fallback(monkeypatch, "_prefill", "the native prefill kernel should have run")
     run_windowed_step((9, 3, 64), block_size, window, soft_cap, q_dtype, kv_dtype, seed=block_size + (window or 0))
 
 

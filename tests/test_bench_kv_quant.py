@@ -43,7 +43,7 @@ def test_decode_attention_times_both_pools(tmp_path):
         pytest.skip("CPU kernels did not build")
     import torch
 
-    from pagedllm.model.attention import cpu_kernels
+    from pagedllm.kernels.cpu import attention as cpu_kernels
 
     if not cpu_kernels.supports(torch.bfloat16, torch.int8, 64):
         pytest.skip("the int8 decode kernel needs AVX-512 (int8 pools use the torch path elsewhere)")

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from benchmarks import skinny_gemm as bench
-from pagedllm.model import skinny_gemm
+from pagedllm.kernels.cpu import skinny_gemm
 
 pytestmark = pytest.mark.skipif(not skinny_gemm.available(), reason="the skinny kernel needs AVX-512 and a C++ compiler")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedllm.model import cpu_ops
+from pagedllm.kernels.cpu import ops as cpu_ops
 from pagedllm.model.layers import RotaryEmbedding
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(torch.empty(1, dtype=torch.bfloat16)), reason="CPU kernels did not build")

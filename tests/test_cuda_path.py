@@ -23,6 +23,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.entrypoints.args import add_engine_args, engine_options
 from pagedllm.entrypoints.cli import main
 from pagedllm.model.attention.selector import get_attention_backend
+from pagedllm.model.layer_kernels import fused_ops
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
 from pagedllm.worker import gpu_memory
 from pagedllm.worker.cuda_graphs import DecodeGraphs, capture_sizes
@@ -57,9 +58,9 @@ def tiny_config() -> transformers.LlamaConfig:
 
 @pytest.fixture(scope="module")
 def runner() -> ModelRunner:
-    r = ModelRunner(tiny_config(), None, device=torch.device("cpu"), dtype=torch.float32, block_size=BLOCK,
-                    attn_backend=SkippingStore)
-    r.model.use_native_ops(False)  # as on CUDA: torch ops, and the backend stores the keys and values
+    with fused_ops(False):  # as on CUDA: torch ops, and the backend stores the keys and values
+        r = ModelRunner(tiny_config(), None, device=torch.device("cpu"), dtype=torch.float32, block_size=BLOCK,
+                        attn_backend=SkippingStore)
     r.allocate_kv_cache(NUM_BLOCKS)
     return r
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedllm.model.attention import cpu_kernels, kv_quant
+from pagedllm.kernels.cpu import attention as cpu_kernels
+from pagedllm.model.attention import kv_quant
 from pagedllm.model.attention.cpu_backend import CpuPagedAttention
 from pagedllm.model.attention.metadata import AttentionMetadata
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
@@ -67,7 +68,7 @@ def test_fp8_is_for_cuda_and_unknown_names_are_refused():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 128, 80])
 def test_native_store_quantizes_exactly_as_the_reference(dtype, head_dim):
-    from pagedllm.model import cpu_ops
+    from pagedllm.kernels.cpu import ops as cpu_ops
     from pagedllm.model.layers import RotaryEmbedding
 
     h, kvh, bs, nb, t = 8, 2, 16, 8, 30

@@ -124,7 +124,9 @@ def test_logits_match_transformers(arch, block_size):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("arch", ["smollm2", "llama3", "qwen2", "qwen3"])
 def test_fused_cpu_ops_give_the_logits_of_torch_ops(arch, dtype):
-    from pagedllm.model import cpu_ops
+    from pagedllm.kernels.cpu import ops as cpu_ops
+    from pagedllm.model.layer_kernels import fused_ops
+    from pagedllm.model.layers import FusedRMSNorm
 
     if not cpu_ops.available(torch.empty(1, dtype=dtype)):
         pytest.skip("CPU kernels did not build")
@@ -134,9 +136,9 @@ def test_fused_cpu_ops_give_the_logits_of_torch_ops(arch, dtype):
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in [23, 7, 41, 2]]
     runs = []
     for native in (True, False):
-        runner = ModelRunner(cfg, weights.items(), device=torch.device("cpu"), dtype=dtype, block_size=16)
-        assert runner.model.norm.native  # switched on at load time on the CPU
-        runner.model.use_native_ops(native)
+        with fused_ops(native):  # chosen at load time: the fused kernels on the CPU, unless turned off
+            runner = ModelRunner(cfg, weights.items(), device=torch.device("cpu"), dtype=dtype, block_size=16)
+        assert isinstance(runner.model.norm, FusedRMSNorm) == native
         runs.append(torch.cat(paged_logits(runner, prompts, 16)))
     if dtype == torch.float32:
         torch.testing.assert_close(runs[0], runs[1], atol=1e-5, rtol=1e-5)

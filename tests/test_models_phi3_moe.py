@@ -289,7 +289,9 @@ def test_moe_block_runs_each_routed_expert_once(monkeypatch, renormalize):
 def test_fused_cpu_ops_give_the_logits_of_torch_ops(arch, dtype):
     """The native kernels (norms, SiLU-and-mul, rope + KV store where the whole head rotates, LongRoPE's long rows
     too: the first prompt is longer than the original length) against torch's ops."""
-    from pagedllm.model import cpu_ops
+    from pagedllm.kernels.cpu import ops as cpu_ops
+    from pagedllm.model.layer_kernels import fused_ops
+    from pagedllm.model.layers import FusedRMSNorm
 
     if not cpu_ops.available(torch.empty(1, dtype=dtype)):
         pytest.skip("CPU kernels did not build")
@@ -299,10 +301,10 @@ def test_fused_cpu_ops_give_the_logits_of_torch_ops(arch, dtype):
     plans = [[90] + [1] * 5, [7], [20, 21], [1, 1]]
     runs = []
     for native in (True, False):
-        runner = _runner(cfg, weights.items(), dtype=dtype)
-        assert runner.model.norm.native
-        runner.model.use_native_ops(native)
-        assert runner.model.layers[0].self_attn.native_rope == (native and arch in ("phi3_longrope", "mixtral"))
+        with fused_ops(native):  # chosen at load time
+            runner = _runner(cfg, weights.items(), dtype=dtype)
+        assert isinstance(runner.model.norm, FusedRMSNorm) == native
+        assert runner.model.layers[0].self_attn.fused_rope == (native and arch in ("phi3_longrope", "mixtral"))
         if arch in ("mixtral", "qwen3_moe_dense"):  # the experts are laid out for oneDNN too
             assert runner.model.layers[-1].mlp.experts.packed is not None
         runs.append(torch.cat(logits_in_steps(runner, prompts, plans, 16)))

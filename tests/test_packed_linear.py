@@ -8,9 +8,9 @@ import torch
 
 from pagedllm.model.arch_config import ArchConfig
 from pagedllm.model.models.llama import LlamaForCausalLM
-from pagedllm.model.cpu_info import native_bf16, onednn_bf16
-from pagedllm.model import packed_linear
-from pagedllm.model.packed_linear import PackedLinear, can_pack
+from pagedllm.kernels.cpu.cpu_info import native_bf16, onednn_bf16
+from pagedllm.kernels.cpu import packed_linear
+from pagedllm.kernels.cpu.packed_linear import PackedLinear, can_pack
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.empty(1, dtype=torch.bfloat16)), reason="torch has no oneDNN here")
 

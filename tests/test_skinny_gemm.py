@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedllm.model import skinny_gemm
-from pagedllm.model.packed_linear import _PAIR_ROWS, _SKINNY_ROWS, PackedLinear, can_pack
+from pagedllm.kernels.cpu import skinny_gemm
+from pagedllm.kernels.cpu.packed_linear import _PAIR_ROWS, _SKINNY_ROWS, PackedLinear, can_pack
 
 pytestmark = pytest.mark.skipif(not skinny_gemm.available(), reason="the skinny kernel needs AVX-512 and a C++ compiler")
 

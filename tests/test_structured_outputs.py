@@ -121,7 +121,7 @@ def test_choice_grammar_escapes_quotes_and_backslashes():
 
 
 def test_native_bitmask_apply_equals_xgrammar():
-    from pagedllm.model import cpu_ops
+    from pagedllm.kernels.cpu import ops as cpu_ops
 
     if not cpu_ops.available(torch.empty(1)):
         pytest.skip("the native CPU kernels are not built here")

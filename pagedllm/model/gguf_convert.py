@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pagedllm.model.cache import cache_root
+from pagedllm.file_cache import cache_root
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.model import cpu_ops
+from pagedllm.kernels.cpu import ops as cpu_ops
 
 
 class RMSNorm(nn.Module):
@@ -20,19 +20,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self.native = False  # the fused CPU kernel of model/cpu_ops.py (bf16 on the CPU only)
-        # bf16 output values in float32, for a widened projection to read (native only; model/packed_linear.py)
-        self.float_out = False
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x); or, given the residual stream, (norm(x + residual), x + residual).
 
         The sum is what a decoder layer adds back later; computing it here lets the
-        native kernel add and normalise in one pass (and write the sum over residual).
+        fused kernel (FusedRMSNorm) add and normalise in one pass.
         """
-        if self.native and x.dim() == 2:
-            out = cpu_ops.rms_norm(x, self.weight, self.eps, residual, torch.float32 if self.float_out else None)
-            return out if residual is None else (out, residual)
         if residual is not None:
             residual = x + residual
             return self._norm(residual), residual
@@ -47,9 +41,25 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x, self.weight.shape, None, self.eps)
 
 
-def silu_and_mul(gate_up: torch.Tensor, native: bool = False) -> torch.Tensor:
-    if native:
-        return cpu_ops.silu_and_mul(gate_up)
+class FusedRMSNorm(RMSNorm):
+    """An RMSNorm of the hidden stream ([T, dim], bf16 or float32 on the CPU) in one pass of the fused kernel
+    (kernels/cpu/ops.py), which also writes x + residual over residual. Built from a loaded RMSNorm, whose
+    weight it shares (model/layer_kernels.py chooses it)."""
+
+    def __init__(self, norm: RMSNorm, float_out: bool = False) -> None:
+        """float_out: the bf16 output values in float32, for a widened projection to read
+        (kernels/cpu/packed_linear.py); x may then come in float32 too, rounded to bf16 as it is read."""
+        nn.Module.__init__(self)
+        self.weight = norm.weight
+        self.eps = norm.eps
+        self.out_dtype = torch.float32 if float_out else None
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        out = cpu_ops.rms_norm(x, self.weight, self.eps, residual, self.out_dtype)
+        return out if residual is None else (out, residual)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pagedllm.model import cpu_ops
+from pagedllm.kernels.cpu import ops as cpu_ops
 
 
 def apply_grammar_masks(logits: torch.Tensor, rows: list[tuple[int, object]]) -> dict[int, Exception]:

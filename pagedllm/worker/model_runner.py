@@ -15,7 +15,7 @@ import torch
 
 from pagedllm.config import DTYPES
 from pagedllm.model.arch_config import ArchConfig
-from pagedllm.model.cpu_info import native_bf16
+from pagedllm.kernels.cpu.cpu_info import native_bf16
 from pagedllm.model.attention import kv_quant
 from pagedllm.model.attention.metadata import AttentionMetadata, common_prefix_blocks
 from pagedllm.model.attention.torch_backend import TorchPagedAttention

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from pagedllm.model import cpu_ops
+from pagedllm.kernels.cpu import ops as cpu_ops
 from pagedllm.sampling_params import SamplingParams
 
 # Top-p first looks for its cut-off among this many best tokens per row, then

@@ -1,4 +1,4 @@
-"""Paged attention on the CPU with a native decode kernel; the rest as the torch backend does it.
+"""Paged attention on the CPU with native decode and prefill kernels; the rest delegated to a torch backend.
 
 Decode dominates a serving step's attention time: the torch backend copies
 every sequence's keys and values out of the pool and pads them to the longest
@@ -9,9 +9,10 @@ attention brings nothing here.
 
 Prefill chunks in bf16 (head sizes 64 and 128, AVX-512 BF16) go to a native
 flash-attention kernel too, all of a step's chunks in one call so that two
-threads stay busy even on one short prompt. Elsewhere they keep the torch
-path, in float32: torch's CPU flash attention is about twice as fast in fp32
-as in bf16 on this kind of machine, and fp32 scores are the more exact anyway.
+threads stay busy even on one short prompt. Elsewhere they go to the torch
+backend this one holds (as does what the decode kernel does not take), in
+float32: torch's CPU flash attention is about twice as fast in fp32 as in
+bf16 on this kind of machine, and fp32 scores are the more exact anyway.
 
 Both kernels take the layer's sliding window and soft cap: a windowed layer
 reads only the positions inside each query's window (the blocks before it may
@@ -22,34 +23,46 @@ from __future__ import annotations
 
 import torch
 
-from pagedllm.model.attention import cpu_kernels
+from pagedllm.kernels.cpu import attention as cpu_kernels
+from pagedllm.model.attention.base import PagedAttentionBackend
 from pagedllm.model.attention.metadata import AttentionMetadata
-from pagedllm.model.attention.torch_backend import TorchPagedAttention
+from pagedllm.model.attention.torch_backend import TorchPagedAttention, attend_decodes_then_prefills, write_kv
 
 
-class CpuPagedAttention(TorchPagedAttention):
-    def _decode_batch(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+class CpuPagedAttention(PagedAttentionBackend):
+    """The native kernels where they take the step's dtypes and head size; the torch backend it holds for the rest."""
+
+    fallback = TorchPagedAttention  # the class of that torch backend
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, logits_soft_cap: float | None = None) -> None:
+        super().__init__(num_heads, num_kv_heads, head_dim, scale, sliding_window, logits_soft_cap)
+        self.torch = self.fallback(num_heads, num_kv_heads, head_dim, scale, sliding_window, logits_soft_cap,
+                                         float32_prefill=True)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                kv_stored: bool = False) -> torch.Tensor:
+        """As TorchPagedAttention.forward."""
+        if not kv_stored:
+            write_kv(kv_cache, k, v, meta.slot_mapping)
+        return attend_decodes_then_prefills(q, k, v, kv_cache, meta, self.decode_batch, self.prefill_batch)
+
+    def decode_batch(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if not cpu_kernels.supports(q.dtype, kv_cache.dtype, self.head_dim):
-            return super()._decode_batch(q, kv_cache, meta)
+            return self.torch.decode_batch(q, kv_cache, meta)
         nd = meta.num_decodes
         return cpu_kernels.paged_decode(q, kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale, self.num_kv_heads,
                                         window=self.sliding_window, soft_cap=self.logits_soft_cap)
 
-    def _prefill_batch(self, q, k, v, kv_cache, meta: AttentionMetadata, out) -> None:
+    def prefill_batch(self, q, k, v, kv_cache, meta: AttentionMetadata, out) -> None:
         if not cpu_kernels.supports_prefill(q.dtype, self.head_dim, kv_cache.dtype):
-            return super()._prefill_batch(q, k, v, kv_cache, meta, out)
+            return self.torch.prefill_batch(q, k, v, kv_cache, meta, out)
         nd, ns, qsl = meta.num_decodes, meta.num_seqs, meta.query_start_loc_cpu
         rows = qsl[ns] - qsl[nd]
         starts = meta.query_start_loc[nd : ns + 1] - qsl[nd]
         cpu_kernels.paged_prefill(q[:rows], kv_cache, meta.block_tables[nd:ns], starts, meta.seq_lens[nd:ns], self.scale,
                                   out=out[:rows], num_kv_heads=self.num_kv_heads, window=self.sliding_window,
                                   soft_cap=self.logits_soft_cap)
-
-    def _prefill(self, q, k_new, v_new, kv_cache, block_table, seq_len):
-        if q.dtype != torch.bfloat16:
-            return super()._prefill(q, k_new, v_new, kv_cache, block_table, seq_len)
-        o = super()._prefill(q.float(), k_new.float(), v_new.float(), kv_cache, block_table, seq_len)
-        return o.to(q.dtype)
 
     @staticmethod
     def available() -> bool:

@@ -16,7 +16,7 @@ x / scale rounded to the nearest int8 (or cast to fp8), within +-QMAX. With a
 head size of 64 a token's keys and values take 132 bytes per KV head against
 256 in bf16: 1.94x the tokens in the same memory.
 
-The attention kernels read values and scales in place (model/csrc and the
+The attention kernels read values and scales in place (kernels/cpu/csrc and the
 Triton kernels); the torch functions here are the reference they are tested
 against, and the torch backend's path.
 """

@@ -67,11 +67,32 @@ def _capped_attention(q, k, v, scale, mask, soft_cap):
     return (o / l).view(kvh, g, n, d).to(q.dtype)
 
 
+def attend_decodes_then_prefills(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                                 meta: AttentionMetadata, decode_batch, prefill_batch) -> torch.Tensor:
+    """A step's attention in two calls: decode_batch(q, kv_cache, meta) for its decodes (the first
+    meta.num_decodes sequences, one query each), prefill_batch(q, k, v, kv_cache, meta, out) for the prefill
+    chunks after them (their rows of q, k, v, written into out). Returns [T, num_heads * head_dim]."""
+    nd = meta.num_decodes
+    if nd == meta.num_seqs == q.shape[0]:  # a decode step: its output needs no copy into a shared one
+        return decode_batch(q, kv_cache, meta).reshape(nd, -1)
+    out = torch.empty_like(q)
+    if nd:
+        out[:nd] = decode_batch(q[:nd], kv_cache, meta)
+    if nd < meta.num_seqs:
+        first = meta.query_start_loc_cpu[nd]
+        prefill_batch(q[first:], k[first:], v[first:], kv_cache, meta, out[first:])
+    return out.view(q.shape[0], -1)
+
+
 class TorchPagedAttention(PagedAttentionBackend):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 sliding_window: int | None = None, logits_soft_cap: float | None = None) -> None:
+                 sliding_window: int | None = None, logits_soft_cap: float | None = None,
+                 float32_prefill: bool = False) -> None:
+        """float32_prefill: bf16 prefill chunks computed in float32 and rounded back (the CPU backend's choice:
+        torch's CPU flash attention is about twice as fast in fp32 as in bf16 there, and more exact)."""
         super().__init__(num_heads, num_kv_heads, head_dim, scale, sliding_window, logits_soft_cap)
         self.gqa = num_heads != num_kv_heads
+        self.float32_prefill = float32_prefill
 
     def _gather(self, kv_cache: torch.Tensor, half: int, block_tables: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """Keys (half 0) or values (half 1) as [B, num_tokens, kv_heads, head_dim]; a quantized pool's in float32."""
@@ -90,18 +111,9 @@ class TorchPagedAttention(PagedAttentionBackend):
     ) -> torch.Tensor:  # [T, num_heads * head_dim]
         if not kv_stored:
             write_kv(kv_cache, k, v, meta.slot_mapping)
-        nd = meta.num_decodes
-        if nd == meta.num_seqs == q.shape[0]:  # a decode step: its output needs no copy into a shared one
-            return self._decode_batch(q, kv_cache, meta).reshape(nd, -1)
-        out = torch.empty_like(q)
-        if nd:
-            out[:nd] = self._decode_batch(q[:nd], kv_cache, meta)
-        if nd < meta.num_seqs:
-            first = meta.query_start_loc_cpu[nd]
-            self._prefill_batch(q[first:], k[first:], v[first:], kv_cache, meta, out[first:])
-        return out.view(q.shape[0], -1)
+        return attend_decodes_then_prefills(q, k, v, kv_cache, meta, self.decode_batch, self.prefill_batch)
 
-    def _prefill_batch(self, q, k, v, kv_cache, meta: AttentionMetadata, out) -> None:
+    def prefill_batch(self, q, k, v, kv_cache, meta: AttentionMetadata, out) -> None:
         """Sequences num_decodes.. (their rows of q, k, v, from the first one's on), written into out.
 
         One call for all of them, so that a backend can split the work its own
@@ -113,7 +125,7 @@ class TorchPagedAttention(PagedAttentionBackend):
             start, end = qsl[i] - base, qsl[i + 1] - base
             out[start:end] = self._prefill(q[start:end], k[start:end], v[start:end], kv_cache, meta.block_tables[i], lens[i])
 
-    def _decode_batch(self, q, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+    def decode_batch(self, q, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         """The first meta.num_decodes sequences, one query token each."""
         nd = meta.num_decodes
         tables, lens, max_len = meta.block_tables[:nd], meta.seq_lens[:nd], max(meta.seq_lens_cpu[:nd])
@@ -190,6 +202,8 @@ class TorchPagedAttention(PagedAttentionBackend):
         return o.to(q.dtype).reshape(d_seqs, self.num_heads, hd)
 
     def _prefill(self, q, k_new, v_new, kv_cache, block_table, seq_len):
+        if self.float32_prefill and q.dtype == torch.bfloat16:
+            return self._prefill(q.float(), k_new.float(), v_new.float(), kv_cache, block_table, seq_len).to(q.dtype)
         n = q.shape[0]
         qh = q.transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
         plain = self.sliding_window is None and self.logits_soft_cap is None

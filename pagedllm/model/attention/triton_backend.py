@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from pagedllm.model.attention import triton_kernels
+from pagedllm.kernels.triton import attention as triton_kernels
 from pagedllm.model.attention.base import PagedAttentionBackend
 from pagedllm.model.attention.metadata import AttentionMetadata
 

@@ -24,7 +24,8 @@ from pagedllm.model.attention.metadata import AttentionMetadata, per_layer
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
 from pagedllm.model.layers import RotaryEmbedding
 from pagedllm.model.models.llama import LlamaAttention, LlamaForCausalLM
-from pagedllm.model.packed_linear import PackedLinear, can_pack, pack_linears
+from pagedllm.kernels.cpu.packed_linear import PackedLinear
+from pagedllm.model.layer_kernels import LayerKernels
 
 # hidden_activation -> the `approximate` argument of F.gelu (transformers' ACT2FN names)
 _GELU = {"gelu_pytorch_tanh": "tanh", "gelu_python_tanh": "tanh", "gelu_new": "tanh", "gelu": "none"}
@@ -51,6 +52,10 @@ class GemmaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.approximate = approximate
 
+    def finish_load(self, kernels: LayerKernels) -> None:
+        self.gate_up_proj = kernels.linear(self.gate_up_proj)
+        self.down_proj = kernels.linear(self.down_proj)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.gelu(gate, approximate=self.approximate) * up)
@@ -64,6 +69,12 @@ class GemmaAttention(LlamaAttention):
     def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, attn_backend: type, scale: float,
                  sliding_window: int | None, soft_cap: float | None, qk_norm: bool) -> None:
         super().__init__(cfg, rotary, attn_backend, sliding_window, scale=scale, soft_cap=soft_cap, qk_norm=qk_norm)
+
+    def finish_load(self, kernels: LayerKernels) -> bool:
+        """The projections only (packed where they run): rope and the norms stay in torch."""
+        self.qkv_proj = kernels.linear(self.qkv_proj)
+        self.o_proj = kernels.linear(self.o_proj)
+        return False
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
@@ -87,6 +98,10 @@ class GemmaDecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = GemmaRMSNorm(h, eps)
         self.mlp = GemmaMLP(cfg, approximate)
         self.post_feedforward_layernorm = GemmaRMSNorm(h, eps)
+
+    def finish_load(self, kernels: LayerKernels) -> None:
+        self.self_attn.finish_load(kernels)
+        self.mlp.finish_load(kernels)
 
     def forward(self, positions, x, kv_cache, meta) -> torch.Tensor:
         x = x + self.post_attention_layernorm(self.self_attn(positions, self.input_layernorm(x), kv_cache, meta))
@@ -166,18 +181,18 @@ class _GemmaForCausalLM(nn.Module):
         return logits.float()
 
     def pack_for_cpu(self) -> int:
-        """Lay out the projections once for oneDNN (model/packed_linear.py); the element-wise steps stay in
-        torch (the fused CPU norms compute Llama's rounding, not Gemma's)."""
+        """The last step of loading: the projections laid out once for oneDNN where they run
+        (model/layer_kernels.py); the element-wise steps stay in torch (the fused CPU norms compute Llama's
+        rounding, not Gemma's). Returns how many weights were packed."""
         weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        if not can_pack(weight):
-            return 0
-        self.packed_lm_head = PackedLinear(weight, None)
-        if not self.tie_word_embeddings:
-            del self.lm_head
-        return 1 + pack_linears(self.layers)
-
-    def use_native_ops(self, enabled: bool = True) -> None:
-        """Nothing to switch: no fused CPU kernel computes Gemma's element-wise steps yet."""
+        kernels = LayerKernels.choose(weight)
+        if kernels.packed:
+            self.packed_lm_head = PackedLinear(weight, None)
+            if not self.tie_word_embeddings:
+                del self.lm_head
+        for layer in self.layers:
+            layer.finish_load(kernels)
+        return sum(isinstance(m, PackedLinear) for m in self.modules())
 
     # --- weights ----------------------------------------------------------
     _fused_slices = LlamaForCausalLM._fused_slices

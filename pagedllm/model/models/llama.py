@@ -16,9 +16,10 @@ from torch import nn
 from pagedllm.model.attention.metadata import AttentionMetadata, per_layer
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
 from pagedllm.model.arch_config import ArchConfig
-from pagedllm.model import cpu_ops
+from pagedllm.kernels.cpu import ops as cpu_ops
+from pagedllm.kernels.cpu.packed_linear import PackedLinear
+from pagedllm.model.layer_kernels import LayerKernels
 from pagedllm.model.layers import RMSNorm, RotaryEmbedding, rotary_embedding, silu_and_mul
-from pagedllm.model.packed_linear import PackedLinear, can_pack, pack_linears
 
 
 class LlamaAttention(nn.Module):
@@ -44,20 +45,41 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         scale = head_dim**-0.5 if scale is None else scale
         self.attn = attn_backend(self.num_heads, self.num_kv_heads, head_dim, scale, sliding_window, soft_cap)
-        self.native_rope = False  # rotary + KV store in one CPU kernel (model/cpu_ops.py)
-        self.float_out = False  # a widened o_proj hands its float32 product unrounded to the next norm, which rounds it
+        self.attend = self._rope_then_attend  # rotary, then attention (which stores the keys and values)
+        self.project_out = self.o_proj.__call__
+
+    def finish_load(self, kernels: LayerKernels) -> bool:
+        """Pick this layer's projections and its rotary + KV store (one fused kernel where it runs) for the loaded
+        weights; returns whether qkv_proj takes float32 inputs (a widened projection)."""
+        fused_rope = kernels.fused_rope(self.head_dim, self.rotary.rotary_dim, self.qk_norm)
+        self.qkv_proj = kernels.linear(self.qkv_proj)
+        self.o_proj = kernels.linear(self.o_proj)
+        # A widened o_proj after the fused kernel hands its float32 product unrounded to the next norm, which rounds it.
+        self.project_out = kernels.call(self.o_proj, float_out=fused_rope)
+        if fused_rope:
+            self.attend = self._fused_rope_store_then_attend
+        return kernels.float_activations
+
+    @property
+    def fused_rope(self) -> bool:
+        return self.attend == self._fused_rope_store_then_attend
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        qkv = self.qkv_proj(x)
+        return self.project_out(self.attend(positions, self.qkv_proj(x), kv_cache, meta))
+
+    def _fused_rope_store_then_attend(self, positions, qkv, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """Rotary + KV store in one CPU kernel (kernels/cpu/ops.py), then attention over the stored pool."""
+        t = qkv.shape[0]
+        cpu_ops.rope_and_store(qkv, positions, self.rotary.cos, self.rotary.sin, self.num_heads, self.num_kv_heads,
+                               self.head_dim, meta.slot_mapping, kv_cache)
+        q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
-        if self.native_rope:
-            cpu_ops.rope_and_store(qkv, positions, self.rotary.cos, self.rotary.sin, self.num_heads, self.num_kv_heads,
-                                   self.head_dim, meta.slot_mapping, kv_cache)
-            q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)
-            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
-            out = self.attn.forward(q, k, v, kv_cache, meta, kv_stored=True)
-            return self.o_proj(out, round_output=False) if self.float_out else self.o_proj(out)
+        return self.attn.forward(q, k, v, kv_cache, meta, kv_stored=True)
+
+    def _rope_then_attend(self, positions, qkv, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        t = qkv.shape[0]
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = qkv[:, : self.q_size], qkv[:, self.q_size : self.q_size + self.kv_size]
             q = self.q_norm(q.view(t, self.num_heads, self.head_dim))
@@ -68,7 +90,7 @@ class LlamaAttention(nn.Module):
             qk = qkv[:, : self.q_size + self.kv_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim)
             qk = self.rotary.rotate(positions, qk)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        return self.o_proj(self.attn.forward(q, k, v.contiguous(), kv_cache, meta))
+        return self.attn.forward(q, k, v.contiguous(), kv_cache, meta)
 
 
 class LlamaMLP(nn.Module):
@@ -76,17 +98,22 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-        self.native = False  # SiLU-and-mul in one CPU kernel (model/cpu_ops.py)
-        # bf16 projections widened to float32 (model/packed_linear.py): the activations around
-        # them stay in float32, rounded where bf16 code rounds by the kernels that read them
-        # (SiLU-and-mul, the next norm), instead of being converted on every side.
-        self.widened = False
+        self.act = silu_and_mul
+        self.project_gate_up, self.project_down = self.gate_up_proj.__call__, self.down_proj.__call__
+
+    def finish_load(self, kernels: LayerKernels) -> bool:
+        """Pick the projections and SiLU-and-mul for the loaded weights; returns whether the block takes float32
+        inputs. Widened projections (model/layer_kernels.py) keep the activations around them in float32, rounded
+        where bf16 code rounds by the kernels that read them (SiLU-and-mul, the next norm)."""
+        self.gate_up_proj = kernels.linear(self.gate_up_proj)
+        self.down_proj = kernels.linear(self.down_proj)
+        self.project_gate_up = kernels.call(self.gate_up_proj, float_out=True)
+        self.project_down = kernels.call(self.down_proj, float_out=True)
+        self.act = kernels.silu_and_mul(float_in=True)
+        return kernels.float_activations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.widened:
-            h = cpu_ops.silu_and_mul(self.gate_up_proj(x, round_output=False), bf16_in_float=True)
-            return self.down_proj(h, round_output=False)
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.native))
+        return self.project_down(self.act(self.project_gate_up(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -98,6 +125,13 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(cfg, rotary, attn_backend, sliding_window)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg) if mlp is None else mlp
+
+    def finish_load(self, kernels: LayerKernels) -> None:
+        """Each block picks its implementation; a norm in front of a block that takes float32 hands it float32."""
+        attn_float_in = self.self_attn.finish_load(kernels)
+        mlp_float_in = self.mlp.finish_load(kernels)
+        self.input_layernorm = kernels.norm(self.input_layernorm, float_out=attn_float_in)
+        self.post_attention_layernorm = kernels.norm(self.post_attention_layernorm, float_out=mlp_float_in)
 
     def forward(self, positions, x, residual, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous layer's output, not yet added to the residual stream (None before the first layer)."""
@@ -152,38 +186,20 @@ class LlamaForCausalLM(nn.Module):
         return torch.nn.functional.linear(hidden, weight).float()
 
     def pack_for_cpu(self) -> int:
-        """Lay out bf16 and fp32 projection weights once for oneDNN (see model/packed_linear.py), and switch
-        the element-wise steps to the fused CPU kernels where they built; returns how many weights were packed."""
+        """The last step of loading: every layer picks its implementation for this device and dtype
+        (model/layer_kernels.py: bf16 and float32 projection weights laid out once for oneDNN, the fused CPU
+        kernels where they built). Returns how many weights were packed."""
         weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        packed = 0
-        if can_pack(weight):
+        kernels = LayerKernels.choose(weight)
+        if kernels.packed:
             # A tied head keeps its table for the embedding lookup and gets a packed copy.
             self.packed_lm_head = PackedLinear(weight, None)
             if not self.tie_word_embeddings:
                 del self.lm_head
-            packed = 1 + pack_linears(self.layers)
-        if cpu_ops.supports(weight.dtype) and cpu_ops.available(weight):
-            self.use_native_ops()
-        return packed
-
-    def use_native_ops(self, enabled: bool = True) -> None:
-        """Run norms, SiLU-and-mul and rotary + KV store through model/cpu_ops.py (bf16 or fp32 on the CPU), or not."""
-        def widened(*linears) -> bool:
-            return enabled and all(isinstance(p, PackedLinear) and p.upcast for p in linears)
-
-        for m in self.modules():
-            if isinstance(m, (RMSNorm, LlamaMLP)):
-                m.native = enabled
-            if isinstance(m, LlamaMLP):
-                m.widened = widened(m.gate_up_proj, m.down_proj)
-            elif isinstance(m, LlamaAttention):
-                m.native_rope = enabled and not m.qk_norm and m.rotary.rotary_dim == m.head_dim
-                m.float_out = m.native_rope and widened(m.o_proj)
-            elif isinstance(m, LlamaDecoderLayer):
-                # Every norm of the stream reads float32 outputs then (the next layer's, the final one);
-                # a norm in front of a widened projection hands it float32 too.
-                m.input_layernorm.float_out = widened(m.self_attn.qkv_proj)
-                m.post_attention_layernorm.float_out = isinstance(m.mlp, LlamaMLP) and widened(m.mlp.gate_up_proj)
+        for layer in self.layers:
+            layer.finish_load(kernels)
+        self.norm = kernels.norm(self.norm)
+        return sum(isinstance(m, PackedLinear) for m in self.modules())
 
     # --- weights ----------------------------------------------------------
     def _fused_slices(self) -> dict[str, tuple[str, int, int]]:

@@ -23,7 +23,8 @@ from torch import nn
 
 from pagedllm.model.arch_config import ArchConfig
 from pagedllm.model.models.llama import LlamaForCausalLM, LlamaMLP
-from pagedllm.model.packed_linear import PackedLinear, can_pack
+from pagedllm.kernels.cpu.packed_linear import PackedLinear, can_pack
+from pagedllm.model.layer_kernels import LayerKernels
 
 # An expert's own weight in an on-disk checkpoint: layer prefix, expert, which projection.
 _EXPERT_WEIGHT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
@@ -42,7 +43,7 @@ class MoEExperts(nn.Module):
         self.packed: nn.ModuleList | None = None  # per expert (gate_up, down) PackedLinears, once packed
 
     def pack(self) -> int:
-        """Lay each expert's weights out once for oneDNN, as the dense layers are (model/packed_linear.py: bf16 on
+        """Lay each expert's weights out once for oneDNN, as the dense layers are (kernels/cpu/packed_linear.py: bf16 on
         a CPU without bf16 instructions computes from widened weights); the stacks are freed. Returns how many."""
         if self.packed is not None or not can_pack(self.gate_up_proj):
             return 0
@@ -102,6 +103,14 @@ class SparseMoeBlock(nn.Module):
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.experts = MoEExperts(num_experts, hidden_size, intermediate_size)
 
+    def finish_load(self, kernels: LayerKernels) -> bool:
+        """The router and the experts laid out for oneDNN where the projections are (model/layer_kernels.py);
+        returns False: the block takes its input in the model's dtype."""
+        self.gate = kernels.linear(self.gate)
+        if kernels.packed:
+            self.experts.pack()
+        return False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.gate(x)
         probs = torch.softmax(logits.float(), dim=-1)
@@ -139,10 +148,6 @@ class _MoEForCausalLM(LlamaForCausalLM):
             return LlamaMLP(cfg)
         num_experts, top_k, inter, renormalize, rounded = self._moe_numbers(cfg)
         return SparseMoeBlock(cfg.hidden_size, inter, num_experts, top_k, renormalize, rounded)
-
-    def pack_for_cpu(self) -> int:
-        packed = super().pack_for_cpu()
-        return packed + sum(m.pack() for m in self.modules() if isinstance(m, MoEExperts))
 
     def _weight_slot(self, name: str, params: dict[str, nn.Parameter]) -> tuple[str, torch.Tensor]:
         ours = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's on-disk name of the sparse block

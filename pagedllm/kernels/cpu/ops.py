@@ -14,35 +14,15 @@ from __future__ import annotations
 
 import ctypes
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
-from pagedllm.model.native import load_library
-
-_SOURCE = Path(__file__).with_name("csrc") / "cpu_ops.cpp"
+from pagedllm.kernels.cpu.build import load
 
 
 @lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL | None:
-    lib = load_library(_SOURCE)
-    if lib is None:
-        return None
-    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    for suffix in ("bf16", "f32"):
-        getattr(lib, f"rms_norm_{suffix}").argtypes = [p, i64, p, p, p, i32, i32, f32]
-        getattr(lib, f"rope_store_{suffix}").argtypes = [p, i64, i32, p, p, p, i32, i32, i32, p, p, p]
-        getattr(lib, f"rope_store_int8_{suffix}").argtypes = [p, i64, i32, p, p, p, i32, i32, i32, p, p, p, i64, i32]
-        getattr(lib, f"rope_store_int8_{suffix}").restype = None
-    lib.silu_and_mul_bf16.argtypes = [p, p, i32, i32]
-    lib.silu_and_mul_f32.argtypes = [p, p, i32, i32, i32]
-    lib.argmax_rows_f32.argtypes = [p, i64, i32, i32, p]
-    lib.rms_norm_bf16_widened.argtypes = [p, i32, i64, p, p, p, i32, i32, i32, f32]
-    lib.apply_token_bitmask_f32.argtypes = [p, i64, p, i64, p, i32, i32]
-    for name in ("rms_norm_bf16", "rms_norm_f32", "rms_norm_bf16_widened", "rope_store_bf16", "rope_store_f32", "silu_and_mul_bf16",
-                 "silu_and_mul_f32", "argmax_rows_f32", "apply_token_bitmask_f32"):
-        getattr(lib, name).restype = None
-    return lib
+    return load("cpu_ops")
 
 
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -70,7 +50,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
     A bf16 model (weight and residual bf16) may take x in float32, a widened projection's
     unrounded output, rounded to bf16 as it is read; and out_dtype float32 gives the bf16
-    result's values in float32, for a widened projection to read (model/packed_linear.py).
+    result's values in float32, for a widened projection to read (kernels/cpu/packed_linear.py).
     """
     out_dtype = out_dtype or weight.dtype
     assert x.stride(-1) == 1 and weight.is_contiguous()
@@ -90,7 +70,7 @@ def silu_and_mul(x: torch.Tensor, bf16_in_float: bool = False) -> torch.Tensor:
     """silu(gate) * up, where x [T, 2 * inter] holds gate then up.
 
     bf16_in_float: x is a bf16 model's activations carried in float32 (a projection
-    computed in float32, not yet rounded: model/packed_linear.py); they are rounded
+    computed in float32, not yet rounded: kernels/cpu/packed_linear.py); they are rounded
     as bf16 code rounds them, and the result is bf16 values in float32.
     """
     x = x.contiguous()

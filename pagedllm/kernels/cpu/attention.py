@@ -1,5 +1,5 @@
 """Native CPU attention kernels (csrc/paged_attention.cpp: decode; csrc/prefill_attention.cpp:
-prefill), built and loaded by model/native.py.
+prefill), built and loaded by build.py.
 
 Where they cannot be built, `load()` returns None and the torch backend is
 used: slower, never wrong.
@@ -9,38 +9,19 @@ from __future__ import annotations
 
 import ctypes
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
-from pagedllm.model.native import load_library
+from pagedllm.kernels.cpu import build
 
-_SOURCE = Path(__file__).with_name("csrc") / "paged_attention.cpp"
-_PREFILL_SOURCE = Path(__file__).with_name("csrc") / "prefill_attention.cpp"
 _ENTRY_POINTS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
+_INT8_ENTRY_POINTS = {torch.float32: "paged_decode_int8_f32", torch.bfloat16: "paged_decode_int8_bf16"}
 
 
 @lru_cache(maxsize=1)
 def load() -> ctypes.CDLL | None:
-    """The compiled kernels, or None where they cannot be built here (see model/native.py)."""
-    lib = load_library(_SOURCE, fast_math=True)
-    if lib is None:
-        return None
-    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    for name in _ENTRY_POINTS.values():
-        fn = getattr(lib, name)
-        fn.argtypes = [p, i64, p, p, p, i64, p, p, i32, i32, i32, i32, i32, f32, i32, f32]
-        fn.restype = None
-    for name in _INT8_ENTRY_POINTS.values():
-        fn = getattr(lib, name)
-        fn.argtypes = [p, i64, p, p, i64, p, i64, p, p, i32, i32, i32, i32, i32, f32, i32, f32]
-        fn.restype = i32
-    lib.paged_decode_int8_supported.argtypes = [i32]
-    lib.paged_decode_int8_supported.restype = i32
-    return lib
-
-
-_INT8_ENTRY_POINTS = {torch.float32: "paged_decode_int8_f32", torch.bfloat16: "paged_decode_int8_bf16"}
+    """The compiled decode kernels, or None where they cannot be built here (see build.py)."""
+    return build.load("paged_attention")
 
 
 def _window_args(window: int | None, soft_cap: float | None) -> tuple[int, float]:
@@ -68,7 +49,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     q [B, heads, head_dim], each sequence's heads contiguous (sequences may lie
     further apart: a slice of the fused qkv projection is read in place);
     kv_cache [2, blocks, block_size, kv_heads, head_dim] in q's dtype, or an int8
-    pool [2, blocks, block_bytes] (kv_quant.py; check supports first; give num_kv_heads); block_tables
+    pool [2, blocks, block_bytes] (model/attention/kv_quant.py; check supports first; give num_kv_heads); block_tables
     [B, max_blocks] int32; seq_lens [B] int32 (0 = a padding row, whose output
     is zeros). window: attend to the last `window` positions only (None: all);
     the block-table entries before max(0, seq_len - window) // block_size are
@@ -107,17 +88,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
 @lru_cache(maxsize=1)
 def load_prefill() -> ctypes.CDLL | None:
     """The compiled prefill kernel, or None where it cannot be built here."""
-    lib = load_library(_PREFILL_SOURCE)
-    if lib is None:
-        return None
-    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.paged_prefill_bf16.argtypes = [p, i64, p, p, p, i64, p, p, p, i32, i32, i32, i32, i32, f32, i32, f32]
-    lib.paged_prefill_bf16.restype = i32
-    lib.paged_prefill_int8_bf16.argtypes = [p, i64, p, p, i64, p, i64, p, p, p, i32, i32, i32, i32, i32, f32, i32, f32]
-    lib.paged_prefill_int8_bf16.restype = i32
-    lib.paged_prefill_bf16_supported.argtypes = [i32]
-    lib.paged_prefill_bf16_supported.restype = i32
-    return lib
+    return build.load("prefill_attention")
 
 
 @lru_cache(maxsize=None)
@@ -138,7 +109,7 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
     the last of which sits at position seq_lens[s] - 1 (int32 [S]); its earlier
     keys, and this chunk's, are already in kv_cache [2, blocks, block_size,
     kv_heads, head_dim] at block_tables [S, max_blocks] int32, or in an int8 pool
-    [2, blocks, block_bytes] (kv_quant.py; give num_kv_heads). q's tokens may be
+    [2, blocks, block_bytes] (model/attention/kv_quant.py; give num_kv_heads). q's tokens may be
     strided (a view into the fused QKV projection: no copy). Writes into `out`
     ([T, heads, head_dim], contiguous) when given. window and soft_cap as for
     paged_decode: with a window, a chunk reads nothing before its first query's

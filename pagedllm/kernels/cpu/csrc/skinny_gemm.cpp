@@ -13,7 +13,7 @@
 // Each output is one float32 sum over k = 0..K-1 in order, with FMA, whatever
 // the number of rows: a row's result does not depend on the rest of the batch.
 //
-// Weights are packed once (model/skinny_gemm.py) into panels of 32 output columns,
+// Weights are packed once (kernels/cpu/skinny_gemm.py) into panels of 32 output columns,
 // k-major, so that one k reads 64 contiguous bytes (bf16) or 128 (float32). In a
 // bf16 panel the 32-bit word j of row k holds column j in its low half and column
 // j + 16 in its high half: a shift and a mask widen the two halves to float32.
@@ -22,7 +22,7 @@
 // plain register tile on decode batches: the pair form below is ahead of oneDNN's
 // bf16 on decode batches, most at the fewest rows (benchmarks/skinny_gemm.py
 // --kernel pairs), and even from ~128 rows.
-// Built at first use by model/native.py; called through ctypes.
+// Built at first use by kernels/cpu/build.py; called through ctypes (kernels/cpu/skinny_gemm.py).
 #include <algorithm>
 #include <array>
 #include <cstdint>

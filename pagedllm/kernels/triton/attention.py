@@ -1,6 +1,6 @@
 """Triton kernels for paged attention: store new keys/values, then attend through block tables.
 
-Only `triton_backend.py` imports this module, and only when the triton backend
+Only `model/attention/triton_backend.py` imports this module, and only when the triton backend
 is chosen: importing pagedllm never needs triton.
 
 Both launches are CUDA-graph friendly: their grids and constexprs come from

@@ -11,7 +11,7 @@
 //  - Q.K needs no transposes or horizontal sums: Q is repacked once per task
 //    into d-pairs ([D/2][rows][2]) and each key's d-pair is broadcast straight
 //    from the pool into vdpbf16ps (exact bf16 products, float32 sums; two
-//    FMAs on CPUs without AVX-512 BF16, see model/csrc/bf16.h);
+//    FMAs on CPUs without AVX-512 BF16, see kernels/cpu/csrc/bf16.h);
 //  - the softmax of a tile is element-wise across registers (lane = row);
 //  - P.V is done in float32 (P is never rounded to bf16), on value rows
 //    widened once per tile for all the rows of the task.
@@ -32,8 +32,8 @@
 #include <vector>
 
 #if defined(__AVX512F__)
-#include "../../csrc/bf16.h"
-#include "../../csrc/kv_int8.h"
+#include "bf16.h"
+#include "kv_int8.h"
 
 namespace {
 

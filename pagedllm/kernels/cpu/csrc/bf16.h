@@ -1,4 +1,4 @@
-// bfloat16 <-> float32 for the package's CPU kernels (model/csrc, model/attention/csrc): round to nearest even, as
+// bfloat16 <-> float32 for the package's CPU kernels (kernels/cpu/csrc): round to nearest even, as
 // torch rounds, with NaN kept a (quiet) NaN. Scalar and 16-lane AVX-512 forms.
 #pragma once
 #include <cstdint>

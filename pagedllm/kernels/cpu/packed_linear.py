@@ -40,8 +40,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagedllm.model import skinny_gemm
-from pagedllm.model.cpu_info import native_bf16, onednn_bf16
+from pagedllm.kernels.cpu import skinny_gemm
+from pagedllm.kernels.cpu.cpu_info import native_bf16, onednn_bf16
 
 _BATCH_HINT = 64  # oneDNN picks its blocking for about this many rows; other sizes run fine
 _SKINNY_ROWS = 64  # widened layers multiply up to this many rows in the skinny kernel (oneDNN is ahead from ~96)
@@ -112,14 +112,3 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 
 def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-def pack_linears(model: nn.Module) -> int:
-    """Swap every bf16 nn.Linear under `model` for a PackedLinear; returns how many were packed."""
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and can_pack(child.weight):
-                setattr(parent, name, PackedLinear(child.weight, child.bias))
-                count += 1
-    return count

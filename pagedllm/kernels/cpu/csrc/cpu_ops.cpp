@@ -5,7 +5,7 @@
 // wherever transformers' bf16 code rounds (float32: where its float32 code
 // rounds), so results match torch's bits (up to the order of a sum of squares
 // in the norm).
-// Built at first use by model/native.py; called through ctypes (model/cpu_ops.py).
+// Built at first use by kernels/cpu/build.py; called through ctypes (kernels/cpu/ops.py).
 #include <limits>
 #include <cmath>
 #include <cstdint>

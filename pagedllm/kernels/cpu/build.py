@@ -8,7 +8,9 @@ kernels use OpenMP through `libgomp.so.1`, which resolves to the copy torch
 has already loaded, so both share one thread pool rather than fighting over
 the cores.
 
-Where no compiler is found or a build fails, `load_library` returns None
+Each library is one source, csrc/<name>.cpp; signatures.py holds the C
+signature of every function they export, which `load` sets before returning
+the library. Where no compiler is found or a build fails, `load` returns None
 (with one warning) and callers keep to their torch code: slower, never wrong.
 `PAGEDLLM_NO_CPU_KERNELS=1` turns every native kernel off.
 """
@@ -26,8 +28,9 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from pagedllm.model.cache import cache_root
-from pagedllm.model.cpu_info import cpu_flags
+from pagedllm.file_cache import cache_root
+from pagedllm.kernels.cpu.cpu_info import cpu_flags
+from pagedllm.kernels.cpu.signatures import LIBRARIES
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +45,9 @@ _FAST_MATH = "-ffast-math"
 # element-wise ops do (GCC fuses it by default). Explicit FMA intrinsics stay FMAs.
 _NO_CONTRACT = "-ffp-contract=off"
 _LINK_FLAGS = ["-shared", "-fopenmp", "-lm"]
-# The headers the sources share (csrc/bf16.h) and their own, in model/ and model/attention/.
-_HEADERS = sorted(Path(__file__).parent.glob("**/csrc/*.h"))
+_CSRC = Path(__file__).with_name("csrc")
+# The headers the sources share (bf16.h, kv_int8.h).
+_HEADERS = sorted(_CSRC.glob("*.h"))
 
 
 @lru_cache(maxsize=None)
@@ -55,7 +59,7 @@ def _build(compiler: str, source: Path, fast_math: bool) -> Path:
     version = _compiler_version(compiler)
     compile_flags = _COMPILE_FLAGS + ([_FAST_MATH] if fast_math else [_NO_CONTRACT])
     flags = " ".join(compile_flags + _LINK_FLAGS)
-    # Any header of the package's kernel folders may be included by it: a change to one rebuilds it too.
+    # Any header of csrc/ may be included by it: a change to one rebuilds it too.
     texts = [source.read_text()] + [h.read_text() for h in _HEADERS]
     key = hashlib.sha256("\0".join([*texts, version, flags, platform.machine(), " ".join(sorted(cpu_flags()))]).encode()).hexdigest()[:16]
     target = Path(cache_root()) / "kernels" / f"{source.stem}-{key}.so"
@@ -79,8 +83,20 @@ def _build(compiler: str, source: Path, fast_math: bool) -> Path:
 
 
 @lru_cache(maxsize=None)
-def load_library(source: Path, fast_math: bool = False) -> ctypes.CDLL | None:
-    """The library built from `source` (a .cpp file), or None where it cannot be built here."""
+def load(name: str) -> ctypes.CDLL | None:
+    """The library built from csrc/<name>.cpp with its functions' signatures set (signatures.py), or None where it
+    cannot be built here."""
+    spec = LIBRARIES[name]
+    lib = _load_source(_CSRC / f"{name}.cpp", spec.fast_math)
+    if lib is None:
+        return None
+    for fn_name, (argtypes, restype) in spec.functions.items():
+        fn = getattr(lib, fn_name)
+        fn.argtypes, fn.restype = argtypes, restype
+    return lib
+
+
+def _load_source(source: Path, fast_math: bool) -> ctypes.CDLL | None:
     if os.environ.get("PAGEDLLM_NO_CPU_KERNELS"):
         return None
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")

@@ -4,35 +4,25 @@ For decode steps (1..64 rows), where oneDNN is slow at few rows: `pack` /
 `linear` compute in float32 on CPUs with AVX-512 but no bf16 matrix
 instructions (where oneDNN also emulates bf16), `pack_pairs` / `linear_pairs`
 in bf16 dot products on CPUs with AVX-512 BF16. See the source for why and by
-how much; model/packed_linear.py picks them by row count.
+how much; packed_linear.py picks them by row count.
 """
 
 from __future__ import annotations
 
 import ctypes
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
-from pagedllm.model.native import load_library
+from pagedllm.kernels.cpu.build import load
 
-_SOURCE = Path(__file__).with_name("csrc") / "skinny_gemm.cpp"
 _PANEL = 32  # output columns per packed panel (kPanel in the source)
 
 
 @lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL | None:
-    lib = load_library(_SOURCE)
-    if lib is None or not lib.skinny_gemm_available():
-        return None
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.skinny_gemm.argtypes = [p, i32, i64, i32, i32, p, i32, i32, p, p, i32, i64]
-    lib.skinny_gemm.restype = None
-    lib.skinny_gemm_pairs.argtypes = [p, i32, i64, i32, i32, p, i32, p, p, i32, i64]
-    lib.skinny_gemm_pairs.restype = None
-    lib.skinny_gemm_pairs_native.restype = i32
-    return lib
+    lib = load("skinny_gemm")
+    return lib if lib is not None and lib.skinny_gemm_available() else None
 
 
 def available() -> bool:

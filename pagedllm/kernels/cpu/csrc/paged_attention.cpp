@@ -15,8 +15,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "../../csrc/bf16.h"
-#include "../../csrc/kv_int8.h"
+#include "bf16.h"
+#include "kv_int8.h"
 
 namespace {
 
