@@ -150,9 +150,13 @@ def _arguments_as_objects(message: dict) -> dict:
 
 def _renders_tools(render: Render) -> bool:
     try:
-        return render([_PROBE_USER], [_PROBE_TOOL]) != render([_PROBE_USER], None)
+        with_tools = render([_PROBE_USER], [_PROBE_TOOL])
     except Exception:  # a template that refuses the probe conversation: treated as not knowing tools
         return False
+    try:
+        return with_tools != render([_PROBE_USER], None)
+    except Exception:  # renders only with tools (Hermes 2 Pro's tool_use template loops over them unguarded)
+        return True
 
 
 def _shows(render: Render, conversation: list[dict], tools: list[dict] | None, needle: str) -> bool:

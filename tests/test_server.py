@@ -184,7 +184,26 @@ def test_tokenize_and_detokenize_round_trip(server, offline):
     t = httpx.post(server.url + "/tokenize", json={"prompt": PROMPT}, headers=headers).json()
     assert t["tokens"] == offline.get_tokenizer().encode(PROMPT) and t["count"] == len(t["tokens"]) and t["max_model_len"] == 512
     d = httpx.post(server.url + "/detokenize", json={"tokens": t["tokens"]}, headers=headers).json()
-    assert d["prompt"] == PROMPT
+    assert d["prompt"] == d["content"] == PROMPT
+
+
+def test_tokenize_takes_llama_cpp_names(server, offline):
+    """content (special tokens only with add_special), with_pieces; detokenize answers content too."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    tok = offline.get_tokenizer()
+
+    def tokenize(**body):
+        r = httpx.post(server.url + "/tokenize", json=body, headers=headers)
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    assert tokenize(content=PROMPT) == tok.encode(PROMPT, add_special_tokens=False)
+    assert tokenize(content=PROMPT, add_special=True) == tok.encode(PROMPT, add_special_tokens=True)
+    pieces = tokenize(content=PROMPT, with_pieces=True)
+    assert [p["id"] for p in pieces] == tok.encode(PROMPT, add_special_tokens=False)
+    assert "".join(p["piece"] for p in pieces) == PROMPT
+    r = httpx.post(server.url + "/tokenize", json={"content": "a", "prompt": "a"}, headers=headers)
+    assert r.status_code == 400 and "once" in r.json()["error"]["message"]
 
 
 def test_api_key_is_required_when_set(server):

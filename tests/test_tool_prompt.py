@@ -92,6 +92,13 @@ def test_a_template_that_renders_tools_gets_them_as_given(tokenizer):
     assert "<tool>sunny, 21 C</tool>" in text
 
 
+def test_a_template_that_needs_tools_gets_them_as_given(tokenizer):
+    """Hermes 2 Pro's tool_use template loops over tools unguarded: it fails without them, and renders them."""
+    needs_tools = "{% for t in tools %}<t>{{ t.function.name }}</t>{% endfor %}" + TOOL_TEMPLATE
+    text = _text(tokenizer, [{"role": "user", "content": "Hi"}], tools=[WEATHER], chat_template=needs_tools)
+    assert text.startswith("<t>get_weather</t>") and "# Tools" not in text
+
+
 def test_a_template_that_drops_tool_messages_gets_them_as_user_text(tokenizer):
     messages = HISTORY[:2] + [
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},

@@ -36,6 +36,7 @@ from pagedllm.entrypoints.server.protocol import (
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    TokenPiece,
 )
 from pagedllm.entrypoints.server.serving_chat import create_chat_completion
 from pagedllm.entrypoints.server.serving_completions import create_completion
@@ -125,17 +126,23 @@ def build_app(
     @guarded.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 401, 404, 503))
     async def tokenize(body: TokenizeRequest):
         state.check_model(body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise bad_request("give exactly one of prompt or messages", "prompt")
-        if body.prompt is not None:
-            tokens = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens is not False)
+        if body.prompt is not None and body.content is not None:
+            raise bad_request("give the text once, as prompt (vLLM's name) or content (llama.cpp's)", "content")
+        prompt, llama_style = (body.content, True) if body.content is not None else (body.prompt, False)
+        if (prompt is None) == (body.messages is None):
+            raise bad_request("give exactly one of prompt (or content) or messages", "prompt")
+        if prompt is not None:
+            # vLLM adds special tokens unless told not to; llama.cpp's content adds none unless add_special.
+            special = body.add_special if body.add_special is not None else body.add_special_tokens
+            tokens = state.tokenizer.encode(prompt, add_special_tokens=special if special is not None else not llama_style)
         else:
             try:
                 tokens = apply_chat_template(state.tokenizer, body.messages, add_generation_prompt=body.add_generation_prompt is not False)
             except ValueError as exc:
                 raise bad_request(str(exc), "messages") from None
         tokens = [int(t) for t in tokens]
-        return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=state.max_model_len)
+        shown = [TokenPiece(id=t, piece=state.tokenizer.decode([t])) for t in tokens] if body.with_pieces else tokens
+        return TokenizeResponse(tokens=shown, count=len(tokens), max_model_len=state.max_model_len)
 
     @guarded.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(400, 401, 404, 503))
     async def detokenize(body: DetokenizeRequest):
@@ -144,7 +151,8 @@ def build_app(
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise bad_request(f"token id {bad[0]} is out of range: token ids must be in [0, {vocab})", "tokens")
-        return DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens))
+        text = state.tokenizer.decode(body.tokens)
+        return DetokenizeResponse(prompt=text, content=text)
 
     # The same endpoints without /v1, as llama.cpp's server answers them: clients configured with a base URL
     # that lacks /v1 work too. Left out of the OpenAPI document, which names each endpoint once.

@@ -115,6 +115,10 @@ class TokenizeRequest(_Request):
     messages: list[Any] | None = None
     add_special_tokens: bool | None = None
     add_generation_prompt: bool | None = None
+    # llama.cpp's server's names: the text, whether to add special tokens (default no), ids with their text
+    content: str | None = None
+    add_special: bool | None = None
+    with_pieces: bool | None = None
 
 
 class DetokenizeRequest(_Request):
@@ -311,11 +315,17 @@ class ModelList(_Response):
     data: list[ModelCard]
 
 
+class TokenPiece(_Response):
+    id: int
+    piece: str  # the token's own text
+
+
 class TokenizeResponse(_Response):
-    tokens: list[int]
+    tokens: list[int] | list[TokenPiece]  # pieces: with_pieces (llama.cpp's)
     count: int
     max_model_len: int
 
 
 class DetokenizeResponse(_Response):
     prompt: str
+    content: str  # the same text under llama.cpp's server's name
