@@ -180,19 +180,11 @@ class _GemmaForCausalLM(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits.float()
 
-    def pack_for_cpu(self) -> int:
-        """The last step of loading: the projections laid out once for oneDNN where they run
-        (model/layer_kernels.py); the element-wise steps stay in torch (the fused CPU norms compute Llama's
-        rounding, not Gemma's). Returns how many weights were packed."""
-        weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        kernels = LayerKernels.choose(weight)
-        if kernels.packed:
-            self.packed_lm_head = PackedLinear(weight, None)
-            if not self.tie_word_embeddings:
-                del self.lm_head
-        for layer in self.layers:
-            layer.finish_load(kernels)
-        return sum(isinstance(m, PackedLinear) for m in self.modules())
+    # The last step of loading, as Llama's: the projections laid out once for oneDNN where they run
+    # (model/layer_kernels.py); the element-wise steps stay in torch (the fused CPU norms compute Llama's
+    # rounding, not Gemma's (1 + w)), the final norm included.
+    fused_final_norm = False
+    pack_for_cpu = LlamaForCausalLM.pack_for_cpu
 
     # --- weights ----------------------------------------------------------
     _fused_slices = LlamaForCausalLM._fused_slices

@@ -145,6 +145,8 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    fused_final_norm = True  # the final norm takes the fused CPU kernel where the layers' norms do
+
     def __init__(self, cfg: ArchConfig, attn_backend: type = TorchPagedAttention) -> None:
         """attn_backend: the paged-attention class every layer uses (see model/attention/selector.py)."""
         super().__init__()
@@ -198,7 +200,8 @@ class LlamaForCausalLM(nn.Module):
                 del self.lm_head
         for layer in self.layers:
             layer.finish_load(kernels)
-        self.norm = kernels.norm(self.norm)
+        if self.fused_final_norm:
+            self.norm = kernels.norm(self.norm)
         return sum(isinstance(m, PackedLinear) for m in self.modules())
 
     # --- weights ----------------------------------------------------------
