@@ -83,7 +83,7 @@ def prefilled(runner, lengths, seed):
 
 def step(seq, start, n):
     return SimpleNamespace(start_pos=start, num_new_tokens=n, token_ids=seq.tokens[start:start + n],
-                           block_tables=[seq.table], samples=True, request=None)
+                           block_tables=[seq.table], needs_sample=True, request=None)
 
 
 def decode(seqs):

@@ -130,7 +130,7 @@ def build_app(
             raise bad_request("give the text once, as prompt (vLLM's name) or content (llama.cpp's)", "content")
         prompt, llama_style = (body.content, True) if body.content is not None else (body.prompt, False)
         if (prompt is None) == (body.messages is None):
-            raise bad_request("give exactly one of prompt (or content) or messages", "prompt")
+            raise bad_request("give exactly one of prompt or messages (content, llama.cpp's name, counts as prompt)", "prompt")
         if prompt is not None:
             # vLLM adds special tokens unless told not to; llama.cpp's content adds none unless add_special.
             special = body.add_special if body.add_special is not None else body.add_special_tokens
