@@ -97,6 +97,12 @@ class EngineConfig:
     # False also serves tests that reach into the core.
     core_process: bool = option(True, "run the engine core (scheduler, KV cache, model) in a process of its own "
                                       "(default: on); --no-core-process runs it in this one, for debugging")
+    # --- more than one process (worker/parallel.py) ---
+    tensor_parallel_size: int = option(1, "split each layer across this many worker processes, one per rank, on "
+                                          "torch.distributed (gloo on the CPU, NCCL on CUDA)")
+    data_parallel_size: int = option(1, "this many engine cores, each with its own KV pool, behind one frontend "
+                                        "(a request goes to the core holding its longest cached prefix, else the "
+                                        "least loaded one)")
     # --- GPU (on the CPU only attention_backend applies) ---
     attention_backend: str = option("auto", "paged attention kernels (default: triton on CUDA, native kernels on the CPU, "
                                             "torch where they cannot be built)", choices=ATTENTION_BACKENDS)
@@ -118,6 +124,8 @@ class EngineConfig:
         _check_int("block_size", self.block_size, 1, 1 << 16)
         _check_int("max_num_seqs", self.max_num_seqs, 1, 1 << 20)
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1, 1 << 24)
+        _check_int("tensor_parallel_size", self.tensor_parallel_size, 1, 1 << 10)
+        _check_int("data_parallel_size", self.data_parallel_size, 1, 1 << 10)
         if self.max_model_len is not None:
             _check_int("max_model_len", self.max_model_len, 2, 1 << 24)
         if self.num_kv_blocks is not None:
