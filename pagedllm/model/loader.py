@@ -220,11 +220,14 @@ def weight_files(path: str) -> list[str]:
     )
 
 
-def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(source: ModelSource, shard=None) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF parameter name, tensor) pairs, one at a time, so peak memory stays near one tensor.
 
     safetensors are memory-mapped; .bin files are loaded with weights_only so a
-    checkpoint cannot run code.
+    checkpoint cannot run code. shard: name -> (dim, start, count) or None (a
+    tensor-parallel model's weight_shard): only that part of each weight is read
+    from a safetensors file (a GGUF file's cache is one), so a rank never holds
+    the whole projection.
     """
     import torch
     from safetensors import safe_open
@@ -233,8 +236,15 @@ def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
         if file.endswith(".safetensors"):
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    part = shard(name) if shard is not None else None
+                    if part is None:
+                        yield name, f.get_tensor(name)
+                    else:
+                        dim, start, count = part
+                        yield name, f.get_slice(name)[(slice(None),) * dim + (slice(start, start + count),)]
         else:
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            yield from state.items()
+            for name, tensor in state.items():
+                part = shard(name) if shard is not None else None
+                yield name, tensor if part is None else tensor.narrow(*part).clone()
             del state

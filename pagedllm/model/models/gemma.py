@@ -189,6 +189,8 @@ class _GemmaForCausalLM(nn.Module):
     # --- weights ----------------------------------------------------------
     _fused_slices = LlamaForCausalLM._fused_slices
     _weight_slot = LlamaForCausalLM._weight_slot
+    weight_shard = LlamaForCausalLM.weight_shard  # None: Gemma has no tensor parallelism yet (it has no `tp`)
+    _skipped_weight = LlamaForCausalLM._skipped_weight
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         LlamaForCausalLM.load_weights(self, _text_weights(weights))

@@ -20,6 +20,7 @@ from pagedllm.kernels.cpu import ops as cpu_ops
 from pagedllm.kernels.cpu.packed_linear import PackedLinear
 from pagedllm.model.layer_kernels import LayerKernels
 from pagedllm.model.layers import RMSNorm, RotaryEmbedding, rotary_embedding, silu_and_mul
+from pagedllm.model.tensor_parallel import TPShard, row_parallel
 
 
 class LlamaAttention(nn.Module):
@@ -27,17 +28,19 @@ class LlamaAttention(nn.Module):
 
     def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, attn_backend: type = TorchPagedAttention,
                  sliding_window: int | None = None, scale: float | None = None, soft_cap: float | None = None,
-                 qk_norm: bool | None = None) -> None:
+                 qk_norm: bool | None = None, tp: TPShard | None = None) -> None:
         """scale: of the scores (default head_dim ** -0.5); soft_cap: the backend's logits_soft_cap;
-        qk_norm: default cfg.qk_norm."""
+        qk_norm: default cfg.qk_norm; tp: this rank's share of the heads (model/tensor_parallel.py), None for all."""
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        self.tp = tp
+        self.num_heads = cfg.num_attention_heads if tp is None else tp.split(cfg.num_attention_heads)[1]
+        self.num_kv_heads = cfg.num_key_value_heads if tp is None else tp.kv_heads(cfg.num_key_value_heads)[1]
         self.head_dim = head_dim = cfg.head_dim
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        # Row-parallel: the bias is added once, by rank 0, to the partial products that the ranks then sum.
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias and (tp is None or tp.rank == 0))
         self.qk_norm = cfg.qk_norm if qk_norm is None else qk_norm
         if self.qk_norm:
             self.q_norm = self.norm_class(head_dim, cfg.rms_norm_eps)
@@ -46,7 +49,7 @@ class LlamaAttention(nn.Module):
         scale = head_dim**-0.5 if scale is None else scale
         self.attn = attn_backend(self.num_heads, self.num_kv_heads, head_dim, scale, sliding_window, soft_cap)
         self.attend = self._rope_then_attend  # rotary, then attention (which stores the keys and values)
-        self.project_out = self.o_proj.__call__
+        self.project_out = row_parallel(self.o_proj.__call__, tp)
 
     def finish_load(self, kernels: LayerKernels) -> bool:
         """Pick this layer's projections and its rotary + KV store (one fused kernel where it runs) for the loaded
@@ -55,7 +58,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = kernels.linear(self.qkv_proj)
         self.o_proj = kernels.linear(self.o_proj)
         # A widened o_proj after the fused kernel hands its float32 product unrounded to the next norm, which rounds it.
-        self.project_out = kernels.call(self.o_proj, float_out=fused_rope)
+        self.project_out = row_parallel(kernels.call(self.o_proj, float_out=fused_rope), self.tp)
         if fused_rope:
             self.attend = self._fused_rope_store_then_attend
         return kernels.float_activations
@@ -94,12 +97,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ArchConfig) -> None:
+    def __init__(self, cfg: ArchConfig, tp: TPShard | None = None) -> None:
+        """tp: this rank's share of the intermediate features (model/tensor_parallel.py), None for all."""
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.tp = tp
+        inter = cfg.intermediate_size if tp is None else tp.split(cfg.intermediate_size)[1]
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias and (tp is None or tp.rank == 0))
         self.act = silu_and_mul
-        self.project_gate_up, self.project_down = self.gate_up_proj.__call__, self.down_proj.__call__
+        self.project_gate_up, self.project_down = self.gate_up_proj.__call__, row_parallel(self.down_proj.__call__, tp)
 
     def finish_load(self, kernels: LayerKernels) -> bool:
         """Pick the projections and SiLU-and-mul for the loaded weights; returns whether the block takes float32
@@ -108,7 +114,7 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = kernels.linear(self.gate_up_proj)
         self.down_proj = kernels.linear(self.down_proj)
         self.project_gate_up = kernels.call(self.gate_up_proj, float_out=True)
-        self.project_down = kernels.call(self.down_proj, float_out=True)
+        self.project_down = row_parallel(kernels.call(self.down_proj, float_out=True), self.tp)
         self.act = kernels.silu_and_mul(float_in=True)
         return kernels.float_activations
 
@@ -118,13 +124,14 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding, attn_backend: type = TorchPagedAttention,
-                 sliding_window: int | None = None, mlp: nn.Module | None = None) -> None:
-        """mlp: the feed-forward block (default LlamaMLP; a mixture of experts in models/moe.py)."""
+                 sliding_window: int | None = None, mlp: nn.Module | None = None, tp: TPShard | None = None) -> None:
+        """mlp: the feed-forward block (default LlamaMLP; a mixture of experts in models/moe.py);
+        tp: this rank's share of the layer (model/tensor_parallel.py), None for all of it."""
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, rotary, attn_backend, sliding_window)
+        self.self_attn = LlamaAttention(cfg, rotary, attn_backend, sliding_window, tp=tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg) if mlp is None else mlp
+        self.mlp = LlamaMLP(cfg, tp) if mlp is None else mlp
 
     def finish_load(self, kernels: LayerKernels) -> None:
         """Each block picks its implementation; a norm in front of a block that takes float32 hands it float32."""
@@ -146,29 +153,34 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     fused_final_norm = True  # the final norm takes the fused CPU kernel where the layers' norms do
+    supports_tensor_parallel = True  # built with a TPShard, it holds one rank's share (model/tensor_parallel.py)
 
-    def __init__(self, cfg: ArchConfig, attn_backend: type = TorchPagedAttention) -> None:
-        """attn_backend: the paged-attention class every layer uses (see model/attention/selector.py)."""
+    def __init__(self, cfg: ArchConfig, attn_backend: type = TorchPagedAttention, tp: TPShard | None = None) -> None:
+        """attn_backend: the paged-attention class every layer uses (see model/attention/selector.py);
+        tp: this rank's share of a tensor-parallel model, None for the whole model."""
         super().__init__()
         self.config = cfg
+        self.tp = tp
         self.head_dim = cfg.head_dim
-        self.num_kv_heads = cfg.num_key_value_heads
+        self.num_kv_heads = cfg.num_key_value_heads if tp is None else tp.kv_heads(cfg.num_key_value_heads)[1]
         self.rotary = rotary_embedding(self.head_dim, cfg.max_position_embeddings, cfg.rope_parameters)
         # An uninitialised table: weights are loaded next anyway, and nn.Embedding's own
         # random init on the meta device costs a one-time import of over a second.
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         windows = cfg.layer_windows or (None,) * cfg.num_hidden_layers
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary, attn_backend, w, self._mlp(cfg, i))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, self.rotary, attn_backend, w, self._mlp(cfg, i), tp)
                                     for i, w in enumerate(windows))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.tie_word_embeddings = cfg.tie_word_embeddings
-        if not self.tie_word_embeddings:
+        # Only rank 0 computes logits (it samples): the other ranks hold no LM head of their own.
+        self.has_lm_head = tp is None or tp.rank == 0
+        if not self.tie_word_embeddings and self.has_lm_head:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.packed_lm_head: PackedLinear | None = None
 
     def _mlp(self, cfg: ArchConfig, layer: int) -> nn.Module:
         """Layer `layer`'s feed-forward block: subclasses with other MLPs (mixtures of experts) override this."""
-        return LlamaMLP(cfg)
+        return LlamaMLP(cfg, self.tp)
 
     def forward(self, input_ids, positions, kv_caches: list[torch.Tensor], meta) -> torch.Tensor:
         """meta: one AttentionMetadata, or one per layer (layers in different KV cache groups)."""
@@ -191,9 +203,9 @@ class LlamaForCausalLM(nn.Module):
         """The last step of loading: every layer picks its implementation for this device and dtype
         (model/layer_kernels.py: bf16 and float32 projection weights laid out once for oneDNN, the fused CPU
         kernels where they built). Returns how many weights were packed."""
-        weight = self.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
+        weight = self.lm_head.weight if hasattr(self, "lm_head") else self.embed_tokens.weight
         kernels = LayerKernels.choose(weight)
-        if kernels.packed:
+        if kernels.packed and getattr(self, "has_lm_head", True):
             # A tied head keeps its table for the embedding lookup and gets a packed copy.
             self.packed_lm_head = PackedLinear(weight, None)
             if not self.tie_word_embeddings:
@@ -206,11 +218,12 @@ class LlamaForCausalLM(nn.Module):
 
     # --- weights ----------------------------------------------------------
     def _fused_slices(self) -> dict[str, tuple[str, int, int]]:
-        """HF name suffix -> (our suffix, start row, row count) inside a fused projection."""
+        """HF name suffix -> (our suffix, start row, row count) inside a fused projection (this rank's share of it)."""
         cfg = self.config
-        q = cfg.num_attention_heads * self.head_dim
+        tp = getattr(self, "tp", None)  # Gemma borrows this method and has no tensor parallelism
+        q = (cfg.num_attention_heads if tp is None else tp.split(cfg.num_attention_heads)[1]) * self.head_dim
         kv = self.num_kv_heads * self.head_dim
-        inter = cfg.intermediate_size
+        inter = cfg.intermediate_size if tp is None else tp.split(cfg.intermediate_size)[1]
         return {
             "self_attn.q_proj": ("self_attn.qkv_proj", 0, q),
             "self_attn.k_proj": ("self_attn.qkv_proj", q, kv),
@@ -232,6 +245,37 @@ class LlamaForCausalLM(nn.Module):
         param = params[target]
         return target, param if rows is None else param.narrow(0, rows[0], rows[1])
 
+    def weight_shard(self, name: str) -> tuple[int, int, int] | None:
+        """The part of checkpoint weight `name` (HF name) this rank holds: (dim, start, count), or None for all of it.
+
+        The loader (model/loader.py: iter_weights) reads only that part of the file, so no rank ever holds a
+        whole projection; weights handed over whole are narrowed here instead."""
+        tp = getattr(self, "tp", None)
+        if tp is None or tp.size == 1:
+            return None
+        cfg, d = self.config, self.head_dim
+        q0, nq = tp.split(cfg.num_attention_heads)
+        kv0, nkv = tp.kv_heads(cfg.num_key_value_heads)
+        i0, ni = tp.split(cfg.intermediate_size)
+        for part, shard in ((".self_attn.q_proj.", (0, q0 * d, nq * d)),
+                            (".self_attn.k_proj.", (0, kv0 * d, nkv * d)),
+                            (".self_attn.v_proj.", (0, kv0 * d, nkv * d)),
+                            (".self_attn.o_proj.weight", (1, q0 * d, nq * d)),
+                            (".mlp.gate_proj.", (0, i0, ni)),
+                            (".mlp.up_proj.", (0, i0, ni)),
+                            (".mlp.down_proj.weight", (1, i0, ni))):
+            if part in name:
+                return shard
+        return None
+
+    def _skipped_weight(self, name: str) -> bool:
+        """Checkpoint weights this model has no place for by design: a tied LM head; on ranks other than 0 the LM head
+        and the biases of row-parallel projections (rank 0 adds them once)."""
+        if name == "lm_head.weight":
+            return self.tie_word_embeddings or not getattr(self, "has_lm_head", True)
+        tp = getattr(self, "tp", None)
+        return tp is not None and tp.rank != 0 and name.endswith((".o_proj.bias", ".down_proj.bias"))
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self.named_parameters())
         filled: dict[str, int] = {}  # elements of each parameter filled so far
@@ -240,8 +284,11 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name.startswith("model."):
                 name = name[len("model.") :]
-            if name == "lm_head.weight" and self.tie_word_embeddings:
+            if self._skipped_weight(name):
                 continue
+            shard = self.weight_shard(name)
+            if shard is not None and tensor.shape[shard[0]] != shard[2]:  # a whole weight: this rank's part of it
+                tensor = tensor.narrow(*shard)
             target, dest = self._weight_slot(name, params)
             with torch.no_grad():
                 if dest.shape != tensor.shape:
@@ -253,7 +300,10 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint is missing weights for: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
 
     def init_dummy_weights(self, seed: int = 0) -> None:
-        """Random weights with sane scales, for benchmarks on machines without a checkpoint."""
+        """Random weights with sane scales, for benchmarks on machines without a checkpoint.
+
+        A tensor-parallel rank draws each whole weight and keeps its part, so that every tensor_parallel_size
+        runs the same model."""
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in self.named_parameters():
@@ -262,4 +312,33 @@ class LlamaForCausalLM(nn.Module):
                 elif name.endswith(".bias"):
                     p.zero_()
                 else:
-                    p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(p.dtype))
+                    part = self._dummy_part(name)
+                    if part is None:
+                        w = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+                    else:
+                        dim, full, index = part
+                        shape = list(p.shape)
+                        shape[dim] = full
+                        w = torch.randn(shape, generator=gen, dtype=torch.float32).index_select(dim, index)
+                    p.copy_(w.mul_(0.02).to(p.dtype))
+
+    def _dummy_part(self, name: str) -> tuple[int, int, torch.Tensor] | None:
+        """A tensor-parallel rank's part of a fused parameter: (dim, its size in the whole model, this rank's indices)."""
+        tp = getattr(self, "tp", None)
+        if tp is None or tp.size == 1:
+            return None
+        cfg, d = self.config, self.head_dim
+        (q0, nq), (kv0, nkv), (i0, ni) = (tp.split(cfg.num_attention_heads), tp.kv_heads(cfg.num_key_value_heads),
+                                          tp.split(cfg.intermediate_size))
+        q, kv, inter = cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.intermediate_size
+        r = torch.arange
+        if name.endswith("self_attn.qkv_proj.weight"):
+            rows = torch.cat((r(q0 * d, (q0 + nq) * d), q + r(kv0 * d, (kv0 + nkv) * d), q + kv + r(kv0 * d, (kv0 + nkv) * d)))
+            return 0, q + 2 * kv, rows
+        if name.endswith("self_attn.o_proj.weight"):
+            return 1, q, r(q0 * d, (q0 + nq) * d)
+        if name.endswith("mlp.gate_up_proj.weight"):
+            return 0, 2 * inter, torch.cat((r(i0, i0 + ni), inter + r(i0, i0 + ni)))
+        if name.endswith("mlp.down_proj.weight"):
+            return 1, inter, r(i0, i0 + ni)
+        return None

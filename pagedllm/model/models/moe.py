@@ -130,6 +130,8 @@ def _first(hf: dict, *keys: str, default: int) -> int:
 class _MoEForCausalLM(LlamaForCausalLM):
     """A Llama decoder whose MLPs are sparse blocks (where `_is_sparse` says so)."""
 
+    supports_tensor_parallel = False  # not yet: tensor_parallel_size > 1 is refused for this family
+
     # MoEExperts reads how many tokens each expert got on the host, which a CUDA graph cannot capture.
     cuda_graph_safe = False
 

@@ -36,6 +36,8 @@ def phi3_rope_parameters(cfg: ArchConfig) -> dict:
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
+    supports_tensor_parallel = False  # not yet: tensor_parallel_size > 1 is refused for this family
+
     def __init__(self, cfg: ArchConfig, attn_backend: type = TorchPagedAttention) -> None:
         act = cfg.hf.get("hidden_act", "silu")
         if act != "silu":
