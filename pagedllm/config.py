@@ -100,6 +100,15 @@ class EngineConfig:
     # --- more than one process (worker/parallel.py) ---
     tensor_parallel_size: int = option(1, "split each layer across this many worker processes, one per rank, on "
                                           "torch.distributed (gloo on the CPU, NCCL on CUDA)")
+    distributed_init_method: str | None = option(
+        None, "where the tensor-parallel ranks meet: tcp://HOST:PORT of this host, or env:// (MASTER_ADDR, MASTER_PORT); "
+              "default: env:// where MASTER_ADDR is set, else a free port on 127.0.0.1 (docs/parallel.md)")
+    distributed_workers: str = option(
+        "spawn", "spawn: this engine starts tensor-parallel ranks 1..N-1 on this host; external: they are started apart, "
+                 "on this host or others, with python -m pagedllm.worker.tp_worker (docs/parallel.md)",
+        choices=("spawn", "external"))
+    cpu_bind: bool = option(False, "CPU, tensor_parallel_size > 1: bind each rank on a host to its own share of the "
+                                   "cores, in order (rank r of n: the r-th n-th), e.g. one NUMA node each")
     data_parallel_size: int = option(1, "this many engine cores, each with its own KV pool, behind one frontend "
                                         "(a request goes to the core holding its longest cached prefix, else the "
                                         "least loaded one)")
@@ -126,6 +135,9 @@ class EngineConfig:
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1, 1 << 24)
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1, 1 << 10)
         _check_int("data_parallel_size", self.data_parallel_size, 1, 1 << 10)
+        init = self.distributed_init_method
+        if init is not None and not (isinstance(init, str) and re.match(r"^(tcp://[^:/]+:\d+|env://)$", init)):
+            raise ValueError(f"distributed_init_method must be tcp://HOST:PORT or env://, got {init!r}")
         if self.max_model_len is not None:
             _check_int("max_model_len", self.max_model_len, 2, 1 << 24)
         if self.num_kv_blocks is not None:

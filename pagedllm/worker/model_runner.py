@@ -83,11 +83,14 @@ class KVCacheCopyError(RuntimeError):
 class ModelRunner:
     def __init__(self, config, weights, *, device: torch.device, dtype: torch.dtype, block_size: int, seed: int = 0,
                  attn_backend: type | None = None, kv_cache_dtype: str = "auto",
-                 kv_groups: list[KVCacheGroup] | None = None) -> None:
-        """config: an ArchConfig (or a transformers config); weights: (HF name, tensor) pairs, or None for random (dummy) weights.
+                 kv_groups: list[KVCacheGroup] | None = None, tp=None) -> None:
+        """config: an ArchConfig (or a transformers config); weights: (HF name, tensor) pairs, or a function of a
+        model's weight_shard that returns them (model/loader.py: iter_weights), or None for random (dummy) weights.
         attn_backend: the paged-attention class (model/attention/selector.py); None: the torch one.
         kv_cache_dtype: auto (the model's dtype), int8 or fp8 (model/attention/kv_quant.py).
-        kv_groups: which layers share block tables (worker/kv_cache_groups.py); None: by the layers' windows."""
+        kv_groups: which layers share block tables (worker/kv_cache_groups.py); None: by the layers' windows.
+        tp: this process's rank of a tensor-parallel group (worker/parallel.py: TPGroup), None alone. Rank 0's
+        runner sends every step's input and block copies to the other ranks, which run the same forward."""
         cfg = ArchConfig.of(config)
         self.device = device
         self.dtype = dtype
@@ -95,11 +98,19 @@ class ModelRunner:
         self.block_size = block_size
         t0 = time.perf_counter()
         self.attn_backend = attn_backend or TorchPagedAttention
+        shard = tp.shard() if tp is not None and tp.size > 1 else None
+        self.tp_driver = tp if shard is not None and tp.rank == 0 else None  # rank 0 leads the others' steps
+        cls = model_class(cfg)
+        if shard is not None and not getattr(cls, "supports_tensor_parallel", False):
+            raise ValueError(f"tensor_parallel_size > 1 is not supported for model type {cfg.model_type!r} yet "
+                             "(supported: the Llama family: llama, mistral, qwen2, qwen3)")
         with torch.device("meta"):
-            model = model_class(cfg)(cfg, self.attn_backend)
+            model = cls(cfg, self.attn_backend) if shard is None else cls(cfg, self.attn_backend, tp=shard)
         model = model.to(dtype=dtype).to_empty(device=device)
         if weights is None:
             model.init_dummy_weights(seed)
+        elif callable(weights):
+            model.load_weights(weights(model.weight_shard if shard is not None else None))
         else:
             model.load_weights(weights)
         model.build_tables(device, dtype)
@@ -222,7 +233,10 @@ class ModelRunner:
         return SamplingRow(req.sampling_params, req.prompt_token_ids, req.output_token_ids, gen, req.eos_token_ids)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy-on-write: whole blocks from src to dst, in every layer, before anything writes to them."""
+        """Copy-on-write: whole blocks from src to dst, in every layer, before anything writes to them
+        (on every tensor-parallel rank: each holds its heads of every block)."""
+        if self.tp_driver is not None:
+            self.tp_driver.send(("copy", pairs))
         src = torch.tensor([p[0] for p in pairs], device=self.device)
         dst = torch.tensor([p[1] for p in pairs], device=self.device)
         for cache in self._kv_tensors:
@@ -234,11 +248,17 @@ class ModelRunner:
     def compute_logits(self, scheduled: list) -> tuple[list, torch.Tensor | None, dict]:
         """Run the model; return the requests that sample this step, their next-token logits [S, vocab] in float32,
         and the prompt logprobs of the requests that ask for them (request id -> [TokenLogprobs])."""
-        input_ids, positions, meta, logits_idx, sampled = self._prepare(scheduled)
-        if self.cuda_graphs is not None and isinstance(meta, AttentionMetadata) and self.cuda_graphs.fits(meta):
-            hidden = self.cuda_graphs.run(input_ids, positions, meta)
+        step, logits_idx, sampled = self._step_input(scheduled)
+        if self.tp_driver is None:
+            hidden = self.forward(step)
         else:
-            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+            self.tp_driver.send(("forward", step))  # the other ranks run the same forward, in lockstep
+            try:
+                hidden = self.forward(step)
+            except Exception as exc:
+                self.tp_driver.check_after(exc)  # raises TensorParallelError where the group is broken
+                raise
+        logits_idx = torch.tensor(logits_idx, dtype=torch.int64, device=self.device)
         prompt_logprobs = self._prompt_logprobs(scheduled, hidden)
         if not sampled:
             return [], None, prompt_logprobs
@@ -273,44 +293,59 @@ class ModelRunner:
         """Single-token queries first: the attention backend batches them as one decode."""
         return [s for s in scheduled if s.num_new_tokens == 1] + [s for s in scheduled if s.num_new_tokens != 1]
 
+    @torch.inference_mode()
+    def forward(self, step: "StepInput") -> torch.Tensor:
+        """The model's hidden states [T, hidden] for one step's input (every tensor-parallel rank runs this)."""
+        input_ids, positions, meta = self._tensors(step)
+        if self.cuda_graphs is not None and isinstance(meta, AttentionMetadata) and self.cuda_graphs.fits(meta):
+            return self.cuda_graphs.run(input_ids, positions, meta)
+        return self.model(input_ids, positions, self.kv_caches, meta)
+
     def _prepare(self, scheduled: list):
-        """Flat tensors for one step: input_ids, positions, AttentionMetadata (one per layer where the KV cache
-        has several groups), and which rows to sample."""
+        """Flat tensors for one step: input_ids, positions, AttentionMetadata, the rows to sample and their requests."""
+        step, logits_idx, sampled = self._step_input(scheduled)
+        return (*self._tensors(step), torch.tensor(logits_idx, dtype=torch.int64, device=self.device), sampled)
+
+    def _step_input(self, scheduled: list) -> tuple["StepInput", list[int], list]:
+        """One step's model input as plain lists, the rows whose logits are sampled, and their requests."""
         batch = self._batch_order(scheduled)
-        num_decodes = sum(1 for s in batch if s.num_new_tokens == 1)
         num_groups = len(self.kv_groups)
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[list[int]] = [[] for _ in range(num_groups)]
-        qsl = [0]
-        seq_lens: list[int] = []
-        tables: list[list[list[int]]] = [[] for _ in range(num_groups)]
+        step = StepInput([], [], [0], [], sum(1 for s in batch if s.num_new_tokens == 1),
+                         max(s.num_new_tokens for s in batch), [[] for _ in range(num_groups)],
+                         [[] for _ in range(num_groups)])
         logits_idx: list[int] = []
         sampled = []
+        qsl = step.query_start_loc
         for s in batch:
             start, n = s.start_pos, s.num_new_tokens
-            input_ids.extend(s.token_ids)
-            positions.extend(range(start, start + n))
+            step.input_ids.extend(s.token_ids)
+            step.positions.extend(range(start, start + n))
             for g in range(num_groups):
                 table = s.block_tables[g]
-                slots[g].extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-                tables[g].append(table)
+                step.slot_mappings[g].extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+                step.block_tables[g].append(table)
             qsl.append(qsl[-1] + n)
-            seq_lens.append(start + n)
+            step.seq_lens.append(start + n)
             if s.needs_sample:
                 logits_idx.append(qsl[-1] - 1)
                 sampled.append(s)
+        return step, logits_idx, sampled
+
+    def _tensors(self, step: "StepInput"):
+        """Flat tensors for one step: input_ids, positions, AttentionMetadata (one per layer where the KV cache
+        has several groups)."""
         dev = self.device
+        bs = self.block_size
+        seq_lens, qsl, num_decodes = step.seq_lens, step.query_start_loc, step.num_decodes
         seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
         qsl_t = torch.tensor(qsl, dtype=torch.int32, device=dev)
         metas = []
-        for g in range(num_groups):
-            group_tables = tables[g]
+        for g, group_tables in enumerate(step.block_tables):
             max_blocks = max(len(t) for t in group_tables)
             sliding = self.kv_groups[g].window is not None
             metas.append(AttentionMetadata(
-                slot_mapping=torch.tensor(slots[g], dtype=torch.int64, device=dev),
+                slot_mapping=torch.tensor(step.slot_mappings[g], dtype=torch.int64, device=dev),
                 query_start_loc=qsl_t,
                 seq_lens=seq_lens_t,
                 block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in group_tables], dtype=torch.int32, device=dev),
@@ -318,11 +353,26 @@ class ModelRunner:
                 query_start_loc_cpu=qsl,
                 seq_lens_cpu=seq_lens,
                 max_seq_len=max(seq_lens),
-                max_query_len=max(s.num_new_tokens for s in batch),
+                max_query_len=step.max_query_len,
                 # A sliding group's leading entries may be placeholders: no prefix is read for all.
                 num_common_prefix_blocks=0 if sliding else common_prefix_blocks(group_tables[:num_decodes], seq_lens[:num_decodes], bs),
             ))
-        meta = metas[0] if num_groups == 1 else [metas[g] for g in self._layer_group]
-        input_ids_t = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        positions_t = torch.tensor(positions, dtype=torch.int64, device=dev)
-        return input_ids_t, positions_t, meta, torch.tensor(logits_idx, dtype=torch.int64, device=dev), sampled
+        meta = metas[0] if len(metas) == 1 else [metas[g] for g in self._layer_group]
+        input_ids_t = torch.tensor(step.input_ids, dtype=torch.int64, device=dev)
+        positions_t = torch.tensor(step.positions, dtype=torch.int64, device=dev)
+        return input_ids_t, positions_t, meta
+
+
+@dataclass
+class StepInput:
+    """One step's model input as plain lists (the scheduled requests in batch order, decodes first): what rank 0
+    of a tensor-parallel group sends the other ranks, each of which builds its own tensors from it."""
+
+    input_ids: list[int]
+    positions: list[int]
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    num_decodes: int
+    max_query_len: int
+    slot_mappings: list[list[int]]  # per KV cache group
+    block_tables: list[list[list[int]]]  # per KV cache group, one table per request
