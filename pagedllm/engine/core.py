@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from functools import partial
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.kv_cache import KVCacheManager
@@ -37,7 +38,7 @@ class EngineCore:
         from pagedllm.model.attention.selector import get_attention_backend
         from pagedllm.model.loader import iter_weights, resolve_model
         from pagedllm.worker.kv_cache_groups import kv_cache_groups
-        from pagedllm.worker.model_runner import ModelRunner, resolve_device, resolve_dtype
+        from pagedllm.worker.model_runner import resolve_device, resolve_dtype
 
         t0 = time.perf_counter()
         self.config = config
@@ -51,14 +52,53 @@ class EngineCore:
 
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
-        weights = None if config.load_format == "dummy" else iter_weights(source)
+        # A function of the model's weight_shard: a tensor-parallel rank reads only its part of each weight.
+        weights = None if config.load_format == "dummy" else partial(iter_weights, source)
         attn_backend = get_attention_backend(device.type, config.attention_backend)
         windows = cfg.layer_windows or [None] * cfg.num_hidden_layers
         if config.disable_hybrid_kv_cache_manager:
             windows = [None] * len(windows)  # one group that keeps everything; the layers still mask their windows
         kv_groups = kv_cache_groups(windows, self.max_model_len)
+        self.tp = None  # with tensor_parallel_size > 1: this rank 0's TPGroup (worker/parallel.py)
+        if config.tensor_parallel_size > 1:
+            from pagedllm.worker.parallel import start_tensor_parallel
+
+            self.tp = start_tensor_parallel(config, cfg, device, dtype, self.max_model_len, kv_groups)
+        try:
+            num_blocks = self._build(config, cfg, weights, device, dtype, attn_backend, kv_groups)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.info = CoreInfo(
+            model_path=source.path, dtype=str(dtype).replace("torch.", ""), kv_cache_dtype=str(self.runner.kv_dtype).replace("torch.", ""),
+            device=str(device), max_model_len=self.max_model_len,
+            num_blocks=num_blocks, block_size=config.block_size, bytes_per_block=self.runner.bytes_per_block(),
+            eos_token_ids=self.eos_token_ids, vocab_size=cfg.vocab_size, pid=os.getpid(),
+        )
+        self.requests: dict[str, Request] = {}  # unfinished requests by id (the parent of n > 1 sequences)
+        self.structured_outputs = None  # a StructuredOutputManager, from the first request with structured outputs
+        self._compiling: list = []  # (request, spec, future): waiting for their grammar, outside the scheduler
+        self._outputs: list[EngineCoreOutput] = []  # produced between steps (a request refused on arrival)
+        self.log_stats = False  # attach stats() to every step's outputs (the server's metrics)
+        self.num_steps = 0
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        logger.info(
+            "engine core ready in %.2fs: %s, %s, KV pool %d blocks x %d tokens = %d tokens in %s (%.2f GiB%s), max_model_len %d",
+            time.perf_counter() - t0, source.path, self.info.dtype, self.info.num_blocks, config.block_size,
+            self.info.num_blocks * config.block_size, self.info.kv_cache_dtype, self.info.kv_cache_gib,
+            f" on each of {config.tensor_parallel_size} ranks" if self.tp else "", self.max_model_len,
+        )
+
+    def _build(self, config, cfg, weights, device, dtype, attn_backend, kv_groups) -> int:
+        """The model runner (this rank's share of the model), the KV pool and the scheduler; returns the pool's blocks."""
+        from pagedllm.worker.model_runner import ModelRunner
+
         self.runner = ModelRunner(cfg, weights, device=device, dtype=dtype, block_size=config.block_size, seed=config.seed,
-                                  attn_backend=attn_backend, kv_cache_dtype=config.kv_cache_dtype, kv_groups=kv_groups)
+                                  attn_backend=attn_backend, kv_cache_dtype=config.kv_cache_dtype, kv_groups=kv_groups,
+                                  tp=self.tp)
+        if self.tp is not None:
+            self.tp.wait_ready("ready", "load its share of the model")
         if device.type == "cuda" and not config.kv_cache_size_given:
             from pagedllm.worker.gpu_memory import gpu_kv_blocks
 
@@ -75,30 +115,21 @@ class EngineCore:
                 f"or lower max_model_len"
             )
         self.runner.allocate_kv_cache(num_blocks)
-        if device.type == "cuda" and not config.enforce_eager and len(kv_groups) == 1:
+        if self.tp is not None:
+            self.tp.send(("allocate", num_blocks))  # every rank's pool: its own KV heads, the same blocks
+            self.tp.wait_ready("allocated", "allocate its KV pool")
+        # CUDA graphs are not captured across tensor-parallel ranks yet (their all-reduces would be in the graphs).
+        if device.type == "cuda" and not config.enforce_eager and len(kv_groups) == 1 and self.tp is None:
             from pagedllm.worker.cuda_graphs import capture_decode_graphs
 
             self.runner.cuda_graphs = capture_decode_graphs(self.runner, config.max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(SchedulerConfig.from_engine(config, self.max_model_len), self.kv_cache)
-        self.info = CoreInfo(
-            model_path=source.path, dtype=str(dtype).replace("torch.", ""), kv_cache_dtype=str(self.runner.kv_dtype).replace("torch.", ""),
-            device=str(device), max_model_len=self.max_model_len,
-            num_blocks=num_blocks, block_size=config.block_size, bytes_per_block=self.runner.bytes_per_block(),
-            eos_token_ids=self.eos_token_ids, vocab_size=cfg.vocab_size, pid=os.getpid(),
-        )
-        self.requests: dict[str, Request] = {}  # unfinished requests by id (the parent of n > 1 sequences)
-        self.structured_outputs = None  # a StructuredOutputManager, from the first request with structured outputs
-        self._compiling: list = []  # (request, spec, future): waiting for their grammar, outside the scheduler
-        self._outputs: list[EngineCoreOutput] = []  # produced between steps (a request refused on arrival)
-        self.log_stats = False  # attach stats() to every step's outputs (the server's metrics)
-        self.num_steps = 0
-        self.prompt_tokens_total = 0
-        self.generation_tokens_total = 0
-        logger.info(
-            "engine core ready in %.2fs: %s, %s, KV pool %d blocks x %d tokens = %d tokens in %s (%.2f GiB), max_model_len %d",
-            time.perf_counter() - t0, source.path, self.info.dtype, num_blocks, config.block_size, num_blocks * config.block_size,
-            self.info.kv_cache_dtype, self.info.kv_cache_gib, self.max_model_len,
-        )
+        return num_blocks
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do without them)."""
+        if self.tp is not None:
+            self.tp.close()
 
     # --- requests ---------------------------------------------------------
     def add_request(self, req: EngineCoreRequest) -> None:
@@ -224,10 +255,12 @@ class EngineCore:
     def _execute(self, out: SchedulerOutput, outputs: list[EngineCoreOutput]):
         """Run the step (a RunnerOutput); if the forward pass raises, find the request behind it and end that one alone."""
         from pagedllm.worker.model_runner import KVCacheCopyError, RunnerOutput
+        from pagedllm.worker.parallel import TensorParallelError
 
+        fatal = (KVCacheCopyError, TensorParallelError)  # no one request explains these: the core stops
         try:
             return self.runner.execute(out)
-        except KVCacheCopyError:
+        except fatal:
             raise
         except Exception as exc:
             logger.warning("a step over %d requests failed (%s: %s); running it again in smaller groups to find the "
@@ -240,7 +273,7 @@ class EngineCore:
                 part = self.runner.execute(SchedulerOutput(scheduled=group))
                 results.sampled.extend(part.sampled)
                 results.prompt_logprobs.update(part.prompt_logprobs)
-            except KVCacheCopyError:
+            except fatal:
                 raise
             except Exception as exc:
                 if len(group) > 1:

@@ -151,6 +151,8 @@ class InprocClient(CoreClient):
             self._stopped = True
             self._dead_reason = self._dead_reason or "the engine core was shut down"
             self._cond.notify_all()
+        with self._core_lock:
+            self.core.shutdown()
 
 
 class ProcClient(CoreClient):

@@ -103,7 +103,10 @@ def main(argv: list[str]) -> int:
         conn.send(("failed", (type(exc).__name__, str(exc))))
         return 1
     conn.send(("ready", core.info))
-    return run_core_loop(core, conn)
+    try:
+        return run_core_loop(core, conn)
+    finally:
+        core.shutdown()  # the other tensor-parallel ranks stop with it
 
 
 if __name__ == "__main__":
