@@ -30,15 +30,19 @@ from pagedllm.worker.model_runner import ModelRunner, StepInput
 PROMPTS = [[5, 6, 7, 8, 9], list(range(10, 47)), [300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310, 311]]
 
 
-def _tiny_dir(path, heads: int, kv_heads: int, tie: bool = False) -> str:
+def _tiny_dir(path, heads: int, kv_heads: int, tie: bool = False, bias: bool = False) -> str:
+    """bias: every projection has one (q/k/v split over the ranks; o_proj's and down_proj's added by rank 0 alone)."""
     cfg = transformers.LlamaConfig(
         vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=heads,
         num_key_value_heads=kv_heads, head_dim=8, max_position_embeddings=256, tie_word_embeddings=tie,
-        bos_token_id=1, eos_token_id=2)
+        bos_token_id=1, eos_token_id=2, attention_bias=bias, mlp_bias=bias)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(30.0)  # sharper logits: fewer near-ties in greedy decoding
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.1)
     model.save_pretrained(path)
     word_level_tokenizer(cfg.vocab_size).save_pretrained(path)
     return str(path)
@@ -135,9 +139,10 @@ def _sharded_logits(path: str, size: int, step: StepInput, dummy: bool = False) 
     return runners[0].model.compute_logits(outs[0])
 
 
-@pytest.mark.parametrize("heads,kv_heads,size", [(12, 6, 3), (4, 2, 4), (4, 1, 2)])
-def test_sharded_forward_matches_the_whole_model(tmp_path, heads, kv_heads, size):
-    path = _tiny_dir(tmp_path, heads, kv_heads)
+@pytest.mark.parametrize("heads,kv_heads,size,bias", [(12, 6, 3, False), (4, 2, 4, False), (4, 1, 2, False),
+                                                    (12, 6, 2, True)])
+def test_sharded_forward_matches_the_whole_model(tmp_path, heads, kv_heads, size, bias):
+    path = _tiny_dir(tmp_path, heads, kv_heads, bias=bias)
     ref = _runner(path)
     step = _prompt_step(PROMPTS[1])
     want = ref.model.compute_logits(ref.forward(step))
@@ -150,6 +155,15 @@ def test_dummy_weights_are_the_same_model_at_every_size(tmp_path):
     step = _prompt_step(PROMPTS[1])
     want = ref.model.compute_logits(ref.forward(step))
     torch.testing.assert_close(_sharded_logits(path, 2, step, dummy=True), want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_loader_reads_only_a_ranks_slice(gqa_dir):
+    source = resolve_model(gqa_dir)
+    shard = lambda name: (1, 16, 8) if "o_proj.weight" in name else (0, 8, 8) if "q_proj.weight" in name else None
+    shapes = {name: tuple(t.shape) for name, t in iter_weights(source, shard)}
+    assert shapes["model.layers.0.self_attn.q_proj.weight"] == (8, 48)
+    assert shapes["model.layers.1.self_attn.o_proj.weight"] == (48, 8)
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (48, 48)
 
 
 def test_sizes_that_do_not_split_the_model_are_refused():

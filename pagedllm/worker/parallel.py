@@ -95,7 +95,8 @@ def rendezvous_address(init_method: str | None) -> tuple[str, int] | None:
 def take_cpu_share(local_rank: int, local_size: int, bind: bool) -> list[int]:
     """This rank's share of the cores it may run on: torch's threads, and with bind its affinity; returns the cores.
 
-    Ranks on one host split its cores in order: rank r of n takes the r-th n-th of them."""
+    Ranks on one host split its cores in order: rank r of n takes the r-th n-th of them. Rank 0 takes its share in
+    the engine core's process (the caller's own with core_process=False)."""
     cores = sorted(os.sched_getaffinity(0))
     per_rank = max(1, len(cores) // max(1, local_size))
     torch.set_num_threads(per_rank)

@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     group.store.set(f"ready/{args.rank}", "")
     try:
         return _loop(group, runner, args.rank)
-    except Exception as exc:
-        logger.error("rank 0 is gone or the group broke (%s: %s); this rank stops", type(exc).__name__, exc)
+    except Exception as exc:  # rank 0 is gone, the group broke, or this rank's KV pool did not fit
+        logger.error("this rank stops: %s: %s", type(exc).__name__, exc)
         return 1
 
 
@@ -124,8 +124,8 @@ def _loop(group, runner, rank: int) -> int:
         if kind == "forward":
             try:
                 runner.forward(msg[1])
-            except Exception:
-                logger.exception("a forward failed (rank 0 fails its request)")
+            except Exception as exc:  # rank 0 failed alike: it finds the request behind it and ends that one
+                logger.warning("a forward failed (%s: %s); rank 0 ends the request behind it", type(exc).__name__, exc)
         elif kind == "copy":
             runner.copy_blocks(msg[1])
         elif kind == "allocate":
