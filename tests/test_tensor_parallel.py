@@ -55,6 +55,12 @@ def gqa_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def gqa_ref(gqa_dir):
+    """TP=1's greedy outputs of PROMPTS on gqa_dir, in this process."""
+    return _greedy(_llm(gqa_dir, 1))
+
+
+@pytest.fixture(scope="module")
 def mqa_dir(tmp_path_factory) -> str:
     """4 query heads over 1 KV head, tied embeddings: at TP=2 each rank keeps a copy of the KV head."""
     return _tiny_dir(tmp_path_factory.mktemp("tp-mqa"), 4, 1, tie=True)
@@ -190,11 +196,10 @@ def test_an_unsupported_family_is_refused_before_any_rank_starts(tmp_path):
 
 
 # --- the engine, with its ranks in processes ---------------------------------------------------------------------------
-def test_tp2_and_tp3_give_tp1s_greedy_tokens(gqa_dir):
-    ref = _greedy(_llm(gqa_dir, 1))
+def test_tp2_and_tp3_give_tp1s_greedy_tokens(gqa_dir, gqa_ref):
     for size in (2, 3):
         llm = _llm(gqa_dir, size)
-        _assert_same(ref, _greedy(llm))
+        _assert_same(gqa_ref, _greedy(llm))
         llm.engine.shutdown()
 
 
@@ -226,8 +231,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ranks_started_apart_over_loopback_tcp(gqa_dir):
-    ref = _greedy(_llm(gqa_dir, 1))
+def test_ranks_started_apart_over_loopback_tcp(gqa_dir, gqa_ref):
     init = f"tcp://127.0.0.1:{_free_port()}"
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     workers = [subprocess.Popen([sys.executable, "-m", "pagedllm.worker.tp_worker", "--rank", str(r), "--world-size", "2",
@@ -235,7 +239,7 @@ def test_ranks_started_apart_over_loopback_tcp(gqa_dir):
                for r in (1,)]
     try:
         llm = _llm(gqa_dir, 2, distributed_workers="external", distributed_init_method=init)
-        _assert_same(ref, _greedy(llm))
+        _assert_same(gqa_ref, _greedy(llm))
         llm.engine.shutdown()
         assert [w.wait(30) for w in workers] == [0]  # rank 0 told them to stop
     finally:
