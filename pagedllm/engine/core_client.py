@@ -154,11 +154,16 @@ class InprocClient(CoreClient):
 
 
 class ProcClient(CoreClient):
-    """The core in a child process, over a socket pair."""
+    """The core in a child process, over a socket pair.
 
-    def __init__(self, config: EngineConfig) -> None:
+    env: variables to set in the child on top of ours (a data-parallel core's
+    OMP_NUM_THREADS); cpus: the CPUs the child may run on, set before it has
+    imported torch, so that every thread it starts inherits them.
+    """
+
+    def __init__(self, config: EngineConfig, env: dict[str, str] | None = None, cpus: list[int] | None = None) -> None:
         ours, theirs = socket.socketpair()
-        env = dict(os.environ)
+        env = {**os.environ, **(env or {})}
         # The child imports pagedllm from where this process did, installed or not.
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -167,6 +172,11 @@ class ProcClient(CoreClient):
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env, start_new_session=True,
         )
         theirs.close()
+        if cpus:
+            try:
+                os.sched_setaffinity(self.proc.pid, cpus)
+            except (AttributeError, OSError) as exc:  # not Linux, or CPUs we may not use: unpinned is still correct
+                logger.warning("could not pin the engine core to CPUs %s: %s", cpus, exc)
         self._conn = Connection(ours.detach())
         self._send_lock = threading.Lock()
         self._outputs: queue.SimpleQueue = queue.SimpleQueue()
@@ -207,6 +217,10 @@ class ProcClient(CoreClient):
         self._send(("abort", list(targets)))
 
     def call(self, method: str, *args):
+        return self.call_async(method, *args).result()
+
+    def call_async(self, method: str, *args) -> Future:
+        """Send a utility call and return at once; the future holds its result (several cores asked at once)."""
         future: Future = Future()
         with self._send_lock:
             call_id = next(self._call_ids)
@@ -216,7 +230,7 @@ class ProcClient(CoreClient):
         except EngineDeadError:
             self._calls.pop(call_id, None)
             raise
-        return future.result()
+        return future
 
     # --- from the core ---------------------------------------------------
     def get_outputs(self, timeout: float | None = None) -> EngineCoreOutputs | None:
