@@ -73,6 +73,13 @@ class CoreClient:
 
 
 def make_client(config: EngineConfig) -> CoreClient:
+    if config.data_parallel_size > 1:
+        if not config.core_process:
+            raise ValueError(f"data_parallel_size={config.data_parallel_size} runs each engine core in a process of its "
+                             f"own: it needs core_process=True")
+        from pagedllm.engine.dp_client import DPClient
+
+        return DPClient(config)
     return ProcClient(config) if config.core_process else InprocClient(config)
 
 
@@ -287,15 +294,20 @@ class ProcClient(CoreClient):
     def dead_reason(self) -> str | None:
         return self._dead_reason
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the core: it ends after its current step; killed if it has not within timeout."""
-        if self.proc.poll() is None:
+    def request_shutdown(self) -> None:
+        """Tell the core to stop after its current step, without waiting (several cores stop at once)."""
+        if self.proc.poll() is None and not self._shutting_down:
             self._shutting_down = True
             try:
                 with self._send_lock:
                     self._conn.send(("shutdown",))
             except OSError:
                 pass
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the core: it ends after its current step; killed if it has not within timeout."""
+        if self.proc.poll() is None:
+            self.request_shutdown()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
