@@ -217,3 +217,18 @@ def test_a_killed_core_fails_requests_and_health_says_503(tiny_model_dir):
             engine.add_request("late", "hello", greedy(2))
     finally:
         engine.shutdown()
+
+
+def test_the_books_forget_requests_of_several_sequences_once_all_end(llm):
+    engine, client = llm.engine, llm.engine.client
+    prompts = random_prompts(3, seed=8)
+    engine.add_request("n3", {"prompt_token_ids": prompts[0]}, SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=5))
+    engine.add_request("cut", {"prompt_token_ids": prompts[1]}, SamplingParams(n=2, temperature=1.0, seed=2, max_tokens=50))
+    engine.add_request("two", {"prompt_token_ids": prompts[2]}, SamplingParams(n=2, max_tokens=5))
+    engine.step()
+    engine.abort_request("cut")
+    done = run_all(engine)
+    assert [c.finish_reason for c in done["n3"].outputs] == ["length"] * 3
+    assert [c.finish_reason for c in done["cut"].outputs] == ["abort"] * 2
+    assert all(client.where(r) is None for r in ("n3", "cut", "two"))
+    assert all(load.requests == load.waiting_tokens == 0 for load in client._loads)
