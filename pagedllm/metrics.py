@@ -7,6 +7,8 @@ observer hooks, on the engine thread; prometheus_client's collectors are
 thread-safe, so /metrics can be scraped on the event loop at any time.
 
 Names follow vLLM's, with a pagedllm_ prefix and Prometheus' underscores.
+The engine-wide series add up every engine core (data_parallel_size > 1);
+the pagedllm_engine_* series show each core's own, labelled engine="0", "1"...
 """
 
 from __future__ import annotations
@@ -57,9 +59,21 @@ class ServerMetrics:
         self._finished = Counter(
             "pagedllm_request_success", "Requests that ended, by finish reason.", ["model_name", "finished_reason"], registry=r
         )
+        labels = ["model_name", "engine"]
+        self._engine_running = Gauge("pagedllm_engine_num_requests_running", "Requests in one engine core's running batch.",
+                                     labels, registry=r)
+        self._engine_waiting = Gauge("pagedllm_engine_num_requests_waiting", "Requests waiting in one engine core.",
+                                     labels, registry=r)
+        self._engine_kv_usage = Gauge("pagedllm_engine_kv_cache_usage_perc", "Fraction of one engine core's KV blocks "
+                                      "in use (0 to 1).", labels, registry=r)
+        self._engine_prefix_queries = Counter("pagedllm_engine_prefix_cache_queries", "Prompt tokens looked up in one "
+                                              "engine core's prefix cache.", labels, registry=r)
+        self._engine_prefix_hits = Counter("pagedllm_engine_prefix_cache_hits", "Prompt tokens found in one engine "
+                                           "core's prefix cache.", labels, registry=r)
         self._model_name = model_name
         # Engine totals seen so far: counters move by the difference.
         self._seen = (0, 0, 0, 0, 0)
+        self._engine_seen: dict[str, tuple[int, int]] = {}
 
     # --- EngineObserver hooks (engine thread) -------------------------------
     def on_step(self, stats: EngineStats) -> None:
@@ -73,6 +87,20 @@ class ServerMetrics:
             if new > old:
                 counter.inc(new - old)
         self._seen = totals
+        for i, core in enumerate(stats.per_engine or [stats]):
+            self._on_engine_step(str(i), core)
+
+    def _on_engine_step(self, engine: str, stats: EngineStats) -> None:
+        name = self._model_name
+        self._engine_running.labels(name, engine).set(stats.num_running)
+        self._engine_waiting.labels(name, engine).set(stats.num_waiting)
+        self._engine_kv_usage.labels(name, engine).set(stats.num_used_blocks / max(1, stats.num_blocks))
+        totals = (stats.prefix_cache_queries, stats.prefix_cache_hits)
+        seen = self._engine_seen.get(engine, (0, 0))
+        for counter, new, old in zip((self._engine_prefix_queries, self._engine_prefix_hits), totals, seen):
+            if new > old:
+                counter.labels(name, engine).inc(new - old)
+        self._engine_seen[engine] = totals
 
     def on_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)

@@ -73,6 +73,13 @@ class CoreClient:
 
 
 def make_client(config: EngineConfig) -> CoreClient:
+    if config.data_parallel_size > 1:
+        if not config.core_process:
+            raise ValueError(f"data_parallel_size={config.data_parallel_size} runs each engine core in a process of its "
+                             f"own: it needs core_process=True")
+        from pagedllm.engine.dp_client import DPClient
+
+        return DPClient(config)
     return ProcClient(config) if config.core_process else InprocClient(config)
 
 
@@ -156,11 +163,16 @@ class InprocClient(CoreClient):
 
 
 class ProcClient(CoreClient):
-    """The core in a child process, over a socket pair."""
+    """The core in a child process, over a socket pair.
 
-    def __init__(self, config: EngineConfig) -> None:
+    env: variables to set in the child on top of ours (a data-parallel core's
+    OMP_NUM_THREADS); cpus: the CPUs the child may run on, set before it has
+    imported torch, so that every thread it starts inherits them.
+    """
+
+    def __init__(self, config: EngineConfig, env: dict[str, str] | None = None, cpus: list[int] | None = None) -> None:
         ours, theirs = socket.socketpair()
-        env = dict(os.environ)
+        env = {**os.environ, **(env or {})}
         # The child imports pagedllm from where this process did, installed or not.
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -169,6 +181,11 @@ class ProcClient(CoreClient):
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env, start_new_session=True,
         )
         theirs.close()
+        if cpus:
+            try:
+                os.sched_setaffinity(self.proc.pid, cpus)
+            except (AttributeError, OSError) as exc:  # not Linux, or CPUs we may not use: unpinned is still correct
+                logger.warning("could not pin the engine core to CPUs %s: %s", cpus, exc)
         self._conn = Connection(ours.detach())
         self._send_lock = threading.Lock()
         self._outputs: queue.SimpleQueue = queue.SimpleQueue()
@@ -209,6 +226,10 @@ class ProcClient(CoreClient):
         self._send(("abort", list(targets)))
 
     def call(self, method: str, *args):
+        return self.call_async(method, *args).result()
+
+    def call_async(self, method: str, *args) -> Future:
+        """Send a utility call and return at once; the future holds its result (several cores asked at once)."""
         future: Future = Future()
         with self._send_lock:
             call_id = next(self._call_ids)
@@ -218,7 +239,7 @@ class ProcClient(CoreClient):
         except EngineDeadError:
             self._calls.pop(call_id, None)
             raise
-        return future.result()
+        return future
 
     # --- from the core ---------------------------------------------------
     def get_outputs(self, timeout: float | None = None) -> EngineCoreOutputs | None:
@@ -275,15 +296,20 @@ class ProcClient(CoreClient):
     def dead_reason(self) -> str | None:
         return self._dead_reason
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the core: it ends after its current step; killed if it has not within timeout."""
-        if self.proc.poll() is None:
+    def request_shutdown(self) -> None:
+        """Tell the core to stop after its current step, without waiting (several cores stop at once)."""
+        if self.proc.poll() is None and not self._shutting_down:
             self._shutting_down = True
             try:
                 with self._send_lock:
                     self._conn.send(("shutdown",))
             except OSError:
                 pass
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the core: it ends after its current step; killed if it has not within timeout."""
+        if self.proc.poll() is None:
+            self.request_shutdown()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -56,3 +56,5 @@ class EngineStats:
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     num_steps: int = 0
+    # data_parallel_size > 1: the fields above add up every core's; here each core's own, in core order.
+    per_engine: list[EngineStats] | None = None
