@@ -138,6 +138,11 @@ class EngineConfig:
         init = self.distributed_init_method
         if init is not None and not (isinstance(init, str) and re.match(r"^(tcp://[^:/]+:\d+|env://)$", init)):
             raise ValueError(f"distributed_init_method must be tcp://HOST:PORT or env://, got {init!r}")
+        if self.data_parallel_size > 1 and self.tensor_parallel_size > 1 and (
+                init is not None or self.distributed_workers == "external"):
+            raise ValueError("data_parallel_size > 1 with tensor_parallel_size > 1 gives each core its own group of ranks "
+                             "on this host: leave distributed_init_method unset and distributed_workers 'spawn' "
+                             "(each group takes its own free port)")
         if self.max_model_len is not None:
             _check_int("max_model_len", self.max_model_len, 2, 1 << 24)
         if self.num_kv_blocks is not None:

@@ -203,6 +203,18 @@ def test_tp2_and_tp3_give_tp1s_greedy_tokens(gqa_dir, gqa_ref):
         llm.engine.shutdown()
 
 
+def test_data_parallel_cores_of_tensor_parallel_groups_give_tp1s_greedy_tokens(gqa_dir, gqa_ref, monkeypatch):
+    llm = _llm(gqa_dir, 2, data_parallel_size=2)  # two cores, each rank 0 of its own pair, on ports of their own
+    _assert_same(gqa_ref, _greedy(llm))
+    assert all(routed for routed, _ in llm.engine.client.routing_counts())
+    llm.engine.shutdown()
+    with pytest.raises(ValueError, match="distributed_init_method unset"):
+        EngineConfig(tensor_parallel_size=2, data_parallel_size=2, distributed_init_method="tcp://127.0.0.1:29500")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(ValueError, match="unset MASTER_ADDR"):
+        _llm(gqa_dir, 2, data_parallel_size=2)
+
+
 def test_replicated_kv_heads_give_tp1s_greedy_tokens(mqa_dir):
     ref = _greedy(_llm(mqa_dir, 1))
     llm = _llm(mqa_dir, 2)

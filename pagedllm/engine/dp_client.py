@@ -142,6 +142,10 @@ class DPClient(CoreClient):
         self.config = config
         self.block_size = config.block_size
         self.max_num_seqs = config.max_num_seqs
+        if config.tensor_parallel_size > 1 and os.environ.get("MASTER_ADDR"):
+            raise ValueError("data_parallel_size > 1 with tensor_parallel_size > 1: each core's ranks meet on a free "
+                             "port of their own, but MASTER_ADDR is set and would send every group to one address; "
+                             "unset MASTER_ADDR and MASTER_PORT")
         core_config = dataclasses.replace(config, data_parallel_size=1)  # each core is a whole engine of its own
         envs, cpus = cpu_shares(n)
         with ThreadPoolExecutor(n, thread_name_prefix="pagedllm-dp-start") as pool:  # load the N models at once
