@@ -127,7 +127,9 @@ class EngineCore:
         return num_blocks
 
     def shutdown(self) -> None:
-        """Stop the other tensor-parallel ranks (nothing to do without them)."""
+        """Stop the grammar compile thread (pending compiles are dropped) and the other tensor-parallel ranks."""
+        if self.structured_outputs is not None:
+            self.structured_outputs.shutdown()
         if self.tp is not None:
             self.tp.close()
 
