@@ -40,14 +40,15 @@ from pathlib import Path
 VLLM_SELECTION = [
     # all HTTP: logprobs, echo+logprobs, prompt_logprobs, stream_options/continuous
     # usage, cached_tokens, beam search, invalid json/regex/grammar -> 400
-    ("tests/entrypoints/openai/completion/test_completion.py", None, "completions"),
+    # Left out: test_completion_request_* (unit tests of vLLM's request-to-SamplingParams conversion).
+    ("tests/entrypoints/openai/completion/test_completion.py", "not test_completion_request_", "completions"),
     # structured outputs, response_format, logprobs, prompt_logprobs, usage.
     # Left out: the zephyr-lora parameters (LoRA), the to_sampling_params unit
-    # tests (vLLM internals), n/seed/custom-role tests (not these features),
+    # tests and test_null_top_logprobs_is_same_as_omitted (vLLM internals), n/seed/custom-role tests (not these features),
     # /invocations (SageMaker route).
     ("tests/entrypoints/openai/chat_completion/test_chat.py",
      "(logprobs or stream_options or structured_outputs or response_format or chat_streaming"
-     " or single_chat_session) and not zephyr-lora", "chat"),
+     " or single_chat_session) and not zephyr-lora and not null_top_logprobs_is_same_as_omitted", "chat"),
     # tools: auto/required/named, streamed tool_calls, tool_choice/tools mismatch -> 400.
     # Left out: enable_thinking=True (Qwen3's reasoning parser; pagedllm has none).
     ("tests/entrypoints/openai/chat_completion/test_completion_with_function_calling.py",
@@ -99,7 +100,7 @@ ROCM_EXTRA_ARGS = []
 # flags pagedllm serve takes as they are: name -> takes a value
 KEEP = {"--max-model-len": True, "--max-num-seqs": True, "--enforce-eager": False,
         "--enable-prefix-caching": False, "--no-enable-prefix-caching": False,
-        "--seed": True, "--api-key": True, "--max-num-batched-tokens": True}
+        "--seed": True, "--api-key": True, "--max-num-batched-tokens": True, "--max-logprobs": True}
 PARSERS = {"hermes", "llama3_json", "mistral"}
 CURRENT = {}
 
@@ -251,6 +252,18 @@ class ModelConfig:
                    or len(get_tokenizer()))
 
 
+class _HubStandIn:
+    """Fixtures that download adapters (zephyr LoRA) get an empty directory: the shim drops LoRA flags, and the
+    tests that ask for an adapter are not selected."""
+    def snapshot_download(self, *args, **kwargs):
+        import tempfile
+        return tempfile.mkdtemp(prefix="no-lora-")
+
+
+def hf_api(*args, **kwargs):
+    return _HubStandIn()
+
+
 class _Unavailable:
     """vLLM internals the runner does not select; using one fails that test."""
     def __init__(self, *a, **k):
@@ -267,6 +280,7 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         m.__path__ = []
         m.get_tokenizer = get_tokenizer
         m.ModelConfig = ModelConfig
+        m.hf_api = hf_api
         m.__getattr__ = lambda attr: _Unavailable
         return m
 

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field, fields
 
 from pagedllm.model.attention.selector import ATTENTION_BACKENDS
+from pagedllm.sampling_params import MAX_LOGPROBS
 
 GiB = 1 << 30
 
@@ -92,6 +93,8 @@ class EngineConfig:
         False, "sliding-window layers keep every KV block, as full-attention layers do (same outputs, more memory; "
                "for comparisons and debugging)")
     seed: int = option(0, "seed of the random weights of --load-format dummy")
+    max_logprobs: int = option(MAX_LOGPROBS, "most top logprobs a request may ask for per token (logprobs, top_logprobs, "
+                                             "prompt_logprobs); -1: no limit, and -1 in a request asks for the whole vocabulary")
     trust_remote_code: bool = option(False, "let the tokenizer run code from its hub repository", cli=False)
     # In a process of its own, no frontend work (HTTP, detokenizing) shares the core's interpreter;
     # False also serves tests that reach into the core.
@@ -135,6 +138,7 @@ class EngineConfig:
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1, 1 << 24)
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1, 1 << 10)
         _check_int("data_parallel_size", self.data_parallel_size, 1, 1 << 10)
+        _check_int("max_logprobs", self.max_logprobs, -1, 1 << 24)
         init = self.distributed_init_method
         if init is not None and not (isinstance(init, str) and re.match(r"^(tcp://[^:/]+:\d+|env://)$", init)):
             raise ValueError(f"distributed_init_method must be tcp://HOST:PORT or env://, got {init!r}")

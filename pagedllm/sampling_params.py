@@ -19,8 +19,9 @@ from pagedllm.structured_output.params import StructuredOutputsParams
 # Below this temperature sampling is treated as greedy (as vLLM): dividing the
 # logits by a tiny number would only overflow to the same argmax.
 _GREEDY_EPS = 1e-5
-# Most top logprobs a request may ask for per token (OpenAI's limit too); the
-# cap keeps the per-step top-k and Python conversion cheap.
+# The default of EngineConfig.max_logprobs: the most top logprobs a request may
+# ask for per token (OpenAI's limit too); it keeps the per-step top-k and the
+# Python conversion cheap.
 MAX_LOGPROBS = 20
 # OpenAI's range for logit_bias values: -100 bans a token, 100 all but forces it.
 LOGIT_BIAS_MAX = 100.0
@@ -123,6 +124,10 @@ class SamplingParams:
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise ValueError(f"logit_bias must be a map from token id to bias, got {_short(self.logit_bias)}")
+            bad = [key for key in self.logit_bias if _token_id_key(key) is None]
+            if bad:  # every bad key at once: a client fixes its map in one round trip
+                raise ValueError("logit_bias keys must be token ids (ints >= 0, or their decimal strings), got "
+                                 + ", ".join(repr(k) for k in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else ""))
             bias = {}
             for key, value in self.logit_bias.items():
                 token = _token_id_key(key)
@@ -185,12 +190,11 @@ class SamplingParams:
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise ValueError(
                 f"seed must be an integer that fits in 64 bits, in [{SEED_MIN}, {SEED_MAX}], got {self.seed}")
-        for name in ("logprobs", "prompt_logprobs"):
+        for name in ("logprobs", "prompt_logprobs"):  # the upper bound is the engine's max_logprobs (InputProcessor)
             value = getattr(self, name)
-            if value is not None and not 0 <= value <= MAX_LOGPROBS:
-                raise ValueError(
-                    f"{name} must be in [0, {MAX_LOGPROBS}] (at most {MAX_LOGPROBS} top "
-                    f"logprobs per token), got {value}")
+            if value is not None and value < -1:
+                raise ValueError(f"{name} must be the number of top logprobs per token, >= 0 (or -1: the whole "
+                                 f"vocabulary, where the engine allows it), got {value}")
 
     # -- derived ------------------------------------------------------------
 
@@ -241,12 +245,13 @@ def _require_number(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
-def _token_id_key(key: Any) -> int:
-    """A logit_bias key: a token id, or its decimal string (JSON object keys are strings)."""
+def _token_id_key(key: Any) -> int | None:
+    """A logit_bias key as a token id (keys are ids or their decimal strings: JSON object keys are strings); None if
+    it is neither."""
     if isinstance(key, str) and key.strip().lstrip("-").isdigit():
         key = int(key)
     if isinstance(key, bool) or not isinstance(key, numbers.Integral) or key < 0:
-        raise ValueError(f"logit_bias keys must be token ids (ints >= 0, or their decimal strings), got {key!r}")
+        return None
     return int(key)
 
 

@@ -29,6 +29,7 @@ def test_normalisation():
     dict(max_tokens=None), dict(max_tokens=1), dict(min_tokens=16), dict(top_p=1e-9),
     dict(top_k=1), dict(min_p=1.0), dict(presence_penalty=-2, frequency_penalty=2),
     dict(repetition_penalty=0.01), dict(logprobs=0), dict(logprobs=MAX_LOGPROBS),
+    dict(logprobs=-1), dict(prompt_logprobs=-1),  # the whole vocabulary: the engine's max_logprobs decides
     dict(seed=0), dict(temperature=0), dict(max_tokens=None, min_tokens=1000),
     dict(stop_token_ids=[0]),
 ])
@@ -62,8 +63,8 @@ BAD = [
     ("frequency_penalty", 3, {}, "[-2, 2]"),
     ("repetition_penalty", 0, {}, "> 0"),
     ("repetition_penalty", -1.0, {}, "> 0"),
-    ("logprobs", -1, {}, f"[0, {MAX_LOGPROBS}]"),
-    ("logprobs", MAX_LOGPROBS + 1, {}, f"at most {MAX_LOGPROBS}"),
+    ("logprobs", -2, {}, "-1: the whole vocabulary"),
+    ("prompt_logprobs", -5, {}, ">= 0"),
     ("logprobs", 2.5, {}, "int"),
     ("stop", "", {}, "non-empty"),
     ("stop", ["ok", ""], {}, "non-empty"),

@@ -300,3 +300,27 @@ def test_serve_chat_template_is_a_file_or_the_template_text(tmp_path):
     assert load_chat_template(text) == text
     with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
         load_chat_template("chatml")
+
+
+# --- max_logprobs: the cap on top logprobs, and -1 for the whole vocabulary -------------------------------------------
+def test_the_default_cap_refuses_more_logprobs_and_the_whole_vocabulary(http):
+    for body in ({"logprobs": True, "top_logprobs": 21}, {"logprobs": True, "top_logprobs": -1}):
+        r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": MSG, "max_tokens": 1, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs", r.text
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": MSG, "max_tokens": 1, "prompt_logprobs": -1})
+    assert r.status_code == 400 and "--max-logprobs -1" in r.text, r.text
+
+
+def test_max_logprobs_minus_one_gives_the_whole_vocabulary(tiny_model_dir):
+    engine = LLMEngine(EngineConfig(tiny_model_dir, dtype="float32", num_kv_blocks=64, block_size=16, max_logprobs=-1))
+    vocab = engine.model_config.vocab_size
+    with BackgroundServer(build_app(engine, [MODEL])) as srv:
+        with httpx.Client(base_url=srv.url, timeout=120) as http:
+            chat = post(http, "/v1/chat/completions", messages=MSG, max_tokens=1, logprobs=True, top_logprobs=-1)
+            assert len(chat["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == vocab
+    params = SamplingParams(temperature=0, max_tokens=1, logprobs=-1, prompt_logprobs=-1)
+    llm = LLM(tiny_model_dir, dtype="float32", num_kv_blocks=64, block_size=16, max_logprobs=-1)
+    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, params, use_tqdm=False)[0]
+    assert out.prompt_logprobs[0] is None and all(len(p) == vocab for p in out.prompt_logprobs[1:])
+    first = out.outputs[0].logprobs[0]
+    assert len(first) == vocab and max(first.values(), key=lambda lp: lp.logprob).rank == 1

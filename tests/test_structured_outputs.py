@@ -59,6 +59,8 @@ def test_logits_processor_params_are_checked():
         SamplingParams(logit_bias={5: 101})
     with pytest.raises(ValueError, match="token ids"):
         SamplingParams(logit_bias={"five": 1})
+    with pytest.raises(ValueError, match="'bad1', 'bad2'"):  # every bad key in one answer
+        SamplingParams(logit_bias={"bad1": 50.0, "3": 1, "bad2": 20.0})
     with pytest.raises(ValueError, match="allowed_token_ids"):
         SamplingParams(allowed_token_ids=[])
     with pytest.raises(ValueError, match="bad_words"):

@@ -44,7 +44,8 @@ class LLMEngine:
         self.max_model_len = info.max_model_len
         self.eos_token_ids = info.eos_token_ids
         self.dtype = info.dtype
-        self.input_processor = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.max_model_len)
+        self.input_processor = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.max_model_len,
+                                              config.max_logprobs)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._pending: list[RequestOutput] = []  # outputs of requests aborted between steps
         self.last_stats: EngineStats | None = None  # after the latest step, once set_log_stats(True)

@@ -13,16 +13,17 @@ import itertools
 from typing import Any
 
 from pagedllm.engine.messages import EngineCoreRequest
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 _PROMPT_SHAPES = 'a prompt must be a string, {"prompt": str} or {"prompt_token_ids": [int, ...]}'
 
 
 class InputProcessor:
-    def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int, max_logprobs: int = MAX_LOGPROBS) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        self.max_logprobs = max_logprobs  # -1: no limit
         self._ids = itertools.count()
 
     def process(self, prompt: str | dict, params: SamplingParams | None = None, request_id: str | None = None) -> EngineCoreRequest:
@@ -40,6 +41,7 @@ class InputProcessor:
             raise ValueError(f"{_PROMPT_SHAPES}, got {repr(prompt)[:80]}")
         self._check_token_ids(token_ids)
         self._check_vocab_params(params)
+        check_num_logprobs(params, self.max_logprobs)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         elif not isinstance(request_id, str) or not request_id:
@@ -70,6 +72,23 @@ class InputProcessor:
                 f"the prompt has {len(token_ids)} tokens but the model's context (max_model_len) is {self.max_model_len}: "
                 f"at most {self.max_model_len - 1} prompt tokens leave room for an output token"
             )
+
+
+def check_num_logprobs(params: SamplingParams, max_logprobs: int) -> None:
+    """logprobs and prompt_logprobs against the engine's max_logprobs (-1 in a request: the whole vocabulary, only
+    where max_logprobs is -1 too)."""
+    for name in ("logprobs", "prompt_logprobs"):
+        check_logprobs_limit(name, getattr(params, name), max_logprobs)
+
+
+def check_logprobs_limit(name: str, value: int | None, max_logprobs: int) -> None:
+    if value is None or max_logprobs == -1:
+        return
+    if value == -1:
+        raise ValueError(f"{name} -1 asks for the whole vocabulary, which this engine allows only when started with "
+                         f"max_logprobs -1 (--max-logprobs -1); it allows up to {max_logprobs}")
+    if value > max_logprobs:
+        raise ValueError(f"{name} must be in [0, {max_logprobs}] (the engine's max_logprobs), got {value}")
 
 
 def bad_words_token_ids(tokenizer: Any, words: list[str]) -> list[list[int]]:

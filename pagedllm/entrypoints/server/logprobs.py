@@ -34,10 +34,11 @@ def completion_logprobs(
 ) -> tuple[CompletionLogprobs, int]:
     """Legacy format, and the text offset after the last token.
 
-    top_logprobs holds the best `top` (all the entry has when None) and, as
-    OpenAI does, always the token itself. A None entry (the first prompt token)
-    gives null logprobs; its text comes from token_text.
+    top_logprobs holds the best `top` (all the entry has when None or -1) and,
+    as OpenAI does, always the token itself. A None entry (the first prompt
+    token) gives null logprobs; its text comes from token_text.
     """
+    top = None if top is not None and top < 0 else top
     out = CompletionLogprobs()
     for tid, entry in zip(token_ids, entries):
         if entry is None:
@@ -74,8 +75,9 @@ def chat_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], top_k
     out = []
     for tid, entry in zip(token_ids, entries):
         sampled = entry[tid]
-        ranked = sorted((lp.rank, t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= top_k)
-        top = [_top(t, lp, as_ids) for _, t, lp in ranked[:top_k]]
+        k = len(entry) if top_k < 0 else top_k  # -1: the whole vocabulary
+        ranked = sorted((lp.rank, t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= k)
+        top = [_top(t, lp, as_ids) for _, t, lp in ranked[:k]]
         out.append(ChatTokenLogprob(**_top(tid, sampled, as_ids).model_dump(), top_logprobs=top))
     return out
 
