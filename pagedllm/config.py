@@ -94,7 +94,8 @@ class EngineConfig:
                "for comparisons and debugging)")
     seed: int = option(0, "seed of the random weights of --load-format dummy")
     max_logprobs: int = option(MAX_LOGPROBS, "most top logprobs a request may ask for per token (logprobs, top_logprobs, "
-                                             "prompt_logprobs); -1: no limit, and -1 in a request asks for the whole vocabulary")
+                                             "prompt_logprobs); -1: no limit. -1 in a request asks for the whole "
+                                             "vocabulary, where this allows that many")
     trust_remote_code: bool = option(False, "let the tokenizer run code from its hub repository", cli=False)
     # In a process of its own, no frontend work (HTTP, detokenizing) shares the core's interpreter;
     # False also serves tests that reach into the core.

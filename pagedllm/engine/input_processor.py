@@ -41,7 +41,7 @@ class InputProcessor:
             raise ValueError(f"{_PROMPT_SHAPES}, got {repr(prompt)[:80]}")
         self._check_token_ids(token_ids)
         self._check_vocab_params(params)
-        check_num_logprobs(params, self.max_logprobs)
+        check_num_logprobs(params, self.max_logprobs, self.vocab_size)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         elif not isinstance(request_id, str) or not request_id:
@@ -74,21 +74,21 @@ class InputProcessor:
             )
 
 
-def check_num_logprobs(params: SamplingParams, max_logprobs: int) -> None:
-    """logprobs and prompt_logprobs against the engine's max_logprobs (-1 in a request: the whole vocabulary, only
-    where max_logprobs is -1 too)."""
+def check_num_logprobs(params: SamplingParams, max_logprobs: int, vocab_size: int) -> None:
+    """logprobs and prompt_logprobs against the engine's max_logprobs."""
     for name in ("logprobs", "prompt_logprobs"):
-        check_logprobs_limit(name, getattr(params, name), max_logprobs)
+        check_logprobs_limit(name, getattr(params, name), max_logprobs, vocab_size)
 
 
-def check_logprobs_limit(name: str, value: int | None, max_logprobs: int) -> None:
-    if value is None or max_logprobs == -1:
+def check_logprobs_limit(name: str, value: int | None, max_logprobs: int, vocab_size: int) -> None:
+    """As vLLM: -1 in a request counts as the whole vocabulary, and max_logprobs -1 allows it."""
+    limit = vocab_size if max_logprobs == -1 else max_logprobs
+    if value is None or (vocab_size if value == -1 else value) <= limit:
         return
     if value == -1:
-        raise ValueError(f"{name} -1 asks for the whole vocabulary, which this engine allows only when started with "
-                         f"max_logprobs -1 (--max-logprobs -1); it allows up to {max_logprobs}")
-    if value > max_logprobs:
-        raise ValueError(f"{name} must be in [0, {max_logprobs}] (the engine's max_logprobs), got {value}")
+        raise ValueError(f"{name} -1 asks for the whole vocabulary ({vocab_size} tokens), which this engine allows "
+                         f"only when started with max_logprobs -1 (--max-logprobs -1); it allows up to {max_logprobs}")
+    raise ValueError(f"{name} must be in [0, {limit}] (the engine's max_logprobs), got {value}")
 
 
 def bad_words_token_ids(tokenizer: Any, words: list[str]) -> list[list[int]]:

@@ -72,7 +72,7 @@ def _prepare(state: ServerState, body: ChatCompletionRequest) -> _Prepared:
     tools = serving_tools.plan_request(body, state.tool_parser)
     structured, field = structured_outputs_of(body)
     forced = serving_tools.forced_grammar(tools, field)
-    top = _top_logprobs(body, state.engine.engine.config.max_logprobs)
+    top = _top_logprobs(body, state.engine.engine.config.max_logprobs, state.engine.engine.model_config.vocab_size)
     if body.prompt_logprobs is not None and body.stream:
         raise bad_request("prompt_logprobs are not available when stream is true (as in vLLM)", "prompt_logprobs")
     add_generation_prompt = _add_generation_prompt(body)
@@ -114,7 +114,7 @@ def _add_generation_prompt(body: ChatCompletionRequest) -> bool:
     return body.add_generation_prompt is not False
 
 
-def _top_logprobs(body: ChatCompletionRequest, max_logprobs: int) -> int | None:
+def _top_logprobs(body: ChatCompletionRequest, max_logprobs: int, vocab_size: int) -> int | None:
     """Chat asks with logprobs: bool plus top_logprobs (0..max_logprobs, or -1 for the whole vocabulary where the
     engine allows it); the engine takes one number."""
     if body.top_logprobs is not None:
@@ -123,7 +123,7 @@ def _top_logprobs(body: ChatCompletionRequest, max_logprobs: int) -> int | None:
         try:
             if body.top_logprobs < -1:
                 raise ValueError(f"top_logprobs must be >= 0 (or -1: the whole vocabulary), got {body.top_logprobs}")
-            check_logprobs_limit("top_logprobs", body.top_logprobs, max_logprobs)
+            check_logprobs_limit("top_logprobs", body.top_logprobs, max_logprobs, vocab_size)
         except ValueError as exc:
             raise bad_request(str(exc), "top_logprobs") from None
     if not body.logprobs:
