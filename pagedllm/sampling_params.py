@@ -23,6 +23,8 @@ _GREEDY_EPS = 1e-5
 # ask for per token (OpenAI's limit too); it keeps the per-step top-k and the
 # Python conversion cheap.
 MAX_LOGPROBS = 20
+# vLLM's cap on logprob_token_ids.
+MAX_LOGPROB_TOKEN_IDS = 128
 # OpenAI's range for logit_bias values: -100 bans a token, 100 all but forces it.
 LOGIT_BIAS_MAX = 100.0
 # A seed seeds a torch.Generator, which takes any integer that fits in 64 bits,
@@ -52,6 +54,9 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    # vLLM's: each output token's logprobs for these ids (in this order) instead of the best `logprobs` (needs
+    # logprobs set); cheaper than the whole vocabulary when a fixed set of labels is scored.
+    logprob_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None  # per prompt token: its logprob and the best few (0: its own only)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -144,6 +149,17 @@ class SamplingParams:
                 if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
                     raise ValueError(f"allowed_token_ids must contain only ints >= 0, got {t!r}")
             self.allowed_token_ids = sorted({int(t) for t in ids})
+        if self.logprob_token_ids is not None:
+            ids = self.logprob_token_ids
+            if not isinstance(ids, (list, tuple)) or not 1 <= len(ids) <= MAX_LOGPROB_TOKEN_IDS:
+                raise ValueError(f"logprob_token_ids must be a list of 1 to {MAX_LOGPROB_TOKEN_IDS} token ids, "
+                                 f"got {_short(ids)}")
+            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0]
+            if bad:
+                raise ValueError(f"logprob_token_ids must contain only ints >= 0, got {bad[0]!r}")
+            if self.logprobs is None:
+                raise ValueError("logprob_token_ids needs logprobs set: its ids take the place of the top logprobs")
+            self.logprob_token_ids = [int(t) for t in ids]
         if self.bad_words is not None:
             words = self.bad_words
             if isinstance(words, str) or not isinstance(words, (list, tuple)):

@@ -324,3 +324,42 @@ def test_max_logprobs_minus_one_gives_the_whole_vocabulary(tiny_model_dir):
     assert out.prompt_logprobs[0] is None and all(len(p) == vocab for p in out.prompt_logprobs[1:])
     first = out.outputs[0].logprobs[0]
     assert len(first) == vocab and max(first.values(), key=lambda lp: lp.logprob).rank == 1
+
+
+# --- logprob_token_ids: chosen ids' logprobs in place of the best -----------------------------------------------------
+def test_logprob_token_ids_give_those_ids_logprobs(offline):
+    prompt = {"prompt_token_ids": [5, 6, 7, 8]}
+    best = offline.generate(prompt, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=20),
+                            use_tqdm=False)[0].outputs[0]
+    chosen = [t for t in list(best.logprobs[0])[1:] if t != best.token_ids[0]][::7][:2]  # two ranked below the top
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=0, logprob_token_ids=chosen)
+    got = offline.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+    assert got.token_ids == best.token_ids
+    first = got.logprobs[0]
+    assert set(first) == {got.token_ids[0], *chosen}
+    for t in chosen:
+        assert first[t].logprob == pytest.approx(best.logprobs[0][t].logprob, abs=1e-5)
+    with pytest.raises(ValueError, match="needs logprobs set"):
+        SamplingParams(logprob_token_ids=[1])
+    with pytest.raises(ValueError, match="1 to 128"):
+        SamplingParams(logprobs=0, logprob_token_ids=list(range(129)))
+
+
+def test_logprob_token_ids_over_http(http):
+    body = {"prompt": "Hello", "max_tokens": 1, "logprobs": 5, "logprob_token_ids": [5000],
+            "allowed_token_ids": [42], "return_tokens_as_token_ids": True}
+    lp = post(http, "/v1/completions", **body)["choices"][0]["logprobs"]
+    assert lp["tokens"] == ["token_id:42"] and set(lp["top_logprobs"][0]) == {"token_id:42", "token_id:5000"}
+    streamed = [c["choices"][0]["logprobs"] for c in stream(http, "/v1/completions", **body) if c["choices"]]
+    assert [set(top) for s in streamed if s for top in s["top_logprobs"]] == [{"token_id:42", "token_id:5000"}]
+    chat = post(http, "/v1/chat/completions", messages=MSG, max_tokens=1, logprobs=True, logprob_token_ids=[5000, 7],
+                allowed_token_ids=[42], return_tokens_as_token_ids=True)
+    tops = chat["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    assert {t["token"] for t in tops} == {"token_id:42", "token_id:5000", "token_id:7"}
+    for bad, param in (({"logprob_token_ids": [5000]}, "logprob_token_ids"),  # no logprobs
+                       ({"logprobs": 1, "logprob_token_ids": [10 ** 7]}, None),  # out of the vocabulary
+                       ({"logprobs": 1, "logprob_token_ids": [5], "use_beam_search": True, "n": 2}, "logprob_token_ids")):
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, **bad})
+        assert r.status_code == 400 and "logprob_token_ids" in r.text, r.text
+        if param:
+            assert r.json()["error"]["param"] == param

@@ -49,9 +49,11 @@ class InputProcessor:
         return EngineCoreRequest(request_id, [int(t) for t in token_ids], params, prompt=text)
 
     def _check_vocab_params(self, params: SamplingParams) -> None:
-        """Token ids in logit_bias and allowed_token_ids must be in the vocabulary; bad_words become token ids."""
+        """Token ids in logit_bias, allowed_token_ids and logprob_token_ids must be in the vocabulary; bad_words
+        become token ids."""
         vocab = self.vocab_size
-        for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
+        for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ()),
+                          ("logprob_token_ids", params.logprob_token_ids or ())):
             bad = [t for t in ids if t >= vocab]
             if bad:
                 raise ValueError(f"{name} has token id {bad[0]}, out of range: token ids must be in [0, {vocab})")

@@ -102,7 +102,8 @@ class Sampler:
         logprobs: list[TokenLogprobs | None] = [None] * num_rows
         if raw_logprobs is not None:
             for i, entry in zip(lp_rows, gather_logprobs(
-                    raw_logprobs, tokens[lp_rows], [params[i].logprobs for i in lp_rows])):
+                    raw_logprobs, tokens[lp_rows], [params[i].logprobs for i in lp_rows],
+                    [params[i].logprob_token_ids for i in lp_rows])):
                 logprobs[i] = entry
         return SamplerOutput(token_list, logprobs)
 
@@ -318,8 +319,22 @@ def _inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
-def gather_logprobs(raw: torch.Tensor, tokens: torch.Tensor,
-                     nums: list[int]) -> list[TokenLogprobs]:
+def gather_logprobs(raw: torch.Tensor, tokens: torch.Tensor, nums: list[int],
+                    chosen: list[list[int] | None] | None = None) -> list[TokenLogprobs]:
+    """Each row's sampled token with its rank and the best nums[i] (-1: all); where chosen[i] is given, those token
+    ids' logprobs, in that order, instead of the best (logprob_token_ids)."""
+    if chosen is not None and any(ids is not None for ids in chosen):
+        plain = [i for i, ids in enumerate(chosen) if ids is None]
+        out: list = [None] * len(nums)
+        if plain:
+            for i, entry in zip(plain, gather_logprobs(raw[plain], tokens[plain], [nums[i] for i in plain])):
+                out[i] = entry
+        for i, ids in enumerate(chosen):
+            if ids is not None:
+                entry = gather_logprobs(raw[i:i + 1], tokens[i:i + 1], [0])[0]
+                entry.top_ids, entry.top_logprobs = list(ids), raw[i, ids].tolist()
+                out[i] = entry
+        return out
     sampled = raw.gather(1, tokens.unsqueeze(1))
     ranks = ((raw > sampled).sum(dim=-1) + 1).tolist()
     vocab = raw.shape[-1]

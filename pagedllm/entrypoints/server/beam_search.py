@@ -36,7 +36,7 @@ _NO_EFFECT = {
     "top_p": (None, 1.0), "top_k": (None, 0, -1), "min_p": (None, 0.0), "presence_penalty": (None, 0.0),
     "frequency_penalty": (None, 0.0), "repetition_penalty": (None, 1.0), "min_tokens": (None, 0),
     "stop": (None, [], ""), "stop_token_ids": (None, []), "include_stop_str_in_output": (None, False),
-    "prompt_logprobs": (None,),
+    "prompt_logprobs": (None,), "logprob_token_ids": (None,),
     # Grammars and logits processors would need each beam's own state: not with beam search (nor in vLLM's).
     "logit_bias": (None, {}), "allowed_token_ids": (None,), "bad_words": (None, []), "structured_outputs": (None,),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),

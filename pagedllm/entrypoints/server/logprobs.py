@@ -75,9 +75,11 @@ def chat_logprobs(token_ids: list[int], entries: list[dict[int, Logprob]], top_k
     out = []
     for tid, entry in zip(token_ids, entries):
         sampled = entry[tid]
-        k = len(entry) if top_k < 0 else top_k  # -1: the whole vocabulary
-        ranked = sorted((lp.rank, t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= k)
-        top = [_top(t, lp, as_ids) for _, t, lp in ranked[:k]]
+        if top_k < 0:  # all the entry holds (the whole vocabulary, or the chosen logprob_token_ids)
+            ranked = sorted((lp.rank or 0, t, lp) for t, lp in entry.items())
+        else:
+            ranked = sorted((lp.rank, t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= top_k)[:top_k]
+        top = [_top(t, lp, as_ids) for _, t, lp in ranked]
         out.append(ChatTokenLogprob(**_top(tid, sampled, as_ids).model_dump(), top_logprobs=top))
     return out
 

@@ -71,6 +71,7 @@ class SamplingRequest(_Request):
     early_stopping: bool | Literal["never"] | None = None  # beam search, as transformers
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    logprob_token_ids: list[int] | None = None  # vLLM's: these ids' logprobs in place of the top logprobs
     # Structured outputs (structured.py reads them into one spec): OpenAI's, vLLM's, vLLM's older names.
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None

@@ -98,6 +98,7 @@ def sampling_params(
         repetition_penalty=body.repetition_penalty, skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output, prompt_logprobs=prompt_logprobs,
         logit_bias=body.logit_bias or None, allowed_token_ids=body.allowed_token_ids, bad_words=body.bad_words or None,
+        logprob_token_ids=body.logprob_token_ids,
     )
     given = {k: v for k, v in fields.items() if v is not None}
     if structured is None:

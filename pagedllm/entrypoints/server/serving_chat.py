@@ -100,7 +100,8 @@ def _prepare(state: ServerState, body: ChatCompletionRequest) -> _Prepared:
     beam = beam_params(body, max_tokens)
     response_id = new_id("chatcmpl")
     request = sampling.make_request(state, {"prompt_token_ids": ids}, params, response_id, "messages")
-    return _Prepared(response_id, model, request, top, role, echo, beam, tools)
+    shown = -1 if top is not None and body.logprob_token_ids else top  # the chosen ids replace the best: show them all
+    return _Prepared(response_id, model, request, shown, role, echo, beam, tools)
 
 
 def _add_generation_prompt(body: ChatCompletionRequest) -> bool:

@@ -220,7 +220,8 @@ def _logprobs(state: ServerState, body: CompletionRequest, ids: list[int], entri
     """The legacy logprobs of these tokens (None if not asked), and the text offset after them."""
     if body.logprobs is None or len(entries) < len(ids):
         return None, offset
-    return completion_logprobs(ids, entries, bool(body.return_tokens_as_token_ids), offset, body.logprobs,
+    top = None if body.logprob_token_ids else body.logprobs  # the chosen ids replace the best: show all there are
+    return completion_logprobs(ids, entries, bool(body.return_tokens_as_token_ids), offset, top,
                                lambda t: state.tokenizer.decode([t]))
 
 

@@ -39,7 +39,6 @@ _COMMON: dict[str, tuple] = {
     "ec_transfer_params": ((None,), "disaggregated serving is not supported"),
     "vllm_xargs": ((None, {}), "custom extensions are not supported"),
     "logits_processors": ((None, []), "custom logits processors are not supported"),
-    "logprob_token_ids": ((None,), "use logprobs (the top-k) instead"),
     "repetition_detection": ((None,), None),
     "thinking_token_budget": ((None, -1), "this server has no reasoning budget"),
     "return_token_offsets": ((None, False), None),
