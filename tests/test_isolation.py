@@ -55,14 +55,14 @@ def test_a_request_whose_sampling_raises_ends_alone(engine):
     good = [(f"g{i}", p, greedy(12)) for i, p in enumerate(ps)] + [("s", ps[0], seeded)]
     reference = run_all(engine, [(f"ref-{rid}", p, params) for rid, p, params in good])
     # Parameters no edge check would let through, set behind SamplingParams' back: a seed no
-    # generator takes fails as its row is built; more logprobs than the vocabulary fails the
-    # whole batch's sampler, which then samples each row alone.
+    # generator takes fails as its row is built; a min_p that is not a number fails the whole
+    # batch's sampler, which then samples each row alone.
     bad_seed = SamplingParams(temperature=1.0, seed=1, max_tokens=12)
     bad_seed.seed = -1180591620717411303424
-    bad_logprobs = greedy(12)
-    bad_logprobs.logprobs = 10**6
-    done = run_all(engine, good + [("bad-seed", ps[1], bad_seed), ("bad-logprobs", ps[2], bad_logprobs)])
-    for rid in ("bad-seed", "bad-logprobs"):
+    bad_min_p = SamplingParams(temperature=1.0, seed=3, max_tokens=12)
+    bad_min_p.min_p = "x"
+    done = run_all(engine, good + [("bad-seed", ps[1], bad_seed), ("bad-min-p", ps[2], bad_min_p)])
+    for rid in ("bad-seed", "bad-min-p"):
         out = done[rid]
         assert out.finished and out.outputs[0].finish_reason == "error" and out.error
     assert "bad-seed" in done and "overflow" in done["bad-seed"].error.lower()

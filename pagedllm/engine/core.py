@@ -128,7 +128,7 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Stop the grammar compile thread (pending compiles are dropped) and the other tensor-parallel ranks."""
-        if self.structured_outputs is not None:
+        if getattr(self, "structured_outputs", None) is not None:  # None, or not set yet when __init__ failed
             self.structured_outputs.shutdown()
         if self.tp is not None:
             self.tp.close()

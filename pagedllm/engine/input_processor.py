@@ -85,12 +85,13 @@ def check_num_logprobs(params: SamplingParams, max_logprobs: int, vocab_size: in
 def check_logprobs_limit(name: str, value: int | None, max_logprobs: int, vocab_size: int) -> None:
     """As vLLM: -1 in a request counts as the whole vocabulary, and max_logprobs -1 allows it."""
     limit = vocab_size if max_logprobs == -1 else max_logprobs
-    if value is None or (vocab_size if value == -1 else value) <= limit:
+    if value is None or -1 <= value and (vocab_size if value == -1 else value) <= limit:
         return
     if value == -1:
         raise ValueError(f"{name} -1 asks for the whole vocabulary ({vocab_size} tokens), which this engine allows "
                          f"only when started with max_logprobs -1 (--max-logprobs -1); it allows up to {max_logprobs}")
-    raise ValueError(f"{name} must be in [0, {limit}] (the engine's max_logprobs), got {value}")
+    raise ValueError(f"{name} must be in [0, {limit}] (the engine's max_logprobs), or -1 for the whole vocabulary "
+                     f"where that allows it; got {value}")
 
 
 def bad_words_token_ids(tokenizer: Any, words: list[str]) -> list[list[int]]:

@@ -338,7 +338,7 @@ def gather_logprobs(raw: torch.Tensor, tokens: torch.Tensor, nums: list[int],
     sampled = raw.gather(1, tokens.unsqueeze(1))
     ranks = ((raw > sampled).sum(dim=-1) + 1).tolist()
     vocab = raw.shape[-1]
-    nums = [vocab if n < 0 else min(n, vocab) for n in nums]  # -1: the whole vocabulary
+    nums = [vocab if n < 0 else n for n in nums]  # -1: the whole vocabulary
     kmax = max(nums)
     if kmax:
         top_vals, top_ids = raw.topk(kmax, dim=-1)

@@ -143,5 +143,15 @@ def _loop(group, runner, rank: int) -> int:
             raise ValueError(f"unknown message {kind!r} from rank 0")
 
 
+def _exit(code: int) -> None:
+    """End without the interpreter's teardown: destroying the process groups while a peer closes its side can hit
+    a gloo thread still joinable, and std::terminate turns a clean stop into SIGABRT. Nothing is left to flush but
+    the logs and the standard streams."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

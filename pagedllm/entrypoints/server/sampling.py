@@ -110,11 +110,15 @@ def sampling_params(
 
 
 def make_request(state: ServerState, prompt: dict, params: SamplingParams, request_id: str, param: str) -> Request:
-    """The engine's own checks (token ids in range, prompt length), as 400s on `param`."""
+    """The engine's own checks (token ids in range, prompt length, logprobs against max_logprobs), as 400s on the
+    sampling field the message names, else on `param`."""
     try:
         return state.engine.make_request(prompt, params, request_id)
     except ValueError as exc:
-        raise bad_request(str(exc), param) from None
+        error = from_value_error(exc, {*SamplingRequest.model_fields, "logprobs"})
+        if error.param is None:
+            error.param = param
+        raise error from None
 
 
 def _is_token_id(t) -> bool:
