@@ -203,6 +203,14 @@ def test_tp2_and_tp3_give_tp1s_greedy_tokens(gqa_dir, gqa_ref):
         llm.engine.shutdown()
 
 
+def test_gloo_all_reduce_gives_tp1s_greedy_tokens(gqa_dir, gqa_ref, monkeypatch):
+    """Where the ranks cannot share memory they sum over gloo (the ranks above, all on this host, share it)."""
+    monkeypatch.setenv("PAGEDLLM_NO_SHM_ALL_REDUCE", "1")
+    llm = _llm(gqa_dir, 2)
+    _assert_same(gqa_ref, _greedy(llm))
+    llm.engine.shutdown()
+
+
 def test_data_parallel_cores_of_tensor_parallel_groups_give_tp1s_greedy_tokens(gqa_dir, gqa_ref, monkeypatch):
     llm = _llm(gqa_dir, 2, data_parallel_size=2)  # two cores, each rank 0 of its own pair, on ports of their own
     _assert_same(gqa_ref, _greedy(llm))
@@ -275,4 +283,21 @@ def test_a_killed_rank_fails_the_engine_with_its_name(gqa_dir):
     with pytest.raises(EngineDeadError, match=r"rank 1 .*SIGKILL"):
         _greedy(llm)
     assert time.monotonic() - t0 < 30
+    llm.engine.shutdown()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the rank's process in /proc")
+def test_a_rank_killed_while_generating_fails_the_engine_with_its_name(gqa_dir):
+    """Killed during a step, as likely as not while rank 0 waits for it inside an all-reduce."""
+    llm = _llm(gqa_dir, 2)
+    _greedy(llm)
+    (worker,) = _children(llm.engine.info.pid)
+    killer = threading.Timer(0.3, os.kill, (worker, signal.SIGKILL))
+    killer.start()
+    t0 = time.monotonic()
+    with pytest.raises(EngineDeadError, match=r"rank 1 .*SIGKILL"):
+        for _ in range(100):
+            _greedy(llm, max_tokens=64)
+    assert time.monotonic() - t0 < 30
+    killer.join()
     llm.engine.shutdown()

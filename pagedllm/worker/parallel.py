@@ -16,6 +16,9 @@ groups on it, held by a TPGroup and handed to the model as a plain all_reduce:
   with GROUP_TIMEOUT, so a rank that stops answering fails the step;
 - "control": rank 0's messages (gloo), which the other ranks wait on for as
   long as the engine idles.
+On the CPU, ranks that are all on one host (always so when rank 0 started
+them) sum through shared memory instead (worker/shm_all_reduce.py): gloo over
+loopback TCP costs more per all-reduce than a small model's layer computes.
 
 The rendezvous address is config.distributed_init_method (tcp://HOST:PORT, or
 env:// for MASTER_ADDR and MASTER_PORT, as torchrun sets them); by default a
@@ -50,6 +53,8 @@ import torch
 import torch.distributed as dist
 
 from pagedllm.model.tensor_parallel import TPShard
+from pagedllm.worker import shm_all_reduce
+from pagedllm.worker.shm_all_reduce import ShmAllReduce, ShmAllReduceError
 
 logger = logging.getLogger(__name__)
 
@@ -116,9 +121,11 @@ class TPGroup:
         self.closed = False
         self.control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, size, _IDLE_TIMEOUT)
         self.compute = None  # open_compute(), once the ranks know their device (rank 0's setup message)
+        self.shm: ShmAllReduce | None = None  # the CPU's all-reduce where every rank is on this host
 
     def open_compute(self, device_type: str) -> None:
-        """The group of the forward's all-reduces: NCCL between GPUs, else gloo (every rank calls this, in step)."""
+        """The group of the forward's all-reduces: NCCL between GPUs, else gloo, and on the CPU the shared-memory
+        all-reduce where every rank is on this host (every rank calls this, in step)."""
         if device_type == "cuda":
             from torch.distributed import ProcessGroupNCCL
 
@@ -128,6 +135,8 @@ class TPGroup:
         else:
             self.compute = dist.ProcessGroupGloo(dist.PrefixStore("compute", self.store), self.rank, self.size,
                                                  GROUP_TIMEOUT)
+            wait = lambda keys: _wait_for(self.store, keys, self.procs, "set up the shared-memory all-reduce")
+            self.shm = shm_all_reduce.meet(self.store, self.rank, self.size, GROUP_TIMEOUT.total_seconds(), wait)
 
     # --- meeting ------------------------------------------------------------
     @classmethod
@@ -166,10 +175,13 @@ class TPGroup:
 
     def shard(self) -> TPShard:
         """What the model gets: this rank's place and the all-reduce of its row-parallel projections."""
-        return TPShard(self.rank, self.size, self.all_reduce)
+        return TPShard(self.rank, self.size, self.shm.all_reduce if self.shm is not None else self.all_reduce)
 
     # --- in a step ------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x over the ranks in place and return it."""
+        if self.shm is not None:
+            return self.shm.all_reduce(x)
         self.compute.allreduce([x]).wait()
         return x
 
@@ -208,6 +220,8 @@ class TPGroup:
     def check_after(self, exc: BaseException) -> None:
         """Rank 0, after its forward raised: TensorParallelError where the group is broken; else return (the input
         made every rank fail alike, and the engine fails that request alone)."""
+        if isinstance(exc, ShmAllReduceError):  # a rank is gone or late: it says which, and the ranks are out of step
+            raise self._broken(exc) from exc
         try:
             self.send(("sync",))
             self.sync()
@@ -240,10 +254,13 @@ class TPGroup:
         return TensorParallelError(f"the tensor-parallel group is broken: {reason}")
 
     def close(self, timeout: float = 10.0) -> None:
-        """Rank 0: tell the other ranks to stop, and wait for those it started (killed if they do not end)."""
+        """Rank 0: tell the other ranks to stop, and wait for those it started (killed if they do not end); every
+        rank: unmap the shared-memory segment."""
         if self.closed:
             return
         self.closed = True
+        if self.shm is not None:
+            self.shm.close()
         if self.rank == 0:
             try:
                 broken = bool(self._dead_ranks())
