@@ -49,8 +49,10 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self._pending: list[RequestOutput] = []  # outputs of requests aborted between steps
         self.last_stats: EngineStats | None = None  # after the latest step, once set_log_stats(True)
-        logger.info("engine ready in %.2fs (core %s)", time.perf_counter() - t0,
-                    f"in process {info.pid}" if config.core_process else "in this process")
+        pids = [i.pid for i in getattr(self.client, "infos", [info])]  # every data-parallel core's, else the one
+        where = (f"{len(pids)} cores in processes {', '.join(map(str, pids))}" if len(pids) > 1
+                 else f"core in process {pids[0]}" if config.core_process else "core in this process")
+        logger.info("engine ready in %.2fs (%s)", time.perf_counter() - t0, where)
 
     @classmethod
     def from_options(cls, **options) -> "LLMEngine":
