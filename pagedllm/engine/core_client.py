@@ -38,7 +38,7 @@ from pagedllm.engine.messages import CoreInfo, EngineCoreOutputs, EngineCoreRequ
 
 logger = logging.getLogger(__name__)
 
-_DEAD = object()  # queued when the core is gone
+DEAD = object()  # queued when the core (or, with data parallelism, any core) is gone
 
 
 class EngineDeadError(RuntimeError):
@@ -70,6 +70,19 @@ class CoreClient:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         raise NotImplementedError
+
+
+def take_outputs(outputs: queue.SimpleQueue, timeout: float | None, dead_reason) -> EngineCoreOutputs | None:
+    """The next outputs from a client's queue (None after timeout); EngineDeadError once DEAD is queued, with
+    dead_reason(), for this caller and every later one."""
+    try:
+        item = outputs.get(timeout=timeout)
+    except queue.Empty:
+        return None
+    if item is DEAD:
+        outputs.put(DEAD)
+        raise EngineDeadError(dead_reason())
+    return item
 
 
 def make_client(config: EngineConfig) -> CoreClient:
@@ -243,14 +256,7 @@ class ProcClient(CoreClient):
 
     # --- from the core ---------------------------------------------------
     def get_outputs(self, timeout: float | None = None) -> EngineCoreOutputs | None:
-        try:
-            item = self._outputs.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if item is _DEAD:
-            self._outputs.put(_DEAD)  # for every later caller too
-            raise EngineDeadError(self._dead_reason)
-        return item
+        return take_outputs(self._outputs, timeout, lambda: self._dead_reason)
 
     def _read(self) -> None:
         reason = None
@@ -290,7 +296,7 @@ class ProcClient(CoreClient):
             logger.error("%s; failing every request in flight", reason)
         for future in calls.values():
             future.set_exception(EngineDeadError(reason))
-        self._outputs.put(_DEAD)
+        self._outputs.put(DEAD)
 
     @property
     def dead_reason(self) -> str | None:

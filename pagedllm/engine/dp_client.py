@@ -54,7 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pagedllm.config import EngineConfig
-from pagedllm.engine.core_client import CoreClient, EngineDeadError, ProcClient
+from pagedllm.engine.core_client import DEAD, CoreClient, EngineDeadError, ProcClient, take_outputs
 from pagedllm.engine.messages import CoreInfo, EngineCoreOutputs, EngineCoreRequest
 from pagedllm.engine.outputs import EngineStats
 
@@ -127,9 +127,6 @@ class _CoreLoad:
     routed: int = 0  # requests ever sent there (tests, logs)
     prefix_routed: int = 0  # of those, sent there for a prefix match
     index: PrefixIndex = field(default_factory=lambda: PrefixIndex(1))
-
-
-_DEAD = object()
 
 
 class DPClient(CoreClient):
@@ -309,20 +306,13 @@ class DPClient(CoreClient):
                         self.cores[j].abort_requests(ids)
                     except EngineDeadError:
                         pass
-        self._outputs.put(_DEAD)
+        self._outputs.put(DEAD)
 
     def _core_reason(self, i: int) -> str:
         return f"data-parallel engine core {i} of {len(self.cores)}: {self.cores[i].dead_reason or 'not running'}"
 
     def get_outputs(self, timeout: float | None = None) -> EngineCoreOutputs | None:
-        try:
-            item = self._outputs.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if item is _DEAD:
-            self._outputs.put(_DEAD)  # for every later caller too
-            raise EngineDeadError(self._dead_reason)
-        return item
+        return take_outputs(self._outputs, timeout, lambda: self._dead_reason)
 
     # --- utility calls -------------------------------------------------------
     def call(self, method: str, *args):
