@@ -142,24 +142,11 @@ class SamplingParams:
                 bias[token] = float(value)
             self.logit_bias = bias or None
         if self.allowed_token_ids is not None:
-            ids = self.allowed_token_ids
-            if not isinstance(ids, (list, tuple)) or not ids:
-                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {_short(ids)}")
-            for t in ids:
-                if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
-                    raise ValueError(f"allowed_token_ids must contain only ints >= 0, got {t!r}")
-            self.allowed_token_ids = sorted({int(t) for t in ids})
+            self.allowed_token_ids = sorted(set(_token_id_list("allowed_token_ids", self.allowed_token_ids)))
         if self.logprob_token_ids is not None:
-            ids = self.logprob_token_ids
-            if not isinstance(ids, (list, tuple)) or not 1 <= len(ids) <= MAX_LOGPROB_TOKEN_IDS:
-                raise ValueError(f"logprob_token_ids must be a list of 1 to {MAX_LOGPROB_TOKEN_IDS} token ids, "
-                                 f"got {_short(ids)}")
-            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0]
-            if bad:
-                raise ValueError(f"logprob_token_ids must contain only ints >= 0, got {bad[0]!r}")
+            self.logprob_token_ids = _token_id_list("logprob_token_ids", self.logprob_token_ids, MAX_LOGPROB_TOKEN_IDS)
             if self.logprobs is None:
                 raise ValueError("logprob_token_ids needs logprobs set: its ids take the place of the top logprobs")
-            self.logprob_token_ids = [int(t) for t in ids]
         if self.bad_words is not None:
             words = self.bad_words
             if isinstance(words, str) or not isinstance(words, (list, tuple)):
@@ -259,6 +246,17 @@ def _require_number(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def _token_id_list(name: str, ids: Any, most: int | None = None) -> list[int]:
+    """A non-empty list of token ids (ints >= 0), at most `most` long, as plain ints."""
+    if not isinstance(ids, (list, tuple)) or not ids or (most is not None and len(ids) > most):
+        size = "non-empty" if most is None else f"1 to {most} long"
+        raise ValueError(f"{name} must be a {size} list of token ids, got {_short(ids)}")
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
+            raise ValueError(f"{name} must contain only ints >= 0, got {t!r}")
+    return [int(t) for t in ids]
 
 
 def _token_id_key(key: Any) -> int | None:

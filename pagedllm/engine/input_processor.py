@@ -41,7 +41,7 @@ class InputProcessor:
             raise ValueError(f"{_PROMPT_SHAPES}, got {repr(prompt)[:80]}")
         self._check_token_ids(token_ids)
         self._check_vocab_params(params)
-        check_num_logprobs(params, self.max_logprobs, self.vocab_size)
+        self._check_num_logprobs(params)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         elif not isinstance(request_id, str) or not request_id:
@@ -60,6 +60,22 @@ class InputProcessor:
         if params.bad_words and params.bad_words_token_ids is None:
             params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
 
+    def _check_num_logprobs(self, params: SamplingParams) -> None:
+        """logprobs and prompt_logprobs against max_logprobs. As vLLM: -1 in a request counts as the whole
+        vocabulary, and max_logprobs -1 allows it."""
+        vocab = self.vocab_size
+        limit = vocab if self.max_logprobs == -1 else self.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is None or -1 <= value and (vocab if value == -1 else value) <= limit:
+                continue
+            if value == -1:
+                raise ValueError(f"{name} -1 asks for the whole vocabulary ({vocab} tokens), which this engine allows "
+                                 f"only when started with max_logprobs -1 (--max-logprobs -1); it allows up to "
+                                 f"{self.max_logprobs}")
+            raise ValueError(f"{name} must be in [0, {limit}] (the engine's max_logprobs), or -1 for the whole "
+                             f"vocabulary where that allows it; got {value}")
+
     def _check_token_ids(self, token_ids) -> None:
         if not isinstance(token_ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
             raise ValueError("prompt_token_ids must be a list of integers")
@@ -74,24 +90,6 @@ class InputProcessor:
                 f"the prompt has {len(token_ids)} tokens but the model's context (max_model_len) is {self.max_model_len}: "
                 f"at most {self.max_model_len - 1} prompt tokens leave room for an output token"
             )
-
-
-def check_num_logprobs(params: SamplingParams, max_logprobs: int, vocab_size: int) -> None:
-    """logprobs and prompt_logprobs against the engine's max_logprobs."""
-    for name in ("logprobs", "prompt_logprobs"):
-        check_logprobs_limit(name, getattr(params, name), max_logprobs, vocab_size)
-
-
-def check_logprobs_limit(name: str, value: int | None, max_logprobs: int, vocab_size: int) -> None:
-    """As vLLM: -1 in a request counts as the whole vocabulary, and max_logprobs -1 allows it."""
-    limit = vocab_size if max_logprobs == -1 else max_logprobs
-    if value is None or -1 <= value and (vocab_size if value == -1 else value) <= limit:
-        return
-    if value == -1:
-        raise ValueError(f"{name} -1 asks for the whole vocabulary ({vocab_size} tokens), which this engine allows "
-                         f"only when started with max_logprobs -1 (--max-logprobs -1); it allows up to {max_logprobs}")
-    raise ValueError(f"{name} must be in [0, {limit}] (the engine's max_logprobs), or -1 for the whole vocabulary "
-                     f"where that allows it; got {value}")
 
 
 def bad_words_token_ids(tokenizer: Any, words: list[str]) -> list[list[int]]:

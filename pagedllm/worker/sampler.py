@@ -323,22 +323,11 @@ def gather_logprobs(raw: torch.Tensor, tokens: torch.Tensor, nums: list[int],
                     chosen: list[list[int] | None] | None = None) -> list[TokenLogprobs]:
     """Each row's sampled token with its rank and the best nums[i] (-1: all); where chosen[i] is given, those token
     ids' logprobs, in that order, instead of the best (logprob_token_ids)."""
-    if chosen is not None and any(ids is not None for ids in chosen):
-        plain = [i for i, ids in enumerate(chosen) if ids is None]
-        out: list = [None] * len(nums)
-        if plain:
-            for i, entry in zip(plain, gather_logprobs(raw[plain], tokens[plain], [nums[i] for i in plain])):
-                out[i] = entry
-        for i, ids in enumerate(chosen):
-            if ids is not None:
-                entry = gather_logprobs(raw[i:i + 1], tokens[i:i + 1], [0])[0]
-                entry.top_ids, entry.top_logprobs = list(ids), raw[i, ids].tolist()
-                out[i] = entry
-        return out
+    chosen = chosen or [None] * len(nums)
     sampled = raw.gather(1, tokens.unsqueeze(1))
     ranks = ((raw > sampled).sum(dim=-1) + 1).tolist()
     vocab = raw.shape[-1]
-    nums = [vocab if n < 0 else n for n in nums]  # -1: the whole vocabulary
+    nums = [0 if ids is not None else vocab if n < 0 else n for n, ids in zip(nums, chosen)]  # -1: the whole vocabulary
     kmax = max(nums)
     if kmax:
         top_vals, top_ids = raw.topk(kmax, dim=-1)
@@ -346,8 +335,8 @@ def gather_logprobs(raw: torch.Tensor, tokens: torch.Tensor, nums: list[int],
     else:
         top_vals = top_ids = [[] for _ in nums]
     return [
-        TokenLogprobs(token_id=t, logprob=lp, rank=rank,
-                      top_ids=ids[:n], top_logprobs=vals[:n])
-        for t, lp, rank, ids, vals, n in zip(
-            tokens.tolist(), sampled.squeeze(1).tolist(), ranks, top_ids, top_vals, nums)
+        TokenLogprobs(token_id=t, logprob=lp, rank=rank, top_ids=ids[:n] if pick is None else list(pick),
+                      top_logprobs=vals[:n] if pick is None else raw[i, pick].tolist())
+        for i, (t, lp, rank, ids, vals, n, pick) in enumerate(zip(
+            tokens.tolist(), sampled.squeeze(1).tolist(), ranks, top_ids, top_vals, nums, chosen))
     ]

@@ -109,13 +109,14 @@ def sampling_params(
         raise from_value_error(exc, set(type(body).model_fields), renames) from None
 
 
-def make_request(state: ServerState, prompt: dict, params: SamplingParams, request_id: str, param: str) -> Request:
+def make_request(state: ServerState, prompt: dict, params: SamplingParams, request_id: str, param: str,
+                 renames: dict[str, str] | None = None) -> Request:
     """The engine's own checks (token ids in range, prompt length, logprobs against max_logprobs), as 400s on the
-    sampling field the message names, else on `param`."""
+    sampling field the message names (renames: the request's name for it, as in sampling_params), else on `param`."""
     try:
         return state.engine.make_request(prompt, params, request_id)
     except ValueError as exc:
-        error = from_value_error(exc, {*SamplingRequest.model_fields, "logprobs"})
+        error = from_value_error(exc, {*SamplingRequest.model_fields, "logprobs"}, renames)
         if error.param is None:
             error.param = param
         raise error from None

@@ -42,7 +42,6 @@ from pagedllm.entrypoints.server.state import ServerState, new_id
 from pagedllm.entrypoints.server.structured import structured_outputs_of
 from pagedllm.entrypoints.server.streaming import DONE, EventStreamResponse, Progress, merge, sse, unless_disconnected
 from pagedllm.entrypoints.server.usage import final_usage, running_usage
-from pagedllm.engine.input_processor import check_logprobs_limit
 from pagedllm.tokenizer import apply_chat_template
 
 
@@ -72,7 +71,7 @@ def _prepare(state: ServerState, body: ChatCompletionRequest) -> _Prepared:
     tools = serving_tools.plan_request(body, state.tool_parser)
     structured, field = structured_outputs_of(body)
     forced = serving_tools.forced_grammar(tools, field)
-    top = _top_logprobs(body, state.engine.engine.config.max_logprobs, state.engine.engine.model_config.vocab_size)
+    top = _top_logprobs(body)
     if body.prompt_logprobs is not None and body.stream:
         raise bad_request("prompt_logprobs are not available when stream is true (as in vLLM)", "prompt_logprobs")
     add_generation_prompt = _add_generation_prompt(body)
@@ -99,7 +98,7 @@ def _prepare(state: ServerState, body: ChatCompletionRequest) -> _Prepared:
         params.skip_special_tokens = False  # the call markers are special tokens (Mistral's [TOOL_CALLS])
     beam = beam_params(body, max_tokens)
     response_id = new_id("chatcmpl")
-    request = sampling.make_request(state, {"prompt_token_ids": ids}, params, response_id, "messages")
+    request = sampling.make_request(state, {"prompt_token_ids": ids}, params, response_id, "messages", renames)
     shown = -1 if top is not None and body.logprob_token_ids else top  # the chosen ids replace the best: show them all
     return _Prepared(response_id, model, request, shown, role, echo, beam, tools)
 
@@ -115,18 +114,11 @@ def _add_generation_prompt(body: ChatCompletionRequest) -> bool:
     return body.add_generation_prompt is not False
 
 
-def _top_logprobs(body: ChatCompletionRequest, max_logprobs: int, vocab_size: int) -> int | None:
-    """Chat asks with logprobs: bool plus top_logprobs (0..max_logprobs, or -1 for the whole vocabulary where the
-    engine allows it); the engine takes one number."""
-    if body.top_logprobs is not None:
-        if not body.logprobs:
-            raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
-        try:
-            if body.top_logprobs < -1:
-                raise ValueError(f"top_logprobs must be >= 0 (or -1: the whole vocabulary), got {body.top_logprobs}")
-            check_logprobs_limit("top_logprobs", body.top_logprobs, max_logprobs, vocab_size)
-        except ValueError as exc:
-            raise bad_request(str(exc), "top_logprobs") from None
+def _top_logprobs(body: ChatCompletionRequest) -> int | None:
+    """Chat asks with logprobs: bool plus top_logprobs; the engine takes one number (and checks it against its
+    max_logprobs: its message then names top_logprobs)."""
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
     if not body.logprobs:
         return None
     return body.top_logprobs or 0
