@@ -193,6 +193,21 @@ inline __m512 dot16(const T* qh, const T* k0, int64_t stride) {
                          _mm512_shuffle_f32x4(uv, wx, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// Prefetches of two runs of `lines` cache lines (either may be null), issued a few at a time.
+struct SpreadPrefetch {
+    const void* a;
+    const void* b;
+    int64_t lines;
+    int64_t next = 0;
+    inline void issue(int64_t n) {  // the next n lines of each run
+        const int64_t end = std::min(lines, next + n);
+        for (; next < end; ++next) {
+            if (a) __builtin_prefetch(static_cast<const char*>(a) + next * 64, 0, 1);
+            if (b) __builtin_prefetch(static_cast<const char*>(b) + next * 64, 0, 1);
+        }
+    }
+};
+
 template <int D, typename T>
 void decode_avx512(const T* q, int64_t q_stride, const T* k_cache, const T* v_cache, const int32_t* block_tables,
                    int64_t table_stride, const int32_t* seq_lens, T* out, int num_seqs, int num_heads,
@@ -221,26 +236,34 @@ void decode_avx512(const T* q, int64_t q_stride, const T* k_cache, const T* v_ca
             scores.resize(static_cast<size_t>(num_heads) * span);
             const T* qs = q + static_cast<int64_t>(s) * q_stride;
             prefetch_block(k_cache + table[first] * block_elems, block_elems);
+            const int64_t block_lines = (block_elems * static_cast<int64_t>(sizeof(T)) + 63) / 64;
             for (int b = first; b < num_blocks; ++b) {
-                if (b + 1 < num_blocks) prefetch_block(k_cache + table[b + 1] * block_elems, block_elems);
+                // The next block's keys and this block's values are prefetched a few lines per head, spread
+                // over this block's dot products: a burst of them would stall on the CPU's miss buffers.
+                SpreadPrefetch pf{b + 1 < num_blocks ? k_cache + table[b + 1] * block_elems : nullptr,
+                                  v_cache + table[b] * block_elems, block_lines};
+                const int64_t per_head = (block_lines + num_heads - 1) / num_heads;
                 const T* blk = k_cache + table[b] * block_elems;
                 const int t_end = (b + 1) * block_size < len ? (b + 1) * block_size : len;
                 int t = std::max(b * block_size, start);
                 for (; t + 16 <= t_end; t += 16) {  // 16 keys at a time: one reduction for all
                     const T* k = blk + (t - b * block_size) * row;
-                    for (int h = 0; h < num_heads; ++h)
+                    for (int h = 0; h < num_heads; ++h) {
+                        pf.issue(per_head);
                         _mm512_storeu_ps(scores.data() + static_cast<size_t>(h) * span + t - start,
                                          _mm512_mul_ps(dot16<D>(qs + h * D, k + (h / group) * D, row), _mm512_set1_ps(scale)));
+                    }
                 }
+                pf.issue(block_lines);
                 for (; t < t_end; ++t) {
                     const T* k = blk + (t - b * block_size) * row;
                     for (int h = 0; h < num_heads; ++h)
                         scores[static_cast<size_t>(h) * span + t - start] = _mm512_reduce_add_ps(dot_row<D>(qs + h * D, k + (h / group) * D)) * scale;
                 }
             }
-            prefetch_block(v_cache + table[first] * block_elems, block_elems);
             if (soft_cap > 0.0f) soft_cap_scores(scores.data(), scores.size(), soft_cap);
             softmax_rows(scores.data(), num_heads, span, inv_sum.data());
+            // The values were prefetched with the keys: every pass finds them in the caches.
             for (int kvh = 0; kvh < num_kv_heads; ++kvh) {
                 for (int h0 = kvh * group; h0 < (kvh + 1) * group; h0 += MAXH) {
                     const int nh = (kvh + 1) * group - h0 < MAXH ? (kvh + 1) * group - h0 : MAXH;
@@ -248,7 +271,6 @@ void decode_avx512(const T* q, int64_t q_stride, const T* k_cache, const T* v_ca
                     for (int j = 0; j < MAXH; ++j)
                         for (int i = 0; i < NV; ++i) acc[j][i] = _mm512_setzero_ps();
                     for (int b = first; b < num_blocks; ++b) {
-                        // The first pass brings each block in for all heads; later passes find it in L2.
                         if (b + 1 < num_blocks && h0 == 0) prefetch_block(v_cache + table[b + 1] * block_elems, block_elems);
                         const T* blk = v_cache + table[b] * block_elems + kvh * D;
                         const int t_end = (b + 1) * block_size < len ? (b + 1) * block_size : len;
