@@ -140,3 +140,43 @@ def test_logits_in_float32_are_the_bf16_output_widened(upcast, rows):
     with torch.inference_mode():
         logits = lin.logits(x)
         assert logits.dtype == torch.float32 and torch.equal(logits, lin(x).float())
+
+
+@pytest.mark.parametrize("rows", [1, 7, 12, 13, 48, 64])
+@pytest.mark.parametrize("k,inter", [(576, 1536), (100, 64), (64, 32)])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_fused_silu_product_has_the_bits_of_the_product_then_silu_and_mul(rows, k, inter, x_dtype, bias):
+    from pagedllm.kernels.cpu import ops
+
+    g = torch.Generator().manual_seed(rows * 1000 + k)
+    w = torch.randn(2 * inter, k, generator=g).mul_(0.05).bfloat16()
+    b = torch.randn(2 * inter, generator=g) if bias else None
+    packed = skinny_gemm.pack_pairs(w)
+    x = torch.randn(rows, k, generator=g).to(x_dtype)
+    expected = ops.silu_and_mul(skinny_gemm.linear_pairs(x, packed, 2 * inter, k, b))
+    assert torch.equal(skinny_gemm.linear_pairs_silu(x, packed, 2 * inter, k, b), expected)
+
+
+def test_the_fused_silu_product_takes_whole_panels_only():
+    assert skinny_gemm.fuses_silu(2 * 1536) and not skinny_gemm.fuses_silu(2 * 48)
+    w = torch.randn(96, 64).bfloat16()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        skinny_gemm.linear_pairs_silu(torch.randn(2, 64).bfloat16(), skinny_gemm.pack_pairs(w), 96, 64)
+
+
+@pytest.mark.skipif(not skinny_gemm.pairs_native(), reason="PackedLinear uses the pair kernel with AVX-512 BF16 only")
+@pytest.mark.parametrize("rows", [1, 48, _PAIR_ROWS + 1])
+def test_packed_silu_and_mul_fuses_decode_rows_and_falls_back_above(rows, monkeypatch):
+    from pagedllm.kernels.cpu import ops
+
+    w = torch.randn(2 * 64, 96).mul_(0.05).bfloat16()
+    layer = PackedLinear(w, None)
+    assert layer.fuses_silu
+    x = torch.randn(rows, 96).bfloat16()
+    calls = []
+    fused = skinny_gemm.linear_pairs_silu
+    monkeypatch.setattr(skinny_gemm, "linear_pairs_silu", lambda *a: calls.append(1) or fused(*a))
+    y = layer.silu_and_mul(x, ops.silu_and_mul)
+    assert torch.equal(y, ops.silu_and_mul(layer(x)))
+    assert bool(calls) == (rows <= _PAIR_ROWS)

@@ -92,6 +92,14 @@ class LayerKernels:
             return lambda x: cpu_ops.silu_and_mul(x, bf16_in_float=True)
         return cpu_ops.silu_and_mul
 
+    def gate_up_act(self, gate_up: nn.Module, project: Callable, act: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x -> act(project(x)) for a fused gate/up projection (from linear(), called as `project`) and its
+        SiLU-and-mul `act` (from silu_and_mul()): both in one pass of the pair kernel for decode-sized x where the
+        fused kernels run on a native bf16 projection (PackedLinear.fuses_silu)."""
+        if self.fused and isinstance(gate_up, PackedLinear) and gate_up.fuses_silu:
+            return partial(gate_up.silu_and_mul, act=act)
+        return lambda x: act(project(x))
+
     def fused_rope(self, head_dim: int, rotary_dim: int, qk_norm: bool) -> bool:
         """Whether rotary + KV store run in one fused kernel: where the whole head rotates and no q/k norm
         comes between the projection and the rotation."""

@@ -88,6 +88,20 @@ class PackedLinear(nn.Module):
         y = _linear(x if x.dtype == torch.float32 else x.float(), self.packed, self.bias)
         return y.to(self.dtype) if round_output else y
 
+    @property
+    def fuses_silu(self) -> bool:
+        """Whether silu_and_mul runs decode-sized inputs in one pass: a native bf16 gate/up projection whose
+        halves are whole panels of the pair kernel."""
+        return self.pairs is not None and skinny_gemm.fuses_silu(self.out_features)
+
+    def silu_and_mul(self, x: torch.Tensor, act) -> torch.Tensor:
+        """act(self(x)) for this fused gate/up projection and its SiLU-and-mul act (cpu_ops.silu_and_mul): where
+        fuses_silu and x is decode-sized, both in one pass of the pair kernel, with the same bits and without the
+        [rows, 2 * inter] product in between."""
+        if self.pairs is not None and x.shape[0] <= _PAIR_ROWS and x.stride(-1) == 1:
+            return skinny_gemm.linear_pairs_silu(x, self.pairs, self.out_features, self.in_features, self.pair_bias)
+        return act(self(x))
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """self(x).float() (an LM head's logits, which the sampler reads in float32), in one pass where a skinny
         kernel takes x: it stores the bf16-rounded sums as float32 instead of bf16 for a conversion to widen."""

@@ -108,3 +108,28 @@ def linear_pairs(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_fe
                              packed.data_ptr(), out_features, 0 if bias is None else bias.data_ptr(), y.data_ptr(),
                              _out_mode(out_dtype, bf16_in_float), out_features)
     return y
+
+
+def linear_pairs_silu(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_features: int,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up in bf16 [M, out_features // 2], where [gate, up] = linear_pairs(x, packed, ...) of a fused
+    gate/up projection: the same bits as that product in bf16 then cpu_ops.silu_and_mul, in one pass and
+    without the [M, out_features] intermediate. out_features // 2 must be a multiple of 32 (fuses_silu)."""
+    assert x.dim() == 2 and x.stride(-1) == 1 and x.dtype in (torch.bfloat16, torch.float32)
+    assert x.shape[1] == in_features and packed.shape[1] == -(-in_features // 2), (
+        f"x has {x.shape[1]} features, the weight {in_features}")
+    assert bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
+    inter = out_features // 2
+    y = torch.empty(x.shape[0], inter, dtype=torch.bfloat16)
+    rc = _lib().skinny_gemm_pairs_silu(x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), x.shape[0], in_features,
+                                       packed.data_ptr(), out_features, 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+                                       inter)
+    if rc != 0:
+        raise ValueError(f"the fused SiLU product needs a gate/up projection of 2 x a multiple of {2 * _PANEL // 2} "
+                         f"outputs, got {out_features}")
+    return y
+
+
+def fuses_silu(out_features: int) -> bool:
+    """Whether linear_pairs_silu takes a gate/up projection of out_features outputs."""
+    return out_features % (2 * _PANEL) == 0

@@ -106,6 +106,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias and (tp is None or tp.rank == 0))
         self.act = silu_and_mul
         self.project_gate_up, self.project_down = self.gate_up_proj.__call__, row_parallel(self.down_proj.__call__, tp)
+        self.gate_up_act = lambda x: self.act(self.project_gate_up(x))  # finish_load may fuse the two
 
     def finish_load(self, kernels: LayerKernels) -> bool:
         """Pick the projections and SiLU-and-mul for the loaded weights; returns whether the block takes float32
@@ -116,10 +117,11 @@ class LlamaMLP(nn.Module):
         self.project_gate_up = kernels.call(self.gate_up_proj, float_out=True)
         self.project_down = row_parallel(kernels.call(self.down_proj, float_out=True), self.tp)
         self.act = kernels.silu_and_mul(float_in=True)
+        self.gate_up_act = kernels.gate_up_act(self.gate_up_proj, self.project_gate_up, self.act)
         return kernels.float_activations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project_down(self.act(self.project_gate_up(x)))
+        return self.project_down(self.gate_up_act(x))
 
 
 class LlamaDecoderLayer(nn.Module):

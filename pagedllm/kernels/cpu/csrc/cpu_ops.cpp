@@ -14,6 +14,7 @@
 
 #include "bf16.h"
 #include "kv_int8.h"
+#include "silu.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -23,28 +24,6 @@ namespace {
 // Enough work to be worth waking the second thread for.
 constexpr int64_t kParallelElems = 1 << 15;
 
-#ifdef __AVX512F__
-// exp on 16 lanes, to within 1 ulp of float32: exp(x) = 2^n * exp(r) with n = round(x / ln2),
-// ln2 split in two for an exact r, and exp(r) = 1 + r + r^2 * p(r) with the
-// minimax coefficients of SLEEF's expf_u10, which torch's vectorised exp uses.
-// The compiler's vector expf under -ffast-math is less exact: the SiLU built on it
-// differed from torch's in 0.1% of bf16 outputs.
-inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.8f)), _mm512_set1_ps(-104.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.442695040888963407359924681001892137426645954152985934135449407f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693145751953125f), x);
-    r = _mm512_fmadd_ps(n, _mm512_set1_ps(-1.428606765330187045e-06f), r);
-    __m512 p = _mm512_set1_ps(0.000198527617612853646278381f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.00139304355252534151077271f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.00833336077630519866943359f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.0416664853692054748535156f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.166666671633720397949219f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_mul_ps(r, r), p, r));
-    return _mm512_scalef_ps(p, n);
-}
-#endif
 
 // Element access for both storage types: bf16 (uint16_t) rounds wherever
 // transformers' bf16 code rounds; float32 never rounds but where torch's float32
@@ -142,9 +121,7 @@ void silu_and_mul(const In* x, Out* out, int rows, int inter) {
         for (; i + 16 <= inter; i += 16) {
             __m512 g = load16(gate + i), u = load16(up + i);
             if constexpr (Bf16 && std::is_same_v<In, float>) g = round_bf16x16(g), u = round_bf16x16(u);
-            __m512 sg = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-            if constexpr (Bf16) sg = round_bf16x16(sg);
-            __m512 y = _mm512_mul_ps(sg, u);
+            __m512 y = Bf16 ? silu_mul16_bf16(g, u) : _mm512_mul_ps(silu16(g), u);
             if constexpr (Bf16 && std::is_same_v<Out, float>) y = round_bf16x16(y);
             store16(o + i, y);
         }

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "bf16.h"
+#include "silu.h"
 
 #ifdef __AVX512F__
 namespace {
@@ -201,34 +202,78 @@ template <int Out>
 const std::array<PairTile, kMaxRows> kPairTiles = pair_tiles<Out>(std::make_integer_sequence<int, kMaxRows>{});
 
 // The input rows as bf16 pairs, tile by tile, pair-major (float32 input is rounded to bf16,
-// as a bf16 layer's input is); an odd K is padded with a zero. Per thread, kept, as above.
+// as a bf16 layer's input is); an odd K is padded with a zero. One row tile per task of the
+// enclosing parallel region, which waits for all of them at the loop's end.
 template <bool Bf16A>
-const uint32_t* pack_pair_rows(const void* x, int64_t ldx, int M, int K) {
-    thread_local std::vector<uint32_t> buf;
+void pack_pair_tiles(const void* x, int64_t ldx, int M, int K, uint32_t* a) {
     const int KP = (K + 1) / 2;
-    buf.resize(static_cast<size_t>(M) * KP);
     auto at = [&](int64_t i) -> uint32_t {
         if constexpr (Bf16A) return static_cast<const uint16_t*>(x)[i];
         else return float_to_bf16(static_cast<const float*>(x)[i]);
     };
+#pragma omp for schedule(static)
     for (int m0 = 0; m0 < M; m0 += kMaxRows) {
         const int mr = std::min(kMaxRows, M - m0);
-        uint32_t* dst = buf.data() + static_cast<int64_t>(m0) * KP;
+        uint32_t* dst = a + static_cast<int64_t>(m0) * KP;
         for (int m = 0; m < mr; ++m) {
             const int64_t src = static_cast<int64_t>(m0 + m) * ldx;
             for (int kp = 0; kp < KP; ++kp)
                 dst[kp * mr + m] = at(src + 2 * kp) | (2 * kp + 1 < K ? at(src + 2 * kp + 1) << 16 : 0u);
         }
     }
-    return buf.data();
+}
+
+// run(a, g, m0, mr) for every (column group g, row tile) of a product by a pair-packed weight, in one
+// parallel region: the input rows are packed first (into a, pair-major by tile), then the groups are
+// split across threads, and within a thread a group's panels stay in cache across its row tiles.
+template <typename Run>
+void over_pair_tiles(const void* x, int x_bf16, int64_t ldx, int M, int K, int groups, Run run) {
+    // The calling thread's buffer, kept (a fresh one would be page-faulted in on every call), read by the
+    // region's threads.
+    thread_local std::vector<uint32_t> buf;
+    buf.resize(static_cast<size_t>(M) * ((K + 1) / 2));
+    uint32_t* a = buf.data();
+#pragma omp parallel if (groups > 1)
+    {
+        if (x_bf16) pack_pair_tiles<true>(x, ldx, M, K, a);
+        else pack_pair_tiles<false>(x, ldx, M, K, a);
+#pragma omp for schedule(static)
+        for (int g = 0; g < groups; ++g)
+            for (int m0 = 0; m0 < M; m0 += kMaxRows) run(a, g, m0, std::min(kMaxRows, M - m0));
+    }
 }
 
 template <int Out>
-void gemm_pairs(const uint32_t* a, int M, int K, const uint32_t* w, int N, const float* bias, void* c, int64_t ldc) {
+void gemm_pairs(const void* x, int x_bf16, int64_t ldx, int M, int K, const uint32_t* w, int N, const float* bias, void* c,
+                int64_t ldc) {
+    constexpr int kOutBytes = Out == kOutBf16 ? 2 : 4;
     const int KP = (K + 1) / 2;
-    over_tiles<Out>(M, N, c, ldc, [&](int p, int m0, int mr, void* out, int cols) {
+    over_pair_tiles(x, x_bf16, ldx, M, K, (N + kPanel - 1) / kPanel, [&](const uint32_t* a, int p, int m0, int mr) {
+        char* out = static_cast<char*>(c) + (static_cast<int64_t>(m0) * ldc + static_cast<int64_t>(p) * kPanel) * kOutBytes;
         kPairTiles<Out>[mr - 1](a + static_cast<int64_t>(m0) * KP, w + static_cast<int64_t>(p) * KP * kPanel, KP,
-                                bias ? bias + p * kPanel : nullptr, out, ldc, cols);
+                                bias ? bias + p * kPanel : nullptr, out, ldc, std::min(kPanel, N - p * kPanel));
+    });
+}
+
+// silu(gate) * up of a fused gate/up projection (N = 2 * inter outputs: gate, then up; inter a multiple of
+// the panel width), stored in bf16 [M, inter]: each panel of gate columns and the panel of up columns at the
+// same offset run back to back, their sums rounded to bf16 as the plain product stores them, and SiLU-and-mul
+// (silu.h) applied to the pair as cpu_ops.cpp's does, so the bits are those of the product then the op.
+void gemm_pairs_silu(const void* x, int x_bf16, int64_t ldx, int M, int K, const uint32_t* w, int N, const float* bias,
+                     uint16_t* y, int64_t ldy) {
+    const int KP = (K + 1) / 2;
+    const int inter = N / 2, panels = inter / kPanel;
+    over_pair_tiles(x, x_bf16, ldx, M, K, panels, [&](const uint32_t* a, int p, int m0, int mr) {
+        alignas(64) float gate[kMaxRows * kPanel], up[kMaxRows * kPanel];
+        const uint32_t* am = a + static_cast<int64_t>(m0) * KP;
+        kPairTiles<kOutBf16InF32>[mr - 1](am, w + static_cast<int64_t>(p) * KP * kPanel, KP, bias ? bias + p * kPanel : nullptr,
+                                          gate, kPanel, kPanel);
+        kPairTiles<kOutBf16InF32>[mr - 1](am, w + static_cast<int64_t>(p + panels) * KP * kPanel, KP,
+                                          bias ? bias + inter + p * kPanel : nullptr, up, kPanel, kPanel);
+        for (int m = 0; m < mr; ++m)
+            for (int i = 0; i < kPanel; i += 16)
+                store_bf16x16(y + static_cast<int64_t>(m0 + m) * ldy + p * kPanel + i,
+                              silu_mul16_bf16(_mm512_load_ps(gate + m * kPanel + i), _mm512_load_ps(up + m * kPanel + i)));
     });
 }
 
@@ -284,8 +329,20 @@ void skinny_gemm_pairs(const void* x, int x_bf16, int64_t ldx, int M, int K, con
                        const float* bias, void* y, int y_mode, int64_t ldy) {
 #ifdef __AVX512F__
     if (M <= 0 || N <= 0) return;
-    const uint32_t* a = x_bf16 ? pack_pair_rows<true>(x, ldx, M, K) : pack_pair_rows<false>(x, ldx, M, K);
-    by_out_mode(y_mode, [&](auto out) { gemm_pairs<decltype(out)::value>(a, M, K, w, N, bias, y, ldy); });
+    by_out_mode(y_mode, [&](auto out) { gemm_pairs<decltype(out)::value>(x, x_bf16, ldx, M, K, w, N, bias, y, ldy); });
+#endif
+}
+
+// y[M, N / 2] (bf16, row stride ldy) = silu(gate) * up, where [gate, up] = x w^T (+ bias) on a pair-packed bf16 w
+// of N = 2 * inter outputs; inter must be a multiple of 32 (returns -1 and writes nothing otherwise).
+int skinny_gemm_pairs_silu(const void* x, int x_bf16, int64_t ldx, int M, int K, const uint32_t* w, int N,
+                           const float* bias, uint16_t* y, int64_t ldy) {
+#ifdef __AVX512F__
+    if (N % (2 * kPanel) != 0) return -1;
+    if (M > 0 && N > 0) gemm_pairs_silu(x, x_bf16, ldx, M, K, w, N, bias, y, ldy);
+    return 0;
+#else
+    return -1;
 #endif
 }
 
