@@ -175,8 +175,8 @@ def test_packed_silu_and_mul_fuses_decode_rows_and_falls_back_above(rows, monkey
     assert layer.fuses_silu
     x = torch.randn(rows, 96).bfloat16()
     calls = []
-    fused = skinny_gemm.linear_pairs_silu
-    monkeypatch.setattr(skinny_gemm, "linear_pairs_silu", lambda *a: calls.append(1) or fused(*a))
+    fused = skinny_gemm._pairs_silu
+    monkeypatch.setattr(skinny_gemm, "_pairs_silu", lambda *a: calls.append(1) or fused(*a))
     y = layer.silu_and_mul(x, ops.silu_and_mul)
     assert torch.equal(y, ops.silu_and_mul(layer(x)))
     assert bool(calls) == (rows <= _PAIR_ROWS)

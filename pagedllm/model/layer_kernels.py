@@ -73,8 +73,9 @@ class LayerKernels:
         """How a block calls its projection `layer` (from linear()): as it is, or, with float_out where the
         activations stay in float32 (float_activations), with the widened float32 product left unrounded."""
         if float_out and self.float_activations and isinstance(layer, PackedLinear):
-            return partial(layer, round_output=False)
-        return layer.__call__
+            return partial(layer.forward, round_output=False)
+        # A PackedLinear has no hooks: its forward, without nn.Module's call machinery around it.
+        return layer.forward if isinstance(layer, PackedLinear) else layer.__call__
 
     def norm(self, norm: RMSNorm, float_out: bool = False) -> RMSNorm:
         """The norm to run on the hidden stream ([T, dim]): the fused kernel where it runs, else the norm itself.

@@ -13,6 +13,7 @@ from functools import lru_cache
 import torch
 
 from pagedllm.kernels.cpu import build
+from pagedllm.kernels.cpu.ops import kv_halves
 
 _ENTRY_POINTS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
 _INT8_ENTRY_POINTS = {torch.float32: "paged_decode_int8_f32", torch.bfloat16: "paged_decode_int8_bf16"}
@@ -64,7 +65,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     lens = seq_lens.contiguous()
     assert kv_cache.is_contiguous() and tables.dtype == torch.int32 and lens.dtype == torch.int32
     out = torch.empty(q.shape, dtype=q.dtype)
-    k_ptr, v_ptr = kv_cache[0].data_ptr(), kv_cache[1].data_ptr()
+    k_ptr, v_ptr = kv_halves(kv_cache)
     extra = _window_args(window, soft_cap)
     if kv_cache.dtype == torch.int8:
         block_bytes = kv_cache.shape[2]

@@ -112,10 +112,16 @@ def rope_and_store(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
     assert positions.dtype == torch.int64 and slot_mapping.dtype == torch.int64
     positions, slots = positions.contiguous(), slot_mapping.contiguous()
     args = (qkv.data_ptr(), qkv.stride(0), qkv.shape[0], positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-            num_heads + num_kv_heads, num_kv_heads, head_dim, slots.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr())
+            num_heads + num_kv_heads, num_kv_heads, head_dim, slots.data_ptr(), *kv_halves(kv_cache))
     if kv_cache.dtype == torch.int8:
         block_bytes = kv_cache.shape[2]
         _fn("rope_store_int8", qkv.dtype)(*args, block_bytes, block_bytes // (num_kv_heads * (head_dim + 2)))
     else:
         assert kv_cache.dtype == qkv.dtype
         _fn("rope_store", qkv.dtype)(*args)
+
+
+def kv_halves(kv_cache: torch.Tensor) -> tuple[int, int]:
+    """The addresses of a contiguous pool's keys and values (kv_cache[0], kv_cache[1]), without making the two views."""
+    k = kv_cache.data_ptr()
+    return k, k + kv_cache.stride(0) * kv_cache.element_size()

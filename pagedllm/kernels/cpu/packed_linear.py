@@ -74,8 +74,12 @@ class PackedLinear(nn.Module):
         self.skinny = skinny_gemm.pack(weight) if self.upcast and skinny_gemm.available() else None
         # Decode-sized inputs of a native bf16 layer: the weight in vdpbf16ps's operand layout.
         native = weight.dtype == torch.bfloat16 and not self.upcast and skinny_gemm.pairs_native()
-        self.pairs = skinny_gemm.pack_pairs(weight) if native else None
-        self.pair_bias = None if bias is None or not native else bias.detach().float()
+        self.pair_weight = skinny_gemm.PairWeight(weight, bias) if native else None
+
+    @property
+    def pairs(self) -> torch.Tensor | None:
+        """The weight in the pair kernel's layout (a native bf16 layer), else None."""
+        return None if self.pair_weight is None else self.pair_weight.packed
 
     def forward(self, x: torch.Tensor, round_output: bool = True) -> torch.Tensor:
         """Widened (upcast): x may come in float32 already (bf16 values), and with round_output=False the
@@ -92,14 +96,14 @@ class PackedLinear(nn.Module):
     def fuses_silu(self) -> bool:
         """Whether silu_and_mul runs decode-sized inputs in one pass: a native bf16 gate/up projection whose
         halves are whole panels of the pair kernel."""
-        return self.pairs is not None and skinny_gemm.fuses_silu(self.out_features)
+        return self.pair_weight is not None and skinny_gemm.fuses_silu(self.out_features)
 
     def silu_and_mul(self, x: torch.Tensor, act) -> torch.Tensor:
         """act(self(x)) for this fused gate/up projection and its SiLU-and-mul act (cpu_ops.silu_and_mul): where
         fuses_silu and x is decode-sized, both in one pass of the pair kernel, with the same bits and without the
         [rows, 2 * inter] product in between."""
-        if self.pairs is not None and x.shape[0] <= _PAIR_ROWS and x.stride(-1) == 1:
-            return skinny_gemm.linear_pairs_silu(x, self.pairs, self.out_features, self.in_features, self.pair_bias)
+        if self.pair_weight is not None and x.shape[0] <= _PAIR_ROWS and x.stride(-1) == 1:
+            return self.pair_weight.silu(x)
         return act(self(x))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,9 +116,8 @@ class PackedLinear(nn.Module):
         """The product in this layer's skinny kernel where it takes x (decode-sized, rows contiguous); else None."""
         if x.stride(-1) != 1:
             return None
-        if self.pairs is not None and x.shape[0] <= _PAIR_ROWS:
-            return skinny_gemm.linear_pairs(x, self.pairs, self.out_features, self.in_features, self.pair_bias, out_dtype,
-                                            bf16_in_float)
+        if self.pair_weight is not None and x.shape[0] <= _PAIR_ROWS:
+            return self.pair_weight(x, out_dtype, bf16_in_float)
         if self.skinny is not None and x.shape[0] <= _SKINNY_ROWS:
             return skinny_gemm.linear(x, self.skinny, self.out_features, self.bias, out_dtype, bf16_in_float)
         return None

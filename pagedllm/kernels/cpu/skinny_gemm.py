@@ -99,15 +99,9 @@ def linear_pairs(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_fe
     """x [M, in_features] (bf16, or float32 rounded to bf16; rows contiguous) times a pack_pairs weight, plus a
     float32 bias: [M, out_features], each output a float32 sum of bf16 products, rounded once for bf16 out_dtype
     (or kept in float32, and with bf16_in_float rounded to bf16 values, as for linear)."""
-    assert x.dim() == 2 and x.stride(-1) == 1 and x.dtype in (torch.bfloat16, torch.float32)
-    assert x.shape[1] == in_features and packed.shape[1] == -(-in_features // 2), (
-        f"x has {x.shape[1]} features, the weight {in_features}")
-    assert bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
-    y = torch.empty(x.shape[0], out_features, dtype=out_dtype)
-    _lib().skinny_gemm_pairs(x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), x.shape[0], in_features,
-                             packed.data_ptr(), out_features, 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-                             _out_mode(out_dtype, bf16_in_float), out_features)
-    return y
+    _check_pairs(x, packed, in_features, bias)
+    return _pairs(x, packed.data_ptr(), out_features, 0 if bias is None else bias.data_ptr(), out_dtype,
+                  _out_mode(out_dtype, bf16_in_float))
 
 
 def linear_pairs_silu(x: torch.Tensor, packed: torch.Tensor, out_features: int, in_features: int,
@@ -115,18 +109,58 @@ def linear_pairs_silu(x: torch.Tensor, packed: torch.Tensor, out_features: int, 
     """silu(gate) * up in bf16 [M, out_features // 2], where [gate, up] = linear_pairs(x, packed, ...) of a fused
     gate/up projection: the same bits as that product in bf16 then cpu_ops.silu_and_mul, in one pass and
     without the [M, out_features] intermediate. out_features // 2 must be a multiple of 32 (fuses_silu)."""
+    _check_pairs(x, packed, in_features, bias)
+    return _pairs_silu(x, packed.data_ptr(), out_features, 0 if bias is None else bias.data_ptr())
+
+
+class PairWeight:
+    """A bf16 weight [N, K] (and float32 bias) packed once for the pair kernel, called as linear_pairs and
+    linear_pairs_silu are, for a layer that calls it every step: what does not change between calls (its
+    pointers and sizes) is worked out here once, and each call checks only its input."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.packed = pack_pairs(weight)
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self._w = self.packed.data_ptr()
+        self._b = 0 if self.bias is None else self.bias.data_ptr()
+
+    def __call__(self, x: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16, bf16_in_float: bool = False) -> torch.Tensor:
+        self._check(x)
+        return _pairs(x, self._w, self.out_features, self._b, out_dtype, _out_mode(out_dtype, bf16_in_float))
+
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of this gate/up projection (linear_pairs_silu)."""
+        self._check(x)
+        return _pairs_silu(x, self._w, self.out_features, self._b)
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.dim() != 2 or x.shape[1] != self.in_features or x.stride(1) != 1:
+            raise ValueError(f"the pair kernel takes rows of {self.in_features} contiguous features, got {tuple(x.shape)} "
+                             f"with strides {x.stride()}")
+
+
+def _check_pairs(x: torch.Tensor, packed: torch.Tensor, in_features: int, bias: torch.Tensor | None) -> None:
     assert x.dim() == 2 and x.stride(-1) == 1 and x.dtype in (torch.bfloat16, torch.float32)
     assert x.shape[1] == in_features and packed.shape[1] == -(-in_features // 2), (
         f"x has {x.shape[1]} features, the weight {in_features}")
     assert bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
-    inter = out_features // 2
-    y = torch.empty(x.shape[0], inter, dtype=torch.bfloat16)
-    rc = _lib().skinny_gemm_pairs_silu(x.data_ptr(), int(x.dtype == torch.bfloat16), x.stride(0), x.shape[0], in_features,
-                                       packed.data_ptr(), out_features, 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-                                       inter)
-    if rc != 0:
-        raise ValueError(f"the fused SiLU product needs a gate/up projection of 2 x a multiple of {2 * _PANEL // 2} "
-                         f"outputs, got {out_features}")
+
+
+def _pairs(x: torch.Tensor, w: int, n: int, b: int, out_dtype: torch.dtype, mode: int) -> torch.Tensor:
+    """The pair kernel on checked arguments (w, b: the packed weight's and the bias's addresses, b 0 for none)."""
+    y = torch.empty(x.shape[0], n, dtype=out_dtype)
+    _lib().skinny_gemm_pairs(x.data_ptr(), x.dtype == torch.bfloat16, x.stride(0), x.shape[0], x.shape[1], w, n, b,
+                             y.data_ptr(), mode, n)
+    return y
+
+
+def _pairs_silu(x: torch.Tensor, w: int, n: int, b: int) -> torch.Tensor:
+    y = torch.empty(x.shape[0], n // 2, dtype=torch.bfloat16)
+    if _lib().skinny_gemm_pairs_silu(x.data_ptr(), x.dtype == torch.bfloat16, x.stride(0), x.shape[0], x.shape[1], w, n, b,
+                                     y.data_ptr(), n // 2) != 0:
+        raise ValueError(f"the fused SiLU product needs a gate/up projection of 2 x a multiple of {_PANEL} outputs, "
+                         f"got {n}")
     return y
 
 
