@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not can_pack(torch.empty(1, dtype=torch.bfloat16
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.skipif(not onednn_bf16(), reason="oneDNN has no bf16 matmul on this CPU (no AVX-512 BW/VL/DQ)")
 def test_packed_linear_equals_linear_bitwise(rows, bias, monkeypatch):
-    monkeypatch.setattr(packed_linear, "_PAIR_ROWS", 0)  # oneDNN at every size (the pair kernel: test_skinny_gemm.py)
+    monkeypatch.setattr(packed_linear, "PAIR_ROWS", 0)  # oneDNN at every size (the pair kernel: test_skinny_gemm.py)
     g = torch.Generator().manual_seed(rows)
     lin = torch.nn.Linear(96, 160, bias=bias).to(torch.bfloat16)
     with torch.no_grad():
@@ -95,3 +95,24 @@ def test_packed_float32_linear_differs_from_torch_only_in_the_order_of_sums(rows
 
 def test_other_dtypes_are_left_alone():
     assert not can_pack(torch.empty(4, 4, dtype=torch.float16))
+
+
+@pytest.mark.skipif(not native_bf16(), reason="the norms run inside the pair kernel's products with AVX-512 BF16 only")
+def test_norms_inside_the_decode_products_change_no_token_or_logprob(tiny_model_dir):
+    from pagedllm import LLM, SamplingParams
+
+    llm = LLM(tiny_model_dir, dtype="bfloat16", num_kv_blocks=128, block_size=16, core_process=False)
+    layers = llm.engine.client.core.runner.model.layers
+    assert all(layer.norms_in_products for layer in layers)
+    prompts = [{"prompt_token_ids": list(range(100 + i, 100 + i + 5 * (i + 1)))} for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
+
+    def run():
+        llm.engine.reset_prefix_cache()
+        return [(o.outputs[0].token_ids, [{t: lp.logprob for t, lp in d.items()} for d in o.outputs[0].logprobs])
+                for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    fused = run()
+    for layer in layers:
+        layer.norms_in_products = False
+    assert run() == fused

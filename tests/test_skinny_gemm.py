@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pagedllm.kernels.cpu import skinny_gemm
-from pagedllm.kernels.cpu.packed_linear import _PAIR_ROWS, _SKINNY_ROWS, PackedLinear, can_pack
+from pagedllm.kernels.cpu.packed_linear import PAIR_ROWS, _SKINNY_ROWS, PackedLinear, can_pack
 
 pytestmark = pytest.mark.skipif(not skinny_gemm.available(), reason="the skinny kernel needs AVX-512 and a C++ compiler")
 
@@ -109,7 +109,7 @@ def test_linear_uses_its_skinny_kernel_up_to_its_row_limit_and_agrees_with_onedn
     w = torch.randn(160, k, generator=g).to(torch.bfloat16)
     b = torch.randn(160, generator=g).to(torch.bfloat16)
     lin = PackedLinear(w, b, upcast=upcast)
-    limit = _SKINNY_ROWS if upcast else _PAIR_ROWS
+    limit = _SKINNY_ROWS if upcast else PAIR_ROWS
     x = torch.randn(limit + 1, k, generator=g).to(torch.bfloat16)
     out_dtype = torch.bfloat16 if round_output else torch.float32
     with torch.inference_mode():
@@ -166,7 +166,7 @@ def test_the_fused_silu_product_takes_whole_panels_only():
 
 
 @pytest.mark.skipif(not skinny_gemm.pairs_native(), reason="PackedLinear uses the pair kernel with AVX-512 BF16 only")
-@pytest.mark.parametrize("rows", [1, 48, _PAIR_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 48, PAIR_ROWS + 1])
 def test_packed_silu_and_mul_fuses_decode_rows_and_falls_back_above(rows, monkeypatch):
     from pagedllm.kernels.cpu import ops
 
@@ -179,4 +179,4 @@ def test_packed_silu_and_mul_fuses_decode_rows_and_falls_back_above(rows, monkey
     monkeypatch.setattr(skinny_gemm, "_pairs_silu", lambda *a: calls.append(1) or fused(*a))
     y = layer.silu_and_mul(x, ops.silu_and_mul)
     assert torch.equal(y, ops.silu_and_mul(layer(x)))
-    assert bool(calls) == (rows <= _PAIR_ROWS)
+    assert bool(calls) == (rows <= PAIR_ROWS)

@@ -101,6 +101,13 @@ class LayerKernels:
             return partial(gate_up.silu_and_mul, act=act)
         return lambda x: act(project(x))
 
+    def norm_in_product(self, layer: nn.Module, silu: bool) -> bool:
+        """Whether the projection `layer` (from linear()) can compute the fused norm in front of it as it packs its
+        decode-sized input (and, with silu, also SiLU-and-mul as it stores): a native bf16 PackedLinear."""
+        if not (self.fused and isinstance(layer, PackedLinear) and layer.pair_weight is not None):
+            return False
+        return layer.fuses_silu if silu else True
+
     def fused_rope(self, head_dim: int, rotary_dim: int, qk_norm: bool) -> bool:
         """Whether rotary + KV store run in one fused kernel: where the whole head rotates and no q/k norm
         comes between the projection and the rotation."""

@@ -45,7 +45,7 @@ from pagedllm.kernels.cpu.cpu_info import native_bf16, onednn_bf16
 
 _BATCH_HINT = 64  # oneDNN picks its blocking for about this many rows; other sizes run fine
 _SKINNY_ROWS = 64  # widened layers multiply up to this many rows in the skinny kernel (oneDNN is ahead from ~96)
-_PAIR_ROWS = 64  # bf16 layers with AVX-512 BF16: up to this many rows in the pair kernel (even with oneDNN from ~128)
+PAIR_ROWS = 64  # bf16 layers with AVX-512 BF16: up to this many rows in the pair kernel (even with oneDNN from ~128)
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -102,7 +102,7 @@ class PackedLinear(nn.Module):
         """act(self(x)) for this fused gate/up projection and its SiLU-and-mul act (cpu_ops.silu_and_mul): where
         fuses_silu and x is decode-sized, both in one pass of the pair kernel, with the same bits and without the
         [rows, 2 * inter] product in between."""
-        if self.pair_weight is not None and x.shape[0] <= _PAIR_ROWS and x.stride(-1) == 1:
+        if self.pair_weight is not None and x.shape[0] <= PAIR_ROWS and x.stride(-1) == 1:
             return self.pair_weight.silu(x)
         return act(self(x))
 
@@ -116,7 +116,7 @@ class PackedLinear(nn.Module):
         """The product in this layer's skinny kernel where it takes x (decode-sized, rows contiguous); else None."""
         if x.stride(-1) != 1:
             return None
-        if self.pair_weight is not None and x.shape[0] <= _PAIR_ROWS:
+        if self.pair_weight is not None and x.shape[0] <= PAIR_ROWS:
             return self.pair_weight(x, out_dtype, bf16_in_float)
         if self.skinny is not None and x.shape[0] <= _SKINNY_ROWS:
             return skinny_gemm.linear(x, self.skinny, self.out_features, self.bias, out_dtype, bf16_in_float)

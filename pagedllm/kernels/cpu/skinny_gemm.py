@@ -125,14 +125,17 @@ class PairWeight:
         self._w = self.packed.data_ptr()
         self._b = 0 if self.bias is None else self.bias.data_ptr()
 
-    def __call__(self, x: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16, bf16_in_float: bool = False) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16, bf16_in_float: bool = False,
+                 norm: tuple | None = None) -> torch.Tensor:
+        """norm: (residual or None, weight, eps) of an RMSNorm that x goes through first (see _norm_args)."""
         self._check(x)
-        return _pairs(x, self._w, self.out_features, self._b, out_dtype, _out_mode(out_dtype, bf16_in_float))
+        return _pairs(x, self._w, self.out_features, self._b, out_dtype, _out_mode(out_dtype, bf16_in_float),
+                      _norm_args(x, norm))
 
-    def silu(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up of this gate/up projection (linear_pairs_silu)."""
+    def silu(self, x: torch.Tensor, norm: tuple | None = None) -> torch.Tensor:
+        """silu(gate) * up of this gate/up projection (linear_pairs_silu), x through norm first as for __call__."""
         self._check(x)
-        return _pairs_silu(x, self._w, self.out_features, self._b)
+        return _pairs_silu(x, self._w, self.out_features, self._b, _norm_args(x, norm))
 
     def _check(self, x: torch.Tensor) -> None:
         if x.dim() != 2 or x.shape[1] != self.in_features or x.stride(1) != 1:
@@ -147,18 +150,36 @@ def _check_pairs(x: torch.Tensor, packed: torch.Tensor, in_features: int, bias: 
     assert bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
 
 
-def _pairs(x: torch.Tensor, w: int, n: int, b: int, out_dtype: torch.dtype, mode: int) -> torch.Tensor:
-    """The pair kernel on checked arguments (w, b: the packed weight's and the bias's addresses, b 0 for none)."""
+_NO_NORM = (0, 0, 0.0)
+
+
+def _norm_args(x: torch.Tensor, norm: tuple | None) -> tuple[int, int, float]:
+    """The kernels' last three arguments for an RMSNorm (residual or None, weight, eps) in front of the product, as
+    cpu_ops.rms_norm computes it (x + residual written back to residual); all bf16, rows contiguous."""
+    if norm is None:
+        return _NO_NORM
+    residual, weight, eps = norm
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not weight.is_contiguous() or weight.shape != x.shape[1:]:
+        raise ValueError("a norm in front of the pair kernel takes bf16 rows and a bf16 weight of their width")
+    if residual is not None and (residual.dtype != torch.bfloat16 or residual.shape != x.shape or not residual.is_contiguous()):
+        raise ValueError("the residual of a norm in front of the pair kernel must be bf16, contiguous and of x's shape")
+    return 0 if residual is None else residual.data_ptr(), weight.data_ptr(), float(eps)
+
+
+def _pairs(x: torch.Tensor, w: int, n: int, b: int, out_dtype: torch.dtype, mode: int,
+           norm: tuple[int, int, float] = _NO_NORM) -> torch.Tensor:
+    """The pair kernel on checked arguments (w, b: the packed weight's and the bias's addresses, b 0 for none;
+    norm: _norm_args)."""
     y = torch.empty(x.shape[0], n, dtype=out_dtype)
     _lib().skinny_gemm_pairs(x.data_ptr(), x.dtype == torch.bfloat16, x.stride(0), x.shape[0], x.shape[1], w, n, b,
-                             y.data_ptr(), mode, n)
+                             y.data_ptr(), mode, n, *norm)
     return y
 
 
-def _pairs_silu(x: torch.Tensor, w: int, n: int, b: int) -> torch.Tensor:
+def _pairs_silu(x: torch.Tensor, w: int, n: int, b: int, norm: tuple[int, int, float] = _NO_NORM) -> torch.Tensor:
     y = torch.empty(x.shape[0], n // 2, dtype=torch.bfloat16)
     if _lib().skinny_gemm_pairs_silu(x.data_ptr(), x.dtype == torch.bfloat16, x.stride(0), x.shape[0], x.shape[1], w, n, b,
-                                     y.data_ptr(), n // 2) != 0:
+                                     y.data_ptr(), n // 2, *norm) != 0:
         raise ValueError(f"the fused SiLU product needs a gate/up projection of 2 x a multiple of {_PANEL} outputs, "
                          f"got {n}")
     return y

@@ -17,7 +17,7 @@ from pagedllm.model.attention.metadata import AttentionMetadata, per_layer
 from pagedllm.model.attention.torch_backend import TorchPagedAttention
 from pagedllm.model.arch_config import ArchConfig
 from pagedllm.kernels.cpu import ops as cpu_ops
-from pagedllm.kernels.cpu.packed_linear import PackedLinear
+from pagedllm.kernels.cpu.packed_linear import PAIR_ROWS, PackedLinear
 from pagedllm.model.layer_kernels import LayerKernels
 from pagedllm.model.layers import RMSNorm, RotaryEmbedding, rotary_embedding, silu_and_mul
 from pagedllm.model.tensor_parallel import TPShard, row_parallel
@@ -141,9 +141,16 @@ class LlamaDecoderLayer(nn.Module):
         mlp_float_in = self.mlp.finish_load(kernels)
         self.input_layernorm = kernels.norm(self.input_layernorm, float_out=attn_float_in)
         self.post_attention_layernorm = kernels.norm(self.post_attention_layernorm, float_out=mlp_float_in)
+        # Decode-sized steps may run each norm inside the pair-kernel product that reads its output
+        # (kernels/cpu/skinny_gemm.py): the same bits, two fewer passes and calls per layer.
+        self.norms_in_products = (kernels.fused and isinstance(self.mlp, LlamaMLP)
+                                  and kernels.norm_in_product(self.self_attn.qkv_proj, silu=False)
+                                  and kernels.norm_in_product(self.mlp.gate_up_proj, silu=True))
 
     def forward(self, positions, x, residual, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous layer's output, not yet added to the residual stream (None before the first layer)."""
+        if self.norms_in_products and x.shape[0] <= PAIR_ROWS:
+            return self._forward_norms_in_products(positions, x, residual, kv_cache, meta)
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
@@ -151,6 +158,16 @@ class LlamaDecoderLayer(nn.Module):
         x = self.self_attn(positions, x, kv_cache, meta)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
+
+    def _forward_norms_in_products(self, positions, x, residual, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward, with input_layernorm computed by the qkv product as it packs its rows, and
+        post_attention_layernorm by the gate/up + SiLU-and-mul product (each writes x + residual to residual)."""
+        attn, mlp, norm1, norm2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
+        qkv = attn.qkv_proj.pair_weight(x, norm=(residual, norm1.weight, norm1.eps))
+        if residual is None:
+            residual = x
+        h = attn.project_out(attn.attend(positions, qkv, kv_cache, meta))
+        return mlp.project_down(mlp.gate_up_proj.pair_weight.silu(h, norm=(residual, norm2.weight, norm2.eps))), residual
 
 
 class LlamaForCausalLM(nn.Module):

@@ -14,6 +14,7 @@
 
 #include "bf16.h"
 #include "kv_int8.h"
+#include "rms_norm.h"
 #include "silu.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -25,26 +26,6 @@ namespace {
 constexpr int64_t kParallelElems = 1 << 15;
 
 
-// Element access for both storage types: bf16 (uint16_t) rounds wherever
-// transformers' bf16 code rounds; float32 never rounds but where torch's float32
-// ops do (each product and sum: the library is built without FMA contraction).
-inline float ld(uint16_t x) { return bf16_to_float(x); }
-inline float ld(float x) { return x; }
-template <typename T> inline float rnd(float x) { return std::is_same_v<T, uint16_t> ? round_bf16(x) : x; }
-template <typename T> inline T put(float x) {
-    if constexpr (std::is_same_v<T, uint16_t>) return float_to_bf16(x); else return x;
-}
-
-#ifdef __AVX512F__
-inline __m512 load16(const uint16_t* p) { return load_bf16x16(p); }
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline void store16(uint16_t* p, __m512 v) { store_bf16x16(p, v); }
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-template <typename T> inline __m512 rnd16(__m512 v) {
-    if constexpr (std::is_same_v<T, uint16_t>) return round_bf16x16(v); else return v;
-}
-#endif
-
 // out = weight * T(h * rsqrt(mean(h^2) + eps)), where h = x, or, with a residual,
 // h = T(x + residual), which is also written back to residual (the stream that
 // the next layer adds to). As transformers' LlamaRMSNorm: h in float32, the
@@ -55,54 +36,9 @@ template <typename T> inline __m512 rnd16(__m512 v) {
 template <typename T, typename In, typename Out>
 void rms_norm(const In* x, int64_t x_stride, T* residual, const T* weight, Out* out, int rows, int dim, float eps) {
 #pragma omp parallel for schedule(static) if (static_cast<int64_t>(rows) * dim >= kParallelElems)
-    for (int r = 0; r < rows; ++r) {
-        const In* xr = x + static_cast<int64_t>(r) * x_stride;
-        Out* o = out + static_cast<int64_t>(r) * dim;
-        // h goes into out first: out is ours, and the row is read twice.
-        T* res = residual != nullptr ? residual + static_cast<int64_t>(r) * dim : nullptr;
-        float sum = 0.0f;
-        int i0 = 0;
-#ifdef __AVX512F__
-        __m512 acc = _mm512_setzero_ps();
-        for (; i0 + 16 <= dim; i0 += 16) {
-            __m512 h = load16(xr + i0);
-            if constexpr (!std::is_same_v<In, T>) h = rnd16<T>(h);  // only float32 input needs rounding
-            if (res != nullptr) {
-                h = rnd16<T>(_mm512_add_ps(h, load16(res + i0)));
-                store16(res + i0, h);
-            }
-            store16(o + i0, h);
-            acc = _mm512_fmadd_ps(h, h, acc);
-        }
-        sum = _mm512_reduce_add_ps(acc);
-#endif
-#pragma omp simd reduction(+ : sum)
-        for (int i = i0; i < dim; ++i) {
-            float h = ld(xr[i]);
-            if constexpr (!std::is_same_v<In, T>) h = rnd<T>(h);
-            if (res != nullptr) {
-                h = rnd<T>(h + ld(res[i]));
-                res[i] = put<T>(h);
-            }
-            o[i] = put<Out>(h);
-            sum += h * h;
-        }
-        const float inv = 1.0f / std::sqrt(sum / static_cast<float>(dim) + eps);
-        int i = 0;
-#ifdef __AVX512F__
-        const __m512 vinv = _mm512_set1_ps(inv);
-        for (; i + 16 <= dim; i += 16) {
-            __m512 y = _mm512_mul_ps(load16(weight + i), rnd16<T>(_mm512_mul_ps(load16(o + i), vinv)));
-            if constexpr (!std::is_same_v<Out, T>) y = rnd16<T>(y);  // a T store rounds by itself
-            store16(o + i, y);
-        }
-#endif
-        for (; i < dim; ++i) {
-            float y = ld(weight[i]) * rnd<T>(ld(o[i]) * inv);
-            if constexpr (!std::is_same_v<Out, T>) y = rnd<T>(y);
-            o[i] = put<Out>(y);
-        }
-    }
+    for (int r = 0; r < rows; ++r)
+        rms_norm_row(x + static_cast<int64_t>(r) * x_stride, residual != nullptr ? residual + static_cast<int64_t>(r) * dim : nullptr,
+                     weight, out + static_cast<int64_t>(r) * dim, dim, eps);
 }
 
 // out[r] = silu(gate) * up, with gate and up the two halves of row r of x. Bf16

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "bf16.h"
+#include "rms_norm.h"
 #include "silu.h"
 
 #ifdef __AVX512F__
@@ -201,24 +202,42 @@ constexpr std::array<PairTile, sizeof...(I)> pair_tiles(std::integer_sequence<in
 template <int Out>
 const std::array<PairTile, kMaxRows> kPairTiles = pair_tiles<Out>(std::make_integer_sequence<int, kMaxRows>{});
 
+// An RMSNorm that the input rows go through before the product (rms_norm.h), as a bf16 model's norm in
+// front of a projection: with a residual, x + residual is written back to it and normalised.
+struct RowNorm {
+    uint16_t* residual;      // [M, K], row stride K, or null
+    const uint16_t* weight;  // [K]; null: no norm
+    float eps;
+};
+
 // The input rows as bf16 pairs, tile by tile, pair-major (float32 input is rounded to bf16,
-// as a bf16 layer's input is); an odd K is padded with a zero. One row tile per task of the
+// as a bf16 layer's input is); an odd K is padded with a zero. With a norm (bf16 input only),
+// each row is normalised first, into a per-thread row. One row tile per task of the
 // enclosing parallel region, which waits for all of them at the loop's end.
 template <bool Bf16A>
-void pack_pair_tiles(const void* x, int64_t ldx, int M, int K, uint32_t* a) {
+void pack_pair_tiles(const void* x, int64_t ldx, int M, int K, uint32_t* a, const RowNorm& norm) {
     const int KP = (K + 1) / 2;
-    auto at = [&](int64_t i) -> uint32_t {
-        if constexpr (Bf16A) return static_cast<const uint16_t*>(x)[i];
-        else return float_to_bf16(static_cast<const float*>(x)[i]);
-    };
+    thread_local std::vector<uint16_t> normed;
 #pragma omp for schedule(static)
     for (int m0 = 0; m0 < M; m0 += kMaxRows) {
         const int mr = std::min(kMaxRows, M - m0);
         uint32_t* dst = a + static_cast<int64_t>(m0) * KP;
         for (int m = 0; m < mr; ++m) {
-            const int64_t src = static_cast<int64_t>(m0 + m) * ldx;
+            const void* row = static_cast<const char*>(x) + static_cast<int64_t>(m0 + m) * ldx * (Bf16A ? 2 : 4);
+            if constexpr (Bf16A) {
+                if (norm.weight != nullptr) {
+                    normed.resize(K);
+                    rms_norm_row(static_cast<const uint16_t*>(row), norm.residual ? norm.residual + static_cast<int64_t>(m0 + m) * K : nullptr,
+                                 norm.weight, normed.data(), K, norm.eps);
+                    row = normed.data();
+                }
+            }
+            auto at = [&](int i) -> uint32_t {
+                if constexpr (Bf16A) return static_cast<const uint16_t*>(row)[i];
+                else return float_to_bf16(static_cast<const float*>(row)[i]);
+            };
             for (int kp = 0; kp < KP; ++kp)
-                dst[kp * mr + m] = at(src + 2 * kp) | (2 * kp + 1 < K ? at(src + 2 * kp + 1) << 16 : 0u);
+                dst[kp * mr + m] = at(2 * kp) | (2 * kp + 1 < K ? at(2 * kp + 1) << 16 : 0u);
         }
     }
 }
@@ -227,7 +246,7 @@ void pack_pair_tiles(const void* x, int64_t ldx, int M, int K, uint32_t* a) {
 // parallel region: the input rows are packed first (into a, pair-major by tile), then the groups are
 // split across threads, and within a thread a group's panels stay in cache across its row tiles.
 template <typename Run>
-void over_pair_tiles(const void* x, int x_bf16, int64_t ldx, int M, int K, int groups, Run run) {
+void over_pair_tiles(const void* x, int x_bf16, int64_t ldx, int M, int K, const RowNorm& norm, int groups, Run run) {
     // The calling thread's buffer, kept (a fresh one would be page-faulted in on every call), read by the
     // region's threads.
     thread_local std::vector<uint32_t> buf;
@@ -235,8 +254,8 @@ void over_pair_tiles(const void* x, int x_bf16, int64_t ldx, int M, int K, int g
     uint32_t* a = buf.data();
 #pragma omp parallel if (groups > 1)
     {
-        if (x_bf16) pack_pair_tiles<true>(x, ldx, M, K, a);
-        else pack_pair_tiles<false>(x, ldx, M, K, a);
+        if (x_bf16) pack_pair_tiles<true>(x, ldx, M, K, a, norm);
+        else pack_pair_tiles<false>(x, ldx, M, K, a, norm);
 #pragma omp for schedule(static)
         for (int g = 0; g < groups; ++g)
             for (int m0 = 0; m0 < M; m0 += kMaxRows) run(a, g, m0, std::min(kMaxRows, M - m0));
@@ -244,11 +263,11 @@ void over_pair_tiles(const void* x, int x_bf16, int64_t ldx, int M, int K, int g
 }
 
 template <int Out>
-void gemm_pairs(const void* x, int x_bf16, int64_t ldx, int M, int K, const uint32_t* w, int N, const float* bias, void* c,
-                int64_t ldc) {
+void gemm_pairs(const void* x, int x_bf16, int64_t ldx, int M, int K, const RowNorm& norm, const uint32_t* w, int N,
+                const float* bias, void* c, int64_t ldc) {
     constexpr int kOutBytes = Out == kOutBf16 ? 2 : 4;
     const int KP = (K + 1) / 2;
-    over_pair_tiles(x, x_bf16, ldx, M, K, (N + kPanel - 1) / kPanel, [&](const uint32_t* a, int p, int m0, int mr) {
+    over_pair_tiles(x, x_bf16, ldx, M, K, norm, (N + kPanel - 1) / kPanel, [&](const uint32_t* a, int p, int m0, int mr) {
         char* out = static_cast<char*>(c) + (static_cast<int64_t>(m0) * ldc + static_cast<int64_t>(p) * kPanel) * kOutBytes;
         kPairTiles<Out>[mr - 1](a + static_cast<int64_t>(m0) * KP, w + static_cast<int64_t>(p) * KP * kPanel, KP,
                                 bias ? bias + p * kPanel : nullptr, out, ldc, std::min(kPanel, N - p * kPanel));
@@ -259,11 +278,11 @@ void gemm_pairs(const void* x, int x_bf16, int64_t ldx, int M, int K, const uint
 // the panel width), stored in bf16 [M, inter]: each panel of gate columns and the panel of up columns at the
 // same offset run back to back, their sums rounded to bf16 as the plain product stores them, and SiLU-and-mul
 // (silu.h) applied to the pair as cpu_ops.cpp's does, so the bits are those of the product then the op.
-void gemm_pairs_silu(const void* x, int x_bf16, int64_t ldx, int M, int K, const uint32_t* w, int N, const float* bias,
-                     uint16_t* y, int64_t ldy) {
+void gemm_pairs_silu(const void* x, int x_bf16, int64_t ldx, int M, int K, const RowNorm& norm, const uint32_t* w, int N,
+                     const float* bias, uint16_t* y, int64_t ldy) {
     const int KP = (K + 1) / 2;
     const int inter = N / 2, panels = inter / kPanel;
-    over_pair_tiles(x, x_bf16, ldx, M, K, panels, [&](const uint32_t* a, int p, int m0, int mr) {
+    over_pair_tiles(x, x_bf16, ldx, M, K, norm, panels, [&](const uint32_t* a, int p, int m0, int mr) {
         alignas(64) float gate[kMaxRows * kPanel], up[kMaxRows * kPanel];
         const uint32_t* am = a + static_cast<int64_t>(m0) * KP;
         kPairTiles<kOutBf16InF32>[mr - 1](am, w + static_cast<int64_t>(p) * KP * kPanel, KP, bias ? bias + p * kPanel : nullptr,
@@ -324,22 +343,28 @@ int skinny_gemm_pairs_native() {
 }
 
 // y[M, N] = x[M, K] w^T (+ bias) on a pair-packed bf16 w: x bf16 or float32 (rounded to bf16);
-// y_mode as for skinny_gemm.
+// y_mode as for skinny_gemm. norm_weight non-null (bf16 x only): x's rows go through RMSNorm first
+// (with residual non-null, x + residual, written back to residual [M, K]), as rms_norm_bf16 computes it.
 void skinny_gemm_pairs(const void* x, int x_bf16, int64_t ldx, int M, int K, const uint32_t* w, int N,
-                       const float* bias, void* y, int y_mode, int64_t ldy) {
+                       const float* bias, void* y, int y_mode, int64_t ldy, uint16_t* residual, const uint16_t* norm_weight,
+                       float eps) {
 #ifdef __AVX512F__
     if (M <= 0 || N <= 0) return;
-    by_out_mode(y_mode, [&](auto out) { gemm_pairs<decltype(out)::value>(x, x_bf16, ldx, M, K, w, N, bias, y, ldy); });
+    const RowNorm norm{residual, norm_weight, eps};
+    by_out_mode(y_mode, [&](auto out) { gemm_pairs<decltype(out)::value>(x, x_bf16, ldx, M, K, norm, w, N, bias, y, ldy); });
 #endif
 }
 
 // y[M, N / 2] (bf16, row stride ldy) = silu(gate) * up, where [gate, up] = x w^T (+ bias) on a pair-packed bf16 w
-// of N = 2 * inter outputs; inter must be a multiple of 32 (returns -1 and writes nothing otherwise).
+// of N = 2 * inter outputs; inter must be a multiple of 32 (returns -1 and writes nothing otherwise). The norm
+// arguments as for skinny_gemm_pairs.
 int skinny_gemm_pairs_silu(const void* x, int x_bf16, int64_t ldx, int M, int K, const uint32_t* w, int N,
-                           const float* bias, uint16_t* y, int64_t ldy) {
+                           const float* bias, uint16_t* y, int64_t ldy, uint16_t* residual, const uint16_t* norm_weight,
+                           float eps) {
 #ifdef __AVX512F__
     if (N % (2 * kPanel) != 0) return -1;
-    if (M > 0 && N > 0) gemm_pairs_silu(x, x_bf16, ldx, M, K, w, N, bias, y, ldy);
+    const RowNorm norm{residual, norm_weight, eps};
+    if (M > 0 && N > 0) gemm_pairs_silu(x, x_bf16, ldx, M, K, norm, w, N, bias, y, ldy);
     return 0;
 #else
     return -1;
