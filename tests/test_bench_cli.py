@@ -172,3 +172,14 @@ def _one_line(tmp_path):
     f = tmp_path / "one.jsonl"
     f.write_text('{"prompt": "x"}\n')
     return f
+
+
+def test_decode_step_times_each_batch_size_and_leaves_the_core_idle(tiny_model_dir, tmp_path):
+    from benchmarks import decode_step
+
+    out = tmp_path / "decode.json"
+    figures = decode_step.main(["--model", tiny_model_dir, "--rows", "1,3", "--steps", "3", "--repeat", "2",
+                                "--json", str(out)])
+    assert list(figures["rows"]) == ["1", "3"]
+    assert all(len(r["runs_ms"]) == 2 and r["ms_per_step"] > 0 for r in figures["rows"].values())
+    assert json.loads(out.read_text())["rows"]["3"]["ms_per_step"] == figures["rows"]["3"]["ms_per_step"]

@@ -134,6 +134,7 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(cfg, rotary, attn_backend, sliding_window, tp=tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg, tp) if mlp is None else mlp
+        self.norms_in_products = False  # finish_load decides
 
     def finish_load(self, kernels: LayerKernels) -> None:
         """Each block picks its implementation; a norm in front of a block that takes float32 hands it float32."""
