@@ -97,13 +97,39 @@ def test_other_dtypes_are_left_alone():
     assert not can_pack(torch.empty(4, 4, dtype=torch.float16))
 
 
+@pytest.fixture(scope="module")
+def head32_model_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """tiny_model_dir's shape with heads of 32 (whole panels of the pair kernel: the rotary + KV store fuse too)."""
+    import shutil
+
+    import transformers
+
+    path = tmp_path_factory.mktemp("head32")
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(30.0)
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        src = f"{tiny_model_dir}/{name}"
+        if __import__("os").path.exists(src):
+            shutil.copy(src, path)
+    return str(path)
+
+
 @pytest.mark.skipif(not native_bf16(), reason="the norms run inside the pair kernel's products with AVX-512 BF16 only")
-def test_norms_inside_the_decode_products_change_no_token_or_logprob(tiny_model_dir):
+@pytest.mark.parametrize("model", ["tiny_model_dir", "head32_model_dir"])
+def test_norms_inside_the_decode_products_change_no_token_or_logprob(model, request):
     from pagedllm import LLM, SamplingParams
 
-    llm = LLM(tiny_model_dir, dtype="bfloat16", num_kv_blocks=128, block_size=16, core_process=False)
+    llm = LLM(request.getfixturevalue(model), dtype="bfloat16", num_kv_blocks=128, block_size=16, core_process=False)
     layers = llm.engine.client.core.runner.model.layers
     assert all(layer.norms_in_products for layer in layers)
+    rope_fused = layers[0].self_attn.qkv_proj.pair_weight.fuses_qkv_rope(layers[0].self_attn.head_dim)
+    assert rope_fused == (model == "head32_model_dir")
     prompts = [{"prompt_token_ids": list(range(100 + i, 100 + i + 5 * (i + 1)))} for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=3)
 

@@ -180,3 +180,39 @@ def test_packed_silu_and_mul_fuses_decode_rows_and_falls_back_above(rows, monkey
     y = layer.silu_and_mul(x, ops.silu_and_mul)
     assert torch.equal(y, ops.silu_and_mul(layer(x)))
     assert bool(calls) == (rows <= PAIR_ROWS)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 13, 48])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 2, 32), (2, 1, 128)])
+@pytest.mark.parametrize("bias,residual", [(False, True), (True, False)])
+def test_the_qkv_product_with_rope_and_kv_store_has_the_bits_of_the_three_steps(rows, heads, kv_heads, head_dim, bias,
+                                                                             residual):
+    from pagedllm.kernels.cpu import ops
+
+    g = torch.Generator().manual_seed(rows + head_dim)
+    k, n = 96, (heads + 2 * kv_heads) * head_dim
+    weight = skinny_gemm.PairWeight(torch.randn(n, k, generator=g).mul_(0.05).bfloat16(),
+                                    torch.randn(n, generator=g) if bias else None)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    norm_w = torch.randn(k, generator=g).mul_(0.3).add_(1).bfloat16()
+    res = torch.randn(rows, k, generator=g).bfloat16()
+    cos, sin = torch.randn(512, head_dim, generator=g).bfloat16(), torch.randn(512, head_dim, generator=g).bfloat16()
+    positions = torch.randint(0, 512, (rows,), generator=g)
+    slots = torch.randperm(40 * 16, generator=g)[:rows]
+    slots[0] = -1  # a padding row: stores nothing
+    pools = [torch.zeros(2, 40, 16, kv_heads, head_dim).bfloat16() for _ in range(2)]
+    residuals = [res.clone() if residual else None for _ in range(2)]
+    expected = weight(x, norm=(residuals[0], norm_w, 1e-5))
+    ops.rope_and_store(expected, positions, cos, sin, heads, kv_heads, head_dim, slots, pools[0])
+    got = weight.qkv_rope(x, positions, cos, sin, heads, kv_heads, head_dim, slots, pools[1], norm=(residuals[1], norm_w, 1e-5))
+    assert torch.equal(got, expected) and torch.equal(pools[1], pools[0])
+    assert not residual or torch.equal(residuals[1], residuals[0])
+
+
+def test_the_qkv_product_with_rope_takes_whole_panels_per_head():
+    weight = skinny_gemm.PairWeight(torch.randn(3 * 8, 16).bfloat16())
+    assert not weight.fuses_qkv_rope(8)
+    with pytest.raises(ValueError, match="head_dim a multiple of 32"):
+        weight.qkv_rope(torch.randn(1, 16).bfloat16(), torch.zeros(1, dtype=torch.int64), torch.zeros(4, 8).bfloat16(),
+                        torch.zeros(4, 8).bfloat16(), 1, 1, 8, torch.zeros(1, dtype=torch.int64),
+                        torch.zeros(2, 1, 4, 1, 8).bfloat16())

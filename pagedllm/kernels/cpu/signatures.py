@@ -47,6 +47,8 @@ LIBRARIES: dict[str, Library] = {
         "skinny_gemm": ([p, i32, i64, i32, i32, p, i32, i32, p, p, i32, i64], None),
         "skinny_gemm_pairs": ([p, i32, i64, i32, i32, p, i32, p, p, i32, i64, p, p, f32], None),
         "skinny_gemm_pairs_silu": ([p, i32, i64, i32, i32, p, i32, p, p, i64, p, p, f32], i32),
+        "skinny_gemm_pairs_qkv_rope": ([p, i32, i64, i32, i32, p, i32, p, p, i64, p, p, f32, p, p, p, i32, i32, i32, p, p, p],
+                                       i32),
     }),
     # Decode attention (attention.py); int8 entry points return non-zero for an unsupported head size.
     "paged_attention": Library(fast_math=True, functions={

@@ -137,6 +137,31 @@ class PairWeight:
         self._check(x)
         return _pairs_silu(x, self._w, self.out_features, self._b, _norm_args(x, norm))
 
+    def fuses_qkv_rope(self, head_dim: int) -> bool:
+        """Whether qkv_rope takes this projection's heads: whole panels of the pair kernel per head."""
+        return head_dim % _PANEL == 0 and self.out_features % head_dim == 0
+
+    def qkv_rope(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                 num_kv_heads: int, head_dim: int, slot_mapping: torch.Tensor, kv_cache: torch.Tensor,
+                 norm: tuple | None = None) -> torch.Tensor:
+        """This fused qkv projection of x (through norm first, as for __call__) in bf16, then rotary embedding and
+        the KV store as cpu_ops.rope_and_store does them on its output, in the same pass: a bf16 pool only."""
+        self._check(x)
+        assert kv_cache.dtype == torch.bfloat16 and kv_cache.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+        assert positions.dtype == torch.int64 and slot_mapping.dtype == torch.int64
+        positions, slots = positions.contiguous(), slot_mapping.contiguous()
+        n = self.out_features
+        y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+        k_ptr = kv_cache.data_ptr()
+        v_ptr = k_ptr + kv_cache.stride(0) * kv_cache.element_size()
+        if _lib().skinny_gemm_pairs_qkv_rope(x.data_ptr(), x.dtype == torch.bfloat16, x.stride(0), x.shape[0], x.shape[1],
+                                             self._w, n, self._b, y.data_ptr(), n, *_norm_args(x, norm), positions.data_ptr(),
+                                             cos.data_ptr(), sin.data_ptr(), num_heads, num_kv_heads, head_dim,
+                                             slots.data_ptr(), k_ptr, v_ptr) != 0:
+            raise ValueError(f"the fused qkv product needs head_dim a multiple of {_PANEL} and (heads + 2 kv_heads) x "
+                             f"head_dim outputs, got {n} outputs for {num_heads} + 2 x {num_kv_heads} heads of {head_dim}")
+        return y
+
     def _check(self, x: torch.Tensor) -> None:
         if x.dim() != 2 or x.shape[1] != self.in_features or x.stride(1) != 1:
             raise ValueError(f"the pair kernel takes rows of {self.in_features} contiguous features, got {tuple(x.shape)} "

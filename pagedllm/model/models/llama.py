@@ -67,14 +67,29 @@ class LlamaAttention(nn.Module):
     def fused_rope(self) -> bool:
         return self.attend == self._fused_rope_store_then_attend
 
+    def forward_normed(self, positions, x, norm: tuple, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """forward of RMSNorm(x), the norm (residual or None, weight, eps) computed by the qkv product of the pair
+        kernel as it packs x (LlamaDecoderLayer.norms_in_products), and where the rotary + KV store is fused and the
+        pool bf16, the rotation and the store too, as it writes its output."""
+        product = self.qkv_proj.pair_weight
+        if self.fused_rope and kv_cache.dtype == torch.bfloat16 and product.fuses_qkv_rope(self.head_dim):
+            qkv = product.qkv_rope(x, positions, self.rotary.cos, self.rotary.sin, self.num_heads, self.num_kv_heads,
+                                   self.head_dim, meta.slot_mapping, kv_cache, norm)
+            return self.project_out(self._attend_stored(qkv, kv_cache, meta))
+        return self.project_out(self.attend(positions, product(x, norm=norm), kv_cache, meta))
+
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         return self.project_out(self.attend(positions, self.qkv_proj(x), kv_cache, meta))
 
     def _fused_rope_store_then_attend(self, positions, qkv, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         """Rotary + KV store in one CPU kernel (kernels/cpu/ops.py), then attention over the stored pool."""
-        t = qkv.shape[0]
         cpu_ops.rope_and_store(qkv, positions, self.rotary.cos, self.rotary.sin, self.num_heads, self.num_kv_heads,
                                self.head_dim, meta.slot_mapping, kv_cache)
+        return self._attend_stored(qkv, kv_cache, meta)
+
+    def _attend_stored(self, qkv, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention over the pool, the step's keys and values already in it and qkv's queries rotated."""
+        t = qkv.shape[0]
         q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
@@ -161,13 +176,13 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
     def _forward_norms_in_products(self, positions, x, residual, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward, with input_layernorm computed by the qkv product as it packs its rows, and
-        post_attention_layernorm by the gate/up + SiLU-and-mul product (each writes x + residual to residual)."""
-        attn, mlp, norm1, norm2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
-        qkv = attn.qkv_proj.pair_weight(x, norm=(residual, norm1.weight, norm1.eps))
+        """forward, with input_layernorm computed by the qkv product as it packs its rows (and the rotary + KV store
+        as it stores them: LlamaAttention.forward_normed), and post_attention_layernorm by the gate/up + SiLU-and-mul
+        product (each norm writes x + residual to residual)."""
+        mlp, norm1, norm2 = self.mlp, self.input_layernorm, self.post_attention_layernorm
+        h = self.self_attn.forward_normed(positions, x, (residual, norm1.weight, norm1.eps), kv_cache, meta)
         if residual is None:
             residual = x
-        h = attn.project_out(attn.attend(positions, qkv, kv_cache, meta))
         return mlp.project_down(mlp.gate_up_proj.pair_weight.silu(h, norm=(residual, norm2.weight, norm2.eps))), residual
 
 

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -64,6 +65,26 @@ inline __m512 dot_bf16_pairs(__m512 acc, __m512i a, __m512i b) {
     acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)), _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)), acc);
     return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, high)), _mm512_castsi512_ps(_mm512_and_si512(b, high)), acc);
 #endif
+}
+#endif
+
+// Element access for both storage types: bf16 (uint16_t) rounds wherever
+// transformers' bf16 code rounds; float32 never rounds but where torch's float32
+// ops do (each product and sum: the library is built without FMA contraction).
+inline float ld(uint16_t x) { return bf16_to_float(x); }
+inline float ld(float x) { return x; }
+template <typename T> inline float rnd(float x) { return std::is_same_v<T, uint16_t> ? round_bf16(x) : x; }
+template <typename T> inline T put(float x) {
+    if constexpr (std::is_same_v<T, uint16_t>) return float_to_bf16(x); else return x;
+}
+
+#ifdef __AVX512F__
+inline __m512 load16(const uint16_t* p) { return load_bf16x16(p); }
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline void store16(uint16_t* p, __m512 v) { store_bf16x16(p, v); }
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+template <typename T> inline __m512 rnd16(__m512 v) {
+    if constexpr (std::is_same_v<T, uint16_t>) return round_bf16x16(v); else return v;
 }
 #endif
 

@@ -15,6 +15,7 @@
 #include "bf16.h"
 #include "kv_int8.h"
 #include "rms_norm.h"
+#include "rope.h"
 #include "silu.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -151,29 +152,7 @@ void rope_store(T* qkv, int64_t row_stride, int tokens, const int64_t* positions
         T* row = qkv + static_cast<int64_t>(t) * row_stride;
         const T* c = cos + positions[t] * head_dim;
         const T* s = sin + positions[t] * head_dim;
-        for (int h = 0; h < rot_heads; ++h) {
-            T* x = row + static_cast<int64_t>(h) * head_dim;
-            int i0 = 0;
-#ifdef __AVX512F__
-            for (; i0 + 16 <= half; i0 += 16) {
-                const __m512 x1 = load16(x + i0), x2 = load16(x + i0 + half);
-                const __m512 lo = _mm512_add_ps(rnd16<T>(_mm512_mul_ps(x1, load16(c + i0))),
-                                                rnd16<T>(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2), load16(s + i0))));
-                const __m512 hi = _mm512_add_ps(rnd16<T>(_mm512_mul_ps(x2, load16(c + i0 + half))),
-                                                rnd16<T>(_mm512_mul_ps(x1, load16(s + i0 + half))));
-                store16(x + i0, lo);
-                store16(x + i0 + half, hi);
-            }
-#endif
-#pragma omp simd
-            for (int i = i0; i < half; ++i) {
-                const float x1 = ld(x[i]), x2 = ld(x[i + half]);
-                const float lo = rnd<T>(x1 * ld(c[i])) + rnd<T>(-x2 * ld(s[i]));
-                const float hi = rnd<T>(x2 * ld(c[i + half])) + rnd<T>(x1 * ld(s[i + half]));
-                x[i] = put<T>(lo);
-                x[i + half] = put<T>(hi);
-            }
-        }
+        for (int h = 0; h < rot_heads; ++h) rotate_half(row + static_cast<int64_t>(h) * head_dim, c, s, half);
         if (store.enabled() && slots[t] >= 0) {
             const T* k = row + static_cast<int64_t>(rot_heads - num_kv_heads) * head_dim;
             store(slots[t], k, k + kv_row, num_kv_heads, head_dim);

@@ -9,26 +9,6 @@
 
 namespace {
 
-// Element access for both storage types: bf16 (uint16_t) rounds wherever
-// transformers' bf16 code rounds; float32 never rounds but where torch's float32
-// ops do (each product and sum: the library is built without FMA contraction).
-inline float ld(uint16_t x) { return bf16_to_float(x); }
-inline float ld(float x) { return x; }
-template <typename T> inline float rnd(float x) { return std::is_same_v<T, uint16_t> ? round_bf16(x) : x; }
-template <typename T> inline T put(float x) {
-    if constexpr (std::is_same_v<T, uint16_t>) return float_to_bf16(x); else return x;
-}
-
-#ifdef __AVX512F__
-inline __m512 load16(const uint16_t* p) { return load_bf16x16(p); }
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline void store16(uint16_t* p, __m512 v) { store_bf16x16(p, v); }
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-template <typename T> inline __m512 rnd16(__m512 v) {
-    if constexpr (std::is_same_v<T, uint16_t>) return round_bf16x16(v); else return v;
-}
-#endif
-
 // out = weight * T(h * rsqrt(mean(h^2) + eps)), where h = x, or, with a residual,
 // h = T(x + residual), which is also written back to residual (the stream that
 // the next layer adds to). As transformers' LlamaRMSNorm: h in float32, the

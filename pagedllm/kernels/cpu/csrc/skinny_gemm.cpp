@@ -26,12 +26,14 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "bf16.h"
 #include "rms_norm.h"
+#include "rope.h"
 #include "silu.h"
 
 #ifdef __AVX512F__
@@ -296,6 +298,47 @@ void gemm_pairs_silu(const void* x, int x_bf16, int64_t ldx, int M, int K, const
     });
 }
 
+// Where a fused qkv product puts its rows after the product: rotary embedding (rope.h) on the query
+// and key heads, then each token's keys and values stored at its slot of a bf16 pool
+// ([blocks][block_size][kv_heads][head_dim], one slot a row; slot -1 stores nothing), as cpu_ops.cpp's
+// rope_store does.
+struct QkvRope {
+    const int64_t* positions;
+    const uint16_t* cos;  // [positions, head_dim]
+    const uint16_t* sin;
+    int num_heads, num_kv_heads, head_dim;
+    const int64_t* slots;
+    uint16_t* k_cache;
+    uint16_t* v_cache;
+};
+
+// y [M, (heads + 2 kv_heads) * head_dim] bf16 = x w^T (+ bias), then rotated and stored as QkvRope says.
+// One head per column group: its panels run back to back, then each row of the tile rotates that head
+// (query or key) and copies it (key or value) into the pool, so every output is written once, in cache.
+void gemm_pairs_qkv_rope(const void* x, int x_bf16, int64_t ldx, int M, int K, const RowNorm& norm, const uint32_t* w, int N,
+                         const float* bias, uint16_t* y, int64_t ldy, const QkvRope& r) {
+    const int KP = (K + 1) / 2;
+    const int D = r.head_dim, per_head = D / kPanel, rot = r.num_heads + r.num_kv_heads;
+    const int64_t kv_row = static_cast<int64_t>(r.num_kv_heads) * D;
+    over_pair_tiles(x, x_bf16, ldx, M, K, norm, N / D, [&](const uint32_t* a, int h, int m0, int mr) {
+        const uint32_t* am = a + static_cast<int64_t>(m0) * KP;
+        for (int j = 0; j < per_head; ++j) {
+            const int p = h * per_head + j;
+            kPairTiles<kOutBf16>[mr - 1](am, w + static_cast<int64_t>(p) * KP * kPanel, KP, bias ? bias + p * kPanel : nullptr,
+                                         y + static_cast<int64_t>(m0) * ldy + p * kPanel, ldy, kPanel);
+        }
+        for (int m = m0; m < m0 + mr; ++m) {
+            uint16_t* head = y + static_cast<int64_t>(m) * ldy + static_cast<int64_t>(h) * D;
+            if (h < rot) rotate_half(head, r.cos + r.positions[m] * D, r.sin + r.positions[m] * D, D / 2);
+            if (h >= r.num_heads && r.slots[m] >= 0) {
+                uint16_t* cache = h < rot ? r.k_cache : r.v_cache;
+                const int kvh = h < rot ? h - r.num_heads : h - rot;
+                std::memcpy(cache + r.slots[m] * kv_row + static_cast<int64_t>(kvh) * D, head, sizeof(uint16_t) * D);
+            }
+        }
+    });
+}
+
 // Calls f with the output mode as a compile-time constant.
 template <typename F>
 void by_out_mode(int mode, F f) {
@@ -365,6 +408,24 @@ int skinny_gemm_pairs_silu(const void* x, int x_bf16, int64_t ldx, int M, int K,
     if (N % (2 * kPanel) != 0) return -1;
     const RowNorm norm{residual, norm_weight, eps};
     if (M > 0 && N > 0) gemm_pairs_silu(x, x_bf16, ldx, M, K, norm, w, N, bias, y, ldy);
+    return 0;
+#else
+    return -1;
+#endif
+}
+
+// y = the qkv product of skinny_gemm_pairs (bf16, norm arguments alike), then rotary embedding on its query and
+// key heads and its keys and values stored in a bf16 pool, as cpu_ops.cpp's rope_store_bf16 does. head_dim must be
+// a multiple of 32 and N = (heads + 2 kv_heads) * head_dim (returns -1 and writes nothing otherwise).
+int skinny_gemm_pairs_qkv_rope(const void* x, int x_bf16, int64_t ldx, int M, int K, const uint32_t* w, int N,
+                               const float* bias, uint16_t* y, int64_t ldy, uint16_t* residual, const uint16_t* norm_weight,
+                               float eps, const int64_t* positions, const uint16_t* cos, const uint16_t* sin, int num_heads,
+                               int num_kv_heads, int head_dim, const int64_t* slots, uint16_t* k_cache, uint16_t* v_cache) {
+#ifdef __AVX512F__
+    if (head_dim <= 0 || head_dim % kPanel != 0 || N != (num_heads + 2 * num_kv_heads) * head_dim) return -1;
+    const RowNorm norm{residual, norm_weight, eps};
+    const QkvRope rope{positions, cos, sin, num_heads, num_kv_heads, head_dim, slots, k_cache, v_cache};
+    if (M > 0) gemm_pairs_qkv_rope(x, x_bf16, ldx, M, K, norm, w, N, bias, y, ldy, rope);
     return 0;
 #else
     return -1;
