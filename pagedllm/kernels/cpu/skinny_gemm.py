@@ -15,6 +15,7 @@ from functools import lru_cache
 import torch
 
 from pagedllm.kernels.cpu.build import load
+from pagedllm.kernels.cpu.ops import kv_halves
 
 _PANEL = 32  # output columns per packed panel (kPanel in the source)
 
@@ -152,8 +153,7 @@ class PairWeight:
         positions, slots = positions.contiguous(), slot_mapping.contiguous()
         n = self.out_features
         y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-        k_ptr = kv_cache.data_ptr()
-        v_ptr = k_ptr + kv_cache.stride(0) * kv_cache.element_size()
+        k_ptr, v_ptr = kv_halves(kv_cache)
         if _lib().skinny_gemm_pairs_qkv_rope(x.data_ptr(), x.dtype == torch.bfloat16, x.stride(0), x.shape[0], x.shape[1],
                                              self._w, n, self._b, y.data_ptr(), n, *_norm_args(x, norm), positions.data_ptr(),
                                              cos.data_ptr(), sin.data_ptr(), num_heads, num_kv_heads, head_dim,

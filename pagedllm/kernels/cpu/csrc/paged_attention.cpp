@@ -263,7 +263,9 @@ void decode_avx512(const T* q, int64_t q_stride, const T* k_cache, const T* v_ca
             }
             if (soft_cap > 0.0f) soft_cap_scores(scores.data(), scores.size(), soft_cap);
             softmax_rows(scores.data(), num_heads, span, inv_sum.data());
-            // The values were prefetched with the keys: every pass finds them in the caches.
+            // The values were prefetched with the keys; the first pass over them asks again one block ahead
+            // (measured faster: not all of the earlier prefetches are still in the caches here), the later
+            // passes find them in L2.
             for (int kvh = 0; kvh < num_kv_heads; ++kvh) {
                 for (int h0 = kvh * group; h0 < (kvh + 1) * group; h0 += MAXH) {
                     const int nh = (kvh + 1) * group - h0 < MAXH ? (kvh + 1) * group - h0 : MAXH;
