@@ -22,8 +22,8 @@ OPS = st.lists(
 
 
 class Shadow:
-    def __init__(self, num_blocks: int, block_size: int, vocab: int):
-        self.kv = KVCacheManager(num_blocks, block_size)
+    def __init__(self, num_blocks: int, block_size: int, vocab: int, group_windows=(None,)):
+        self.kv = KVCacheManager(num_blocks, block_size, group_windows=group_windows)
         self.bs = block_size
         self.vocab = vocab
         # slot -> what its key/value depend on: the whole prefix up to that token.
@@ -76,16 +76,30 @@ class Shadow:
 
     def check(self) -> None:
         self.kv.check_invariants()
+        assert self.kv.stats().num_tokens == tokens_held(self.kv)
         for rid, toks in self.tokens.items():
             read = [self.memory.get(self.slot(rid, p)) for p in range(len(toks))]
             assert read == [tuple(toks[: p + 1]) for p in range(len(toks))], f"{rid} reads back other tokens through its block table"
 
 
+def tokens_held(kv: KVCacheManager) -> int:
+    """The tokens in used blocks, counted slot by slot over every live table entry: what stats() counts from the tails."""
+    filled: dict[int, int] = {}
+    for g, tables in enumerate(kv.tables):
+        for rid, table in tables.items():
+            n = kv._num_tokens.get(rid, 0)
+            for i in range(kv._first_live[g].get(rid, 0), len(table)):
+                filled[table[i]] = max(filled.get(table[i], 0), min(kv.block_size, max(0, n - i * kv.block_size)))
+    return sum(filled.values())
+
+
 @settings(max_examples=150, deadline=None)
-@given(ops=OPS, block_size=st.sampled_from([1, 2, 4]), num_blocks=st.integers(4, 40), vocab=st.sampled_from([2, 3, 50]))
-def test_random_interleavings_keep_invariants_and_contents(ops, block_size, num_blocks, vocab):
-    # A tiny vocabulary makes shared prefixes (and so prefix hits) common.
-    sh = Shadow(num_blocks, block_size, vocab)
+@given(ops=OPS, block_size=st.sampled_from([1, 2, 4]), num_blocks=st.integers(4, 40), vocab=st.sampled_from([2, 3, 50]),
+       window=st.sampled_from([None, 3, 8]))
+def test_random_interleavings_keep_invariants_and_contents(ops, block_size, num_blocks, vocab, window):
+    # A tiny vocabulary makes shared prefixes (and so prefix hits) common; a
+    # second, sliding-window group (window) holds only its window's blocks.
+    sh = Shadow(num_blocks, block_size, vocab, (None,) if window is None else (None, window))
     for op, a, b in ops:
         live = sorted(sh.tokens)
         if op == "new" or not live:

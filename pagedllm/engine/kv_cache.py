@@ -395,17 +395,24 @@ class KVCacheManager:
     # --- stats and invariants ---------------------------------------------
     def stats(self) -> KVCacheStats:
         used = self.num_blocks - self.num_free_blocks
-        # Each used block counted once, however many tables share it.
-        filled: dict[int, int] = {}
+        # Tokens held, each used block counted once however many tables share
+        # it. It runs after every step while stats are on, so it visits only
+        # each table's tail (the blocks not yet full), not every block: a used
+        # block holds block_size tokens unless every table entry that holds it
+        # (its ref count) is a tail entry, and then it holds its fullest one.
         bs = self.block_size
+        tail_fill: dict[int, int] = {}
+        tail_refs: dict[int, int] = {}
         for g, tables in enumerate(self.tables):
+            first_live = self._first_live[g]
             for request_id, table in tables.items():
                 n = self._num_tokens.get(request_id, 0)
-                first = self._first_live[g].get(request_id, 0)
-                for i in range(first, len(table)):
+                for i in range(max(first_live.get(request_id, 0), n // bs), len(table)):
                     block_id = table[i]
-                    filled[block_id] = max(filled.get(block_id, 0), min(bs, max(0, n - i * bs)))
-        tokens = sum(filled.values())
+                    tail_fill[block_id] = max(tail_fill.get(block_id, 0), n - i * bs if n > i * bs else 0)
+                    tail_refs[block_id] = tail_refs.get(block_id, 0) + 1
+        ref_cnt = self.pool.ref_cnt
+        tokens = used * bs - sum(bs - fill for block_id, fill in tail_fill.items() if tail_refs[block_id] == ref_cnt[block_id])
         slots = used * bs
         return KVCacheStats(
             num_blocks=self.num_blocks,
