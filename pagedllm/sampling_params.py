@@ -8,6 +8,7 @@ This module is plain Python so `engine/` can use it without importing torch.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import numbers
@@ -78,6 +79,17 @@ class SamplingParams:
         # Floats from here on (after the checks, so errors quote the value given).
         for name in _FLOAT_FIELDS:
             setattr(self, name, float(getattr(self, name)))
+
+    def checked_copy(self) -> SamplingParams:
+        """A copy built again from these fields, so checked again.
+
+        The input processor takes one per request: a field set after
+        construction (`params.max_tokens = "5"`) is then refused at the edge,
+        with the same message as at construction, instead of failing inside
+        the engine core; and the request no longer shares an object that its
+        caller may change while it runs.
+        """
+        return dataclasses.replace(self)
 
     # -- validation -------------------------------------------------------
 

@@ -33,7 +33,8 @@ def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
-def run_all(engine: LLMEngine, reqs: list[tuple[str, dict, SamplingParams]]) -> dict:
+def run_all(engine: LLMEngine, reqs: list[tuple]) -> dict:
+    """(id, prompt, params) or (id, a request made by make_request, None) each; every output once finished."""
     for rid, prompt, params in reqs:
         engine.add_request(rid, prompt, params)
     done = {}
@@ -54,14 +55,14 @@ def test_a_request_whose_sampling_raises_ends_alone(engine):
     seeded = SamplingParams(temperature=1.0, seed=77, max_tokens=12, ignore_eos=True)
     good = [(f"g{i}", p, greedy(12)) for i, p in enumerate(ps)] + [("s", ps[0], seeded)]
     reference = run_all(engine, [(f"ref-{rid}", p, params) for rid, p, params in good])
-    # Parameters no edge check would let through, set behind SamplingParams' back: a seed no
+    # Parameters the edge refuses, set on requests that passed it (their own copies): a seed no
     # generator takes fails as its row is built; a min_p that is not a number fails the whole
     # batch's sampler, which then samples each row alone.
-    bad_seed = SamplingParams(temperature=1.0, seed=1, max_tokens=12)
-    bad_seed.seed = -1180591620717411303424
-    bad_min_p = SamplingParams(temperature=1.0, seed=3, max_tokens=12)
-    bad_min_p.min_p = "x"
-    done = run_all(engine, good + [("bad-seed", ps[1], bad_seed), ("bad-min-p", ps[2], bad_min_p)])
+    bad_seed = engine.make_request(ps[1], SamplingParams(temperature=1.0, seed=1, max_tokens=12), "bad-seed")
+    bad_seed.sampling_params.seed = -1180591620717411303424
+    bad_min_p = engine.make_request(ps[2], SamplingParams(temperature=1.0, seed=3, max_tokens=12), "bad-min-p")
+    bad_min_p.sampling_params.min_p = "x"
+    done = run_all(engine, good + [("bad-seed", bad_seed, None), ("bad-min-p", bad_min_p, None)])
     for rid in ("bad-seed", "bad-min-p"):
         out = done[rid]
         assert out.finished and out.outputs[0].finish_reason == "error" and out.error
@@ -111,6 +112,32 @@ def test_seeds_are_checked_at_the_edge():
         SamplingParams(seed=1 << 64)
     for seed in (-(1 << 63), (1 << 64) - 1):
         SamplingParams(seed=seed)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_tokens", "5", "max_tokens must be an int"),
+    ("temperature", "hot", "temperature must be a number"),
+    ("seed", 1 << 70, "fits in 64 bits"),
+    ("stop", 5, "stop must be a string or a list"),
+    ("n", 0, "n must be >= 1"),
+])
+def test_parameters_changed_after_construction_are_refused_at_the_edge(engine, field, value, message):
+    # Set on the object after its checks ran: before, such a value reached the core and stopped it for everyone.
+    params = greedy(4)
+    setattr(params, field, value)
+    with pytest.raises(ValueError, match=message):
+        engine.add_request("changed", prompts(1, 7)[0], params)
+    done = run_all(engine, [("next", prompts(1, 8)[0], greedy(4))])
+    assert done["next"].outputs[0].finish_reason == "length"
+
+
+def test_a_request_keeps_its_own_parameters_while_its_caller_changes_theirs(engine):
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, bad_words=["hello"])
+    engine.add_request("own", prompts(1, 9)[0], params)
+    params.max_tokens = 50
+    done = run_all(engine, [])
+    assert len(done["own"].outputs[0].token_ids) == 3
+    assert params.bad_words_token_ids is None  # the tokenized bad words went to the request's copy
 
 
 def test_extreme_seeds_sample_with_n_greater_than_one(engine):

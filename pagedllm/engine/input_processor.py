@@ -3,8 +3,9 @@
 Everything a request could get wrong is found here, before it reaches the
 core: the prompt's shape, its token ids against the vocabulary, its length
 against the context, and the sampling parameters (SamplingParams checks its
-own ranges when it is built). A bad input raises ValueError saying what was
-wrong and what is allowed; nothing is submitted.
+own ranges when it is built, and again here, on the request's own copy). A
+bad input raises ValueError saying what was wrong and what is allowed; nothing
+is submitted.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class InputProcessor:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        params = params.checked_copy()
         if isinstance(prompt, str):
             text, token_ids = prompt, self.tokenizer.encode(prompt)
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
