@@ -259,3 +259,28 @@ def test_errors_are_clear():
         sampler(torch.randn(1, 10), [SamplingRow(SamplingParams(seed=3), [1], [], None, [EOS])])
     with pytest.raises(ValueError, match="num_rows=2"):
         sampler(torch.randn(3, 10), [row(), row()])
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 1e-45, 1e300])
+def test_penalties_that_float32_cannot_hold_keep_every_row_finite(penalty):
+    # 1e-300 rounds to 0 in float32 (a positive logit / 0 = inf), 1e300 to inf (a zero logit * inf = NaN):
+    # either made the row's softmax NaN, and its draw a token id past the vocabulary.
+    logits = torch.tensor([[2.0, 0.0, -1.0, 0.5, 1.0]] * 2)
+    rows = [row(prompt=[0, 1, 2], repetition_penalty=penalty, seed=s) for s in range(2)]
+    x = logits.clone()
+    _apply_penalties(x, rows, [0, 1])
+    assert torch.isfinite(x).all()
+    tokens = sampler(logits, rows).token_ids
+    assert all(0 <= t < 5 for t in tokens)
+    if penalty < 1:
+        assert tokens == [0, 0]  # the seen positive logit, divided by the smallest float32, takes the mass
+
+
+def test_a_random_row_with_nothing_to_draw_fails_with_a_message():
+    logits = torch.full((2, 6), float("-inf"))
+    logits[1, 3] = 1.0
+    with pytest.raises(ValueError, match="row 0 has no token with a finite, positive probability"):
+        sampler(logits, [row(seed=1), row(seed=2)])
+    nan_logits = torch.full((1, 6), float("nan"))
+    with pytest.raises(ValueError, match="no token with a finite"):
+        sampler(nan_logits, [row(seed=1)])

@@ -186,8 +186,13 @@ def _apply_penalties(x: torch.Tensor, rows: list[SamplingRow], idx: list[int]) -
         prompt_flat = _flat_token_index(
             [rows[i].prompt_token_ids for i in idx], idx, vocab, x.device)
         seen = torch.unique(torch.cat([out_flat, prompt_flat]))
-        vals, r = flat_x[seen], rep[seen // vocab]
-        flat_x[seen] = torch.where(vals > 0, vals / r, vals * r)
+        # A penalty that float32 rounds to 0 or inf (1e-300, 1e300) would make
+        # these logits inf or NaN, and the row's softmax NaN: the penalty and
+        # the penalised logits stay finite (a logit at the float32 maximum
+        # takes the row's whole mass, as the penalty asks).
+        top = torch.finfo(torch.float32).max
+        vals, r = flat_x[seen], rep[seen // vocab].clamp(torch.finfo(torch.float32).tiny, top)
+        flat_x[seen] = torch.where(vals > 0, vals / r, vals * r).clamp(-top, top)
 
     if any(p.frequency_penalty or p.presence_penalty for p in ps):
         freq = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
@@ -316,7 +321,15 @@ def _inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     target = u.unsqueeze(1) * total
     # rand < 1, but rounding of u * total could still reach total.
     target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    # A row with no token to draw (every probability 0 or NaN: all masked, or
+    # logits that are not numbers) lands past the vocabulary: its request
+    # fails with this message (the runner samples the rows alone to find it).
+    bad = (tokens >= probs.shape[1]).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"sampling row {bad[0]} has no token with a finite, positive probability "
+                         "(every token masked, or logits that are not numbers)")
+    return tokens
 
 
 def gather_logprobs(raw: torch.Tensor, tokens: torch.Tensor, nums: list[int],
