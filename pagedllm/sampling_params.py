@@ -244,6 +244,17 @@ class SamplingParams:
         return max(len(s) for s in self.stop) - 1
 
 
+class NothingToSample(ValueError):
+    """Raised by the sampler for a row with no token left to choose; it ends that request alone."""
+
+    MASKED = "no token is left to sample: the request's constraints mask every token"
+
+    def __init__(self, not_numbers: bool = False) -> None:
+        super().__init__("the model's logits for this request are not numbers (NaN)" if not_numbers else
+                         f"{self.MASKED} (allowed_token_ids, logit_bias, bad_words, min_tokens against the stop "
+                         "tokens, or a grammar)")
+
+
 def _require_int(name: str, value: Any, or_none: bool = False) -> int:
     # bool is an int subclass; True as a token count is almost surely a bug.
     # numpy integers are accepted and turned into plain ints.

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import NothingToSample, SamplingParams
 from pagedllm.worker.sampler import (
     Sampler, SamplingRow, _apply_penalties, _apply_top_p)
 
@@ -276,11 +276,14 @@ def test_penalties_that_float32_cannot_hold_keep_every_row_finite(penalty):
         assert tokens == [0, 0]  # the seen positive logit, divided by the smallest float32, takes the mass
 
 
-def test_a_random_row_with_nothing_to_draw_fails_with_a_message():
+def test_a_row_with_nothing_to_draw_fails_with_a_message():
     logits = torch.full((2, 6), float("-inf"))
     logits[1, 3] = 1.0
-    with pytest.raises(ValueError, match="row 0 has no token with a finite, positive probability"):
+    with pytest.raises(NothingToSample, match="constraints mask every token"):
         sampler(logits, [row(seed=1), row(seed=2)])
-    nan_logits = torch.full((1, 6), float("nan"))
-    with pytest.raises(ValueError, match="no token with a finite"):
-        sampler(nan_logits, [row(seed=1)])
+    with pytest.raises(NothingToSample, match="not numbers"):
+        sampler(torch.full((1, 6), float("nan")), [row(seed=1)])
+    # Greedy: argmax over nothing but -inf would pick token 0, which the row's constraints forbid.
+    with pytest.raises(NothingToSample, match="constraints mask every token"):
+        sampler(torch.randn(1, 6), [row(temperature=0.0, allowed_token_ids=[2], min_tokens=1)])
+    assert sampler(torch.randn(1, 6), [row(temperature=0.0, allowed_token_ids=[3], min_tokens=1)]).token_ids == [3]

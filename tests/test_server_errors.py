@@ -98,6 +98,18 @@ CASES = [
     ("malformed tool call", "POST", CHAT, {"messages": [*MSG, {"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]}]},
      AUTH, 400, "messages[1].tool_calls[0].function must be an object", "messages"),
     ("message not an object", "POST", CHAT, {"messages": ["Hi"]}, AUTH, 400, "'role' and a 'content'", "messages"),
+    # Constraints that leave no token to sample, found at the first step: the request's own mistake.
+    ("constraints mask every token", "POST", C, {"prompt": "Hi", "max_tokens": 3, "min_tokens": 2, "allowed_token_ids": [7],
+     "stop_token_ids": [7], "temperature": 1.0}, AUTH, 400, "constraints mask every token", None),
+    ("greedy, constraints mask every token", "POST", C, {"prompt": "Hi", "max_tokens": 3, "min_tokens": 2, "allowed_token_ids": [7],
+     "stop_token_ids": [7], "temperature": 0.0}, AUTH, 400, "constraints mask every token", None),
+    # JSON spells a lone surrogate; Python keeps it in a str that no tokenizer or UTF-8 encoder takes.
+    ("lone surrogate in the prompt", "POST", C, b'{"prompt": "Hi \\ud800 there"}', AUTH, 400,
+     "prompt holds a lone UTF-16 surrogate (\\ud800) at character 3", "prompt"),
+    ("lone surrogate in a message", "POST", CHAT, b'{"messages": [{"role": "user", "content": "\\udfff"}]}', AUTH, 400,
+     "messages[0].content holds a lone UTF-16 surrogate", "messages"),
+    ("lone surrogate in a stop string", "POST", C, b'{"prompt": "Hi", "stop": ["a", "\\ud83d"]}', AUTH, 400,
+     "stop[1] holds a lone UTF-16 surrogate", "stop"),
     ("unknown route", "GET", "/v2/nothing", None, AUTH, 404, "no route GET /v2/nothing", None),
     ("wrong method", "GET", C, None, AUTH, 405, "does not take GET", None),
 ]
@@ -138,6 +150,13 @@ def test_the_server_still_answers_after_bad_input(http, server):
     assert http.get("/health").status_code == 200  # health stays open without a key
     st = server.app.state.server.engine.stats()
     assert st.num_free_blocks == st.num_blocks  # no rejected request left anything behind
+
+
+def test_a_surrogate_pair_is_valid_unicode(http):
+    # An emoji as an ASCII-only JSON encoder sends it: a surrogate pair, valid.
+    r = http.post(C, content=b'{"prompt": "Hi \\ud83d\\ude00", "max_tokens": 2, "ignore_eos": true}',
+                  headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] > 1
 
 
 def test_a_failing_forward_fails_only_the_request_whose_input_makes_it_fail(tiny_model_dir, monkeypatch):

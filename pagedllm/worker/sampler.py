@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from pagedllm.kernels.cpu import ops as cpu_ops
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import NothingToSample, SamplingParams
 
 # Top-p first looks for its cut-off among this many best tokens per row, then
 # among more, and sorts the whole row only when those do not hold top_p of
@@ -88,16 +88,18 @@ class Sampler:
             if pen_rows:
                 _apply_penalties(x, rows, pen_rows)
 
+        greedy_rows = [i for i, p in enumerate(params) if p.is_greedy]
         if not random_rows:
             tokens = _argmax(x)
         else:
             tokens = torch.empty(num_rows, dtype=torch.long, device=logits.device)
-            greedy_rows = [i for i, p in enumerate(params) if p.is_greedy]
             if greedy_rows:
                 tokens[greedy_rows] = x[greedy_rows].argmax(dim=-1)
             tokens[random_rows] = _sample_random(
                 _rows(x, random_rows), [rows[i] for i in random_rows])
-
+        # Masks were applied: a greedy row whose every token is masked has none to choose.
+        if x is not logits and greedy_rows and bool((x[greedy_rows, tokens[greedy_rows]] == float("-inf")).any()):
+            raise NothingToSample()
         token_list = tokens.tolist()
         logprobs: list[TokenLogprobs | None] = [None] * num_rows
         if raw_logprobs is not None:
@@ -224,7 +226,13 @@ def _sample_random(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         min_p = torch.tensor([p.min_p for p in ps], dtype=torch.float32, device=x.device)
         cut = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
         probs.masked_fill_(probs < cut, 0.0)
-    return _inverse_cdf_sample(probs, _uniforms(rows, x.device))
+    tokens = _inverse_cdf_sample(probs, _uniforms(rows, x.device))
+    # A row with no token to draw (every logit -inf, or NaN) lands past the
+    # vocabulary: its request fails instead (the runner samples the rows alone to find it).
+    bad = (tokens >= vocab).nonzero().flatten().tolist()
+    if bad:
+        raise NothingToSample(not_numbers=bool(x[bad[0]].isnan().any()))
+    return tokens
 
 
 def _apply_top_k(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
@@ -321,15 +329,8 @@ def _inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     target = u.unsqueeze(1) * total
     # rand < 1, but rounding of u * total could still reach total.
     target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
-    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    # A row with no token to draw (every probability 0 or NaN: all masked, or
-    # logits that are not numbers) lands past the vocabulary: its request
-    # fails with this message (the runner samples the rows alone to find it).
-    bad = (tokens >= probs.shape[1]).nonzero().flatten().tolist()
-    if bad:
-        raise ValueError(f"sampling row {bad[0]} has no token with a finite, positive probability "
-                         "(every token masked, or logits that are not numbers)")
-    return tokens
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+
 
 
 def gather_logprobs(raw: torch.Tensor, tokens: torch.Tensor, nums: list[int],

@@ -43,6 +43,7 @@ from pagedllm.entrypoints.server.serving_completions import create_completion
 from pagedllm.entrypoints.server.state import ServerState
 from pagedllm.entrypoints.server.tool_parsers import choose_tool_parser
 from pagedllm.entrypoints.server.streaming import ClientDisconnected
+from pagedllm.entrypoints.server.unicode_check import check_unicode
 from pagedllm.metrics import CONTENT_TYPE, ServerMetrics
 from pagedllm.tokenizer import apply_chat_template
 
@@ -88,12 +89,15 @@ def build_app(
             why = "no API key was given" if not given else "the API key is wrong"
             raise APIError(401, f"{why}: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
 
+    async def require_valid_unicode(request: Request) -> None:
+        check_unicode(await request.body())
+
     async def require_engine() -> None:
         if not state.engine.is_running:
             raise APIError(503, state.engine.unavailable_reason(), code="engine_unavailable")
 
     open_routes = APIRouter()
-    guarded = APIRouter(dependencies=[Depends(require_key), Depends(require_engine)])
+    guarded = APIRouter(dependencies=[Depends(require_key), Depends(require_valid_unicode), Depends(require_engine)])
 
     def generation(model, chunk) -> dict:
         ok = {"model": model, "description": "The completion; with stream true, Server-Sent Events of chunks "

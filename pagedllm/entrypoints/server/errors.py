@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagedllm.engine.async_engine import EngineDeadError
+from pagedllm.sampling_params import NothingToSample
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +52,12 @@ def generation_failed(error: str | None) -> APIError:
 
     A grammar that does not compile (an invalid JSON schema, regex or EBNF) is
     found by the engine when it compiles it, after the request was accepted:
-    that is the client's mistake, a 400 as for any other invalid field; the
-    rest are the server's, a 500.
+    that is the client's mistake, a 400 as for any other invalid field; so are
+    constraints that leave no token to sample. The rest are the server's, a 500.
     """
     kind, _, message = (error or "").partition(": ")
-    if kind == "ValueError" and "could not be compiled" in message:
+    if (kind == "ValueError" and "could not be compiled" in message) or (
+            kind == "NothingToSample" and message.startswith(NothingToSample.MASKED)):
         return bad_request(message)
     return APIError(500, f"generation failed: {error}", code="internal_error")
 
