@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from pagedllm import LLM, LLMEngine, SamplingParams
 from pagedllm.config import EngineConfig
@@ -142,12 +143,33 @@ def test_bad_inputs_give_clear_errors(tiny_llm, tiny_model_dir):
         tiny_llm.generate("hi", SamplingParams(temperature=-1))
     with pytest.raises(ValueError, match="one per prompt"):
         tiny_llm.generate(["a", "b"], [SamplingParams()] * 3)
+    with pytest.raises(ValueError, match="lone UTF-16 surrogate \\(\\\\ud800\\) at character 3"):
+        tiny_llm.generate("hi \ud800", use_tqdm=False)  # the tokenizer raised a TypeError that named no cause
+    with pytest.raises(ValueError, match="prompts must be a prompt"):
+        tiny_llm.generate(5, use_tqdm=False)
+    with pytest.raises(ValueError, match="list of integers, got \\[1.5, 2\\]"):
+        tiny_llm.generate({"prompt_token_ids": [1.5, 2]}, use_tqdm=False)
+    with pytest.raises(ValueError, match="sampling_params must be a SamplingParams or a list of them"):
+        tiny_llm.generate("hi", {"max_tokens": 3}, use_tqdm=False)
     with pytest.raises(ValueError, match="unknown engine option"):
         LLM(tiny_model_dir, not_an_option=1)
     with pytest.raises(ValueError, match="request of max_model_len"):
         LLM(tiny_model_dir, num_kv_blocks=2, block_size=16)
     # Nothing was left behind by the failed calls.
     assert not tiny_llm.engine.has_unfinished_requests()
+
+
+def test_prompt_token_ids_may_be_an_array_or_a_tensor(tiny_llm):
+    import numpy as np
+
+    ids = [5, 17, 300, 42]
+    want = tiny_llm.generate({"prompt_token_ids": ids}, greedy(4), use_tqdm=False)[0].outputs[0].token_ids
+    for given in (tuple(ids), np.array(ids), np.array(ids, dtype=np.int32), torch.tensor(ids)):
+        out = tiny_llm.generate({"prompt_token_ids": given}, greedy(4), use_tqdm=False)[0]
+        assert out.prompt_token_ids == ids and all(type(t) is int for t in out.prompt_token_ids)
+        assert out.outputs[0].token_ids == want
+    with pytest.raises(ValueError, match="list of integers"):
+        tiny_llm.generate({"prompt_token_ids": np.array([[5, 17]])}, use_tqdm=False)
 
 
 def test_unknown_model_path_is_a_clear_error(monkeypatch, tmp_path):

@@ -11,6 +11,7 @@ is submitted.
 from __future__ import annotations
 
 import itertools
+import numbers
 from typing import Any
 
 from pagedllm.engine.messages import EngineCoreRequest
@@ -34,11 +35,11 @@ class InputProcessor:
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         params = params.checked_copy()
         if isinstance(prompt, str):
-            text, token_ids = prompt, self.tokenizer.encode(prompt)
+            text, token_ids = prompt, self._encode(prompt)
         elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            text, token_ids = prompt.get("prompt"), prompt["prompt_token_ids"]
+            text, token_ids = prompt.get("prompt"), _token_id_list(prompt["prompt_token_ids"])
         elif isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
-            text, token_ids = prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+            text, token_ids = prompt["prompt"], self._encode(prompt["prompt"])
         else:
             raise ValueError(f"{_PROMPT_SHAPES}, got {repr(prompt)[:80]}")
         self._check_token_ids(token_ids)
@@ -48,7 +49,7 @@ class InputProcessor:
             request_id = f"req-{next(self._ids)}"
         elif not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
-        return EngineCoreRequest(request_id, [int(t) for t in token_ids], params, prompt=text)
+        return EngineCoreRequest(request_id, list(token_ids), params, prompt=text)
 
     def _check_vocab_params(self, params: SamplingParams) -> None:
         """Token ids in logit_bias, allowed_token_ids and logprob_token_ids must be in the vocabulary; bad_words
@@ -78,9 +79,16 @@ class InputProcessor:
             raise ValueError(f"{name} must be in [0, {limit}] (the engine's max_logprobs), or -1 for the whole "
                              f"vocabulary where that allows it; got {value}")
 
-    def _check_token_ids(self, token_ids) -> None:
-        if not isinstance(token_ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
-            raise ValueError("prompt_token_ids must be a list of integers")
+    def _encode(self, text: str) -> list[int]:
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # the tokenizer would raise a TypeError that names no cause
+                raise ValueError(f"the prompt holds a lone UTF-16 surrogate (\\u{ord(text[exc.start]):04x}) at character "
+                                 f"{exc.start}: text must be valid Unicode") from None
+        return self.tokenizer.encode(text)
+
+    def _check_token_ids(self, token_ids: list[int]) -> None:
         if not token_ids:
             raise ValueError("the prompt is empty: give at least one token")
         vocab = self.vocab_size
@@ -92,6 +100,16 @@ class InputProcessor:
                 f"the prompt has {len(token_ids)} tokens but the model's context (max_model_len) is {self.max_model_len}: "
                 f"at most {self.max_model_len - 1} prompt tokens leave room for an output token"
             )
+
+
+def _token_id_list(token_ids) -> list[int]:
+    """prompt_token_ids as plain ints: a list or tuple of integers, or an array or tensor of them (numpy, torch)."""
+    if not isinstance(token_ids, (list, tuple, str)) and callable(getattr(token_ids, "tolist", None)):
+        token_ids = token_ids.tolist()
+    if not isinstance(token_ids, (list, tuple)) or not all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in token_ids):
+        raise ValueError(f"prompt_token_ids must be a list of integers, got {repr(token_ids)[:80]}")
+    return [int(t) for t in token_ids]
 
 
 def bad_words_token_ids(tokenizer: Any, words: list[str]) -> list[list[int]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.beam_search import BeamSearchOutput, BeamSearchParams
@@ -35,11 +35,12 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in the order of the prompts."""
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = _prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(prompts)
+        elif not isinstance(sampling_params, Iterable) or isinstance(sampling_params, (str, dict)):
+            raise ValueError(f"sampling_params must be a SamplingParams or a list of them, one per prompt; got "
+                             f"{type(sampling_params).__name__}")
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
@@ -50,11 +51,10 @@ class LLM:
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams) -> list[BeamSearchOutput]:
         """The beam_width best sequences for each prompt, best first (see engine/beam_search.py)."""
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
+        prompts = _prompt_list(prompts)
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
-        return self.engine.beam_search(list(prompts), params)
+        return self.engine.beam_search(prompts, params)
 
     def chat(
         self,
@@ -109,3 +109,13 @@ class LLM:
         if errors:
             raise RuntimeError(f"{len(errors)} request(s) failed; first: {errors[0].error}")
         return results  # type: ignore[return-value]
+
+
+def _prompt_list(prompts) -> list:
+    """One prompt (a string or a dict) or an iterable of them, as a list; the input processor checks each."""
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if not isinstance(prompts, Iterable):
+        raise ValueError(f"prompts must be a prompt (a string, {{\"prompt\": str}} or {{\"prompt_token_ids\": [int, ...]}}) "
+                         f"or a list of them; got {type(prompts).__name__}")
+    return list(prompts)
