@@ -183,3 +183,13 @@ def test_decode_step_times_each_batch_size_and_leaves_the_core_idle(tiny_model_d
     assert list(figures["rows"]) == ["1", "3"]
     assert all(len(r["runs_ms"]) == 2 and r["ms_per_step"] > 0 for r in figures["rows"].values())
     assert json.loads(out.read_text())["rows"]["3"]["ms_per_step"] == figures["rows"]["3"]["ms_per_step"]
+
+
+def test_kv_stats_times_the_per_step_stats_of_a_full_cache(tmp_path):
+    from benchmarks import kv_stats
+
+    out = tmp_path / "kv_stats.json"
+    figures = kv_stats.main(["--requests", "6", "--calls", "3", "--json", str(out)])
+    assert figures["requests"] == 6 and figures["us_per_call"] > 0
+    assert figures["used_blocks"] >= figures["tokens"] / 16
+    assert json.loads(out.read_text()) == figures
