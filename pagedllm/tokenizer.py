@@ -119,11 +119,24 @@ def apply_chat_template(
             text = render([{**m, "content": m["content"] or ""} for m in conversation], checked_tools)
         except Exception:
             raise ValueError(f"the chat template could not render these messages: {type(exc).__name__}: {exc}") from None
+    check_text("the rendered chat prompt", text)
     ids = tokenizer.encode(text, add_special_tokens=False)
     if hasattr(ids, "input_ids"):  # BatchEncoding or dict-like
         ids = ids["input_ids"]
     return [int(i) for i in ids]
 
+
+
+def check_text(what: str, text: str) -> None:
+    """ValueError naming `what` if text holds a lone UTF-16 surrogate: a Python string (or JSON, "\\ud800") can
+    hold one, and the tokenizer then fails with a TypeError that names no cause."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} holds a lone UTF-16 surrogate (\\u{ord(text[exc.start]):04x}) at character {exc.start}: "
+                         "text must be valid Unicode (a surrogate only in a high-low pair)") from None
 
 # What apply_chat_template sets itself: chat_template_kwargs may not set these.
 _RESERVED_TEMPLATE_VARS = ("messages", "conversation", "tools", "documents", "add_generation_prompt", "continue_final_message",

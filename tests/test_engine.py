@@ -145,6 +145,8 @@ def test_bad_inputs_give_clear_errors(tiny_llm, tiny_model_dir):
         tiny_llm.generate(["a", "b"], [SamplingParams()] * 3)
     with pytest.raises(ValueError, match="lone UTF-16 surrogate \\(\\\\ud800\\) at character 3"):
         tiny_llm.generate("hi \ud800", use_tqdm=False)  # the tokenizer raised a TypeError that named no cause
+    with pytest.raises(ValueError, match="the rendered chat prompt holds a lone UTF-16 surrogate"):
+        tiny_llm.chat([{"role": "user", "content": "hi \udfff"}], use_tqdm=False)
     with pytest.raises(ValueError, match="prompts must be a prompt"):
         tiny_llm.generate(5, use_tqdm=False)
     with pytest.raises(ValueError, match="list of integers, got \\[1.5, 2\\]"):

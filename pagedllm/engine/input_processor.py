@@ -16,6 +16,7 @@ from typing import Any
 
 from pagedllm.engine.messages import EngineCoreRequest
 from pagedllm.sampling_params import MAX_LOGPROBS, SamplingParams
+from pagedllm.tokenizer import check_text
 
 _PROMPT_SHAPES = 'a prompt must be a string, {"prompt": str} or {"prompt_token_ids": [int, ...]}'
 
@@ -80,12 +81,7 @@ class InputProcessor:
                              f"vocabulary where that allows it; got {value}")
 
     def _encode(self, text: str) -> list[int]:
-        if not text.isascii():
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as exc:  # the tokenizer would raise a TypeError that names no cause
-                raise ValueError(f"the prompt holds a lone UTF-16 surrogate (\\u{ord(text[exc.start]):04x}) at character "
-                                 f"{exc.start}: text must be valid Unicode") from None
+        check_text("the prompt", text)
         return self.tokenizer.encode(text)
 
     def _check_token_ids(self, token_ids: list[int]) -> None:

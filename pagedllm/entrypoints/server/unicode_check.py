@@ -13,6 +13,7 @@ import json
 import re
 
 from pagedllm.entrypoints.server.errors import bad_request
+from pagedllm.tokenizer import check_text
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
@@ -25,30 +26,20 @@ def check_unicode(body: bytes) -> None:
         doc = json.loads(body)
     except ValueError:
         return  # malformed JSON: the body's own parsing reports it
-    found = _lone_surrogate(doc, "")
-    if found is not None:
-        path, index, char = found
-        raise bad_request(f"{path or 'the request body'} holds a lone UTF-16 surrogate (\\u{ord(char):04x}) at character "
-                          f"{index}: strings must be valid Unicode (a surrogate only in a high-low pair)",
-                          path.split(".", 1)[0].split("[", 1)[0] or None)
+    _check_strings(doc, "")
 
 
-def _lone_surrogate(value, path: str) -> tuple[str, int, str] | None:
-    """(the field's path, the character's index, the character) of the first lone surrogate, or None."""
+def _check_strings(value, path: str) -> None:
+    """Every string of a parsed JSON document, keys included, through check_text, as a 400 naming its field."""
     if isinstance(value, str):
         try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            return path, exc.start, value[exc.start]
-        return None
-    if isinstance(value, dict):
+            check_text(path or "the request body", value)
+        except ValueError as exc:
+            raise bad_request(str(exc), path.split(".", 1)[0].split("[", 1)[0] or None) from None
+    elif isinstance(value, dict):
         for key, item in value.items():
-            found = _lone_surrogate(key, path) or _lone_surrogate(item, f"{path}.{key}" if path else key)
-            if found is not None:
-                return found
+            _check_strings(key, path)
+            _check_strings(item, f"{path}.{key}" if path else key)
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            found = _lone_surrogate(item, f"{path}[{i}]")
-            if found is not None:
-                return found
-    return None
+            _check_strings(item, f"{path}[{i}]")
