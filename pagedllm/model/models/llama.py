@@ -49,6 +49,7 @@ class LlamaAttention(nn.Module):
         scale = head_dim**-0.5 if scale is None else scale
         self.attn = attn_backend(self.num_heads, self.num_kv_heads, head_dim, scale, sliding_window, soft_cap)
         self.attend = self._rope_then_attend  # rotary, then attention (which stores the keys and values)
+        self.fused_rope = False  # rotary + KV store in one kernel: set by finish_load where it runs
         self.project_out = row_parallel(self.o_proj.__call__, tp)
 
     def finish_load(self, kernels: LayerKernels) -> bool:
@@ -61,11 +62,8 @@ class LlamaAttention(nn.Module):
         self.project_out = row_parallel(kernels.call(self.o_proj, float_out=fused_rope), self.tp)
         if fused_rope:
             self.attend = self._fused_rope_store_then_attend
+        self.fused_rope = fused_rope
         return kernels.float_activations
-
-    @property
-    def fused_rope(self) -> bool:
-        return self.attend == self._fused_rope_store_then_attend
 
     def forward_normed(self, positions, x, norm: tuple, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         """forward of RMSNorm(x), the norm (residual or None, weight, eps) computed by the qkv product of the pair
