@@ -68,3 +68,16 @@ def test_a_taken_port_fails_at_once_with_a_clear_message():
         r = subprocess.run([sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", "--port", str(port)],
                            capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and f"cannot serve on 127.0.0.1:{port}" in r.stderr and "--port" in r.stderr
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--port", "99999"], "argument --port: a TCP port is an integer in [0, 65535]"),
+    (["--shutdown-timeout", "-5"], "argument --shutdown-timeout: seconds must be a finite number >= 0"),
+    (["--log-interval", "0"], "argument --log-interval: seconds must be a finite number > 0"),
+    (["--served-model-name", "a", ""], "argument --served-model-name: a served model name must not be empty"),
+])
+def test_server_flags_out_of_range_are_refused_before_anything_loads(flags, words):
+    # --port 99999 served, logging a port it was not on; a negative shutdown timeout was taken as given.
+    r = subprocess.run([sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", *flags],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and words in r.stderr, r.stderr

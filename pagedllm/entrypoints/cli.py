@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import socket
@@ -62,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     tool_call_parser=args.tool_call_parser)
     logging.getLogger("pagedllm.serve").info(
         "serving %s as %s on http://%s:%d (engine loaded in %.1fs)%s",
-        engine.model_path, ", ".join(names), args.host, args.port, time.perf_counter() - t0,
+        engine.model_path, ", ".join(names), args.host, sock.getsockname()[1], time.perf_counter() - t0,
         "; API key required" if args.api_key else "",
     )
     # log_config=None: keep our logging set-up instead of uvicorn's.
@@ -107,14 +108,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="same as --model")
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535 (0: any free one)")
     g.add_argument("--api-key", default=os.environ.get("PAGEDLLM_API_KEY"),
                    help="require 'Authorization: Bearer <key>' (default: $PAGEDLLM_API_KEY; none: no key needed)")
-    g.add_argument("--served-model-name", nargs="+", default=None,
+    g.add_argument("--served-model-name", nargs="+", type=_name, default=None,
                    help="names clients use for the model (default: --model, or the embedded model's name)")
-    g.add_argument("--log-interval", type=float, default=5.0, help="seconds between throughput lines while busy")
+    g.add_argument("--log-interval", type=_seconds(positive=True), default=5.0, help="seconds between throughput lines while busy")
     g.add_argument("--access-log", action="store_true", help="also log every HTTP request (uvicorn's access log)")
-    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+    g.add_argument("--shutdown-timeout", type=_seconds(positive=False), default=30.0,
                    help="on SIGTERM or Ctrl-C, seconds to let requests in flight finish before they are aborted (default 30)")
     g.add_argument("--allowed-origins", type=_list_flag, default=None,
                    help="web pages (origins) that may call the API from a browser, as a JSON list or a comma list; "
@@ -126,6 +127,35 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="the chat template to use instead of the model's: a .jinja file's path or the template's text")
     g.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral"],
                    help="how the model writes tool calls (default: read from its chat template; hermes where it says nothing)")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is an integer in [0, 65535] (0: any free one), got {text!r}")
+    return port
+
+
+def _seconds(positive: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise argparse.ArgumentTypeError(f"seconds must be a finite number {'> 0' if positive else '>= 0'}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a served model name must not be empty")
+    return text
 
 
 def _list_flag(text: str) -> list[str]:
