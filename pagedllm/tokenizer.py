@@ -126,7 +126,6 @@ def apply_chat_template(
     return [int(i) for i in ids]
 
 
-
 def check_text(what: str, text: str) -> None:
     """ValueError naming `what` if text holds a lone UTF-16 surrogate: a Python string (or JSON, "\\ud800") can
     hold one, and the tokenizer then fails with a TypeError that names no cause."""
@@ -137,6 +136,7 @@ def check_text(what: str, text: str) -> None:
     except UnicodeEncodeError as exc:
         raise ValueError(f"{what} holds a lone UTF-16 surrogate (\\u{ord(text[exc.start]):04x}) at character {exc.start}: "
                          "text must be valid Unicode (a surrogate only in a high-low pair)") from None
+
 
 # What apply_chat_template sets itself: chat_template_kwargs may not set these.
 _RESERVED_TEMPLATE_VARS = ("messages", "conversation", "tools", "documents", "add_generation_prompt", "continue_final_message",

@@ -412,8 +412,8 @@ class KVCacheManager:
                     tail_fill[block_id] = max(tail_fill.get(block_id, 0), n - i * bs if n > i * bs else 0)
                     tail_refs[block_id] = tail_refs.get(block_id, 0) + 1
         ref_cnt = self.pool.ref_cnt
-        tokens = used * bs - sum(bs - fill for block_id, fill in tail_fill.items() if tail_refs[block_id] == ref_cnt[block_id])
         slots = used * bs
+        tokens = slots - sum(bs - fill for block_id, fill in tail_fill.items() if tail_refs[block_id] == ref_cnt[block_id])
         return KVCacheStats(
             num_blocks=self.num_blocks,
             num_free_blocks=self.num_free_blocks,

@@ -332,7 +332,6 @@ def _inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
-
 def gather_logprobs(raw: torch.Tensor, tokens: torch.Tensor, nums: list[int],
                     chosen: list[list[int] | None] | None = None) -> list[TokenLogprobs]:
     """Each row's sampled token with its rank and the best nums[i] (-1: all); where chosen[i] is given, those token
